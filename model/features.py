@@ -1,0 +1,444 @@
+"""Featurization: events, profiles, contexts and candidates -> hashed ids and numeric arrays.
+
+``FeatureSpec`` is fitted once on training data and saved with the model. It fixes which
+fields exist, which are categorical and which numeric, the numeric standardization, and the
+layout of one shared embedding table in which every categorical field owns a block of rows:
+
+    row 0                      padding (a zero embedding)
+    block "item_id", "user_id" ``id_buckets`` rows each
+    block "action"             ``action_buckets`` rows
+    block "item:<f>", "user:<f>", "ctx:<f>"   ``field_buckets`` rows each
+
+A value's row is its block's offset + crc32(value) mod the block size, so unseen users, items
+and values always land on a valid row (hashed ids): new ids never crash scoring. A missing
+categorical value hashes a fixed sentinel, so "missing" has its own learned embedding.
+
+``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
+``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
+``CandidateInputs``). Training gathers from arrays encoded once; serving encodes a request's
+history and candidates on the fly; both go through ``assemble_user`` so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from eventlog.schema import Candidate, FeatureMap, Impression, Interaction, UserProfile
+
+MISSING = "\x00missing"
+NUMERIC_CLIP = 10.0
+SECONDS_PER_DAY = 86400.0
+DERIVED_USER_NUMERIC = 6  # hour sin/cos, weekday sin/cos, recency, history length
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The fields of a data set and the layout of the hashed embedding table."""
+
+    item_cat: tuple[str, ...]
+    item_num: tuple[str, ...]
+    user_cat: tuple[str, ...]
+    ctx_cat: tuple[str, ...]
+    ctx_num: tuple[str, ...]
+    num_mean: tuple[float, ...]  # over item_num + ctx_num, in that order
+    num_std: tuple[float, ...]
+    id_buckets: int = 16384
+    field_buckets: int = 1024
+    action_buckets: int = 64
+    max_bag: int = 8
+
+    @classmethod
+    def fit(
+        cls,
+        interactions: Iterable[Interaction],
+        profiles: Iterable[UserProfile] = (),
+        **sizes: int,
+    ) -> FeatureSpec:
+        """Find the fields and numeric statistics of a training log."""
+        item_cat: set[str] = set()
+        ctx_cat: set[str] = set()
+        num_values: dict[tuple[str, str], list[float]] = {}
+        for event in interactions:
+            for role, features, cats in (
+                ("item", event.item_features, item_cat),
+                ("ctx", event.context, ctx_cat),
+            ):
+                for name, value in features.items():
+                    if isinstance(value, float):
+                        num_values.setdefault((role, name), []).append(value)
+                    else:
+                        cats.add(name)
+        user_cat = sorted({name for p in profiles for name in p.features})
+        item_num = sorted(n for r, n in num_values if r == "item" and n not in item_cat)
+        ctx_num = sorted(n for r, n in num_values if r == "ctx" and n not in ctx_cat)
+        stats = [np.asarray(num_values[("item", n)]) for n in item_num]
+        stats += [np.asarray(num_values[("ctx", n)]) for n in ctx_num]
+        return cls(
+            item_cat=tuple(sorted(item_cat)),
+            item_num=tuple(item_num),
+            user_cat=tuple(user_cat),
+            ctx_cat=tuple(sorted(ctx_cat)),
+            ctx_num=tuple(ctx_num),
+            num_mean=tuple(float(v.mean()) for v in stats),
+            num_std=tuple(float(v.std()) or 1.0 for v in stats),
+            **sizes,
+        )
+
+    @property
+    def blocks(self) -> dict[str, tuple[int, int]]:
+        """Field name -> (first row, number of rows) in the shared embedding table."""
+        sizes = [("item_id", self.id_buckets), ("user_id", self.id_buckets)]
+        sizes.append(("action", self.action_buckets))
+        sizes += [(f"item:{f}", self.field_buckets) for f in self.item_cat]
+        sizes += [(f"user:{f}", self.field_buckets) for f in self.user_cat]
+        sizes += [(f"ctx:{f}", self.field_buckets) for f in self.ctx_cat]
+        layout, offset = {}, 1
+        for name, size in sizes:
+            layout[name] = (offset, size)
+            offset += size
+        return layout
+
+    @property
+    def n_embeddings(self) -> int:
+        return sum(size for _, size in self.blocks.values()) + 1
+
+    @property
+    def n_content_cat(self) -> int:
+        """Categorical content fields of one event: item fields, then its context fields."""
+        return len(self.item_cat) + len(self.ctx_cat)
+
+    @property
+    def n_content_num(self) -> int:
+        return len(self.item_num) + len(self.ctx_num)
+
+    @property
+    def n_user_fields(self) -> int:
+        """F_u tokens: user id, profile fields, request-context categorical fields."""
+        return 1 + len(self.user_cat) + len(self.ctx_cat)
+
+    @property
+    def n_item_fields(self) -> int:
+        """F_g tokens: candidate item id, item categorical fields."""
+        return 1 + len(self.item_cat)
+
+    @property
+    def user_numeric_dim(self) -> int:
+        return 2 * len(self.ctx_num) + DERIVED_USER_NUMERIC
+
+    @property
+    def item_numeric_dim(self) -> int:
+        return 2 * len(self.item_num)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        return cls(**{f.name: _tuples(data[f.name]) for f in fields(cls)})
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass
+class EventArrays:
+    """E encoded events. ``cat``: [E, n_content_cat, L] rows; ``num``: [E, n_content_num]."""
+
+    item: np.ndarray  # [E] int64
+    action: np.ndarray  # [E] int64
+    cat: np.ndarray  # [E, Fc, L] int64, 0 = empty bag slot
+    num: np.ndarray  # [E, Fn] float32, standardized, 0 where absent
+    num_present: np.ndarray  # [E, Fn] bool
+    ts: np.ndarray  # [E] float64 seconds
+
+    def with_placeholder_row(self) -> EventArrays:
+        """These arrays, or one all-zero row when empty, so that gathers stay in bounds."""
+        if len(self.ts):
+            return self
+        return EventArrays(
+            *(np.zeros((1, *a.shape[1:]), dtype=a.dtype) for a in
+              (self.item, self.action, self.cat, self.num, self.num_present, self.ts))
+        )
+
+
+@dataclass
+class ItemArrays:
+    """C encoded candidate items (item id and item-side fields only)."""
+
+    item: np.ndarray  # [C] int64
+    cat: np.ndarray  # [C, Fi, L] int64
+    num: np.ndarray  # [C, Fin] float32
+    num_present: np.ndarray  # [C, Fin] bool
+
+
+@dataclass
+class ContextArrays:
+    """B encoded request contexts."""
+
+    cat: np.ndarray  # [B, Fctx, L] int64
+    num: np.ndarray  # [B, Fctxn] float32
+    num_present: np.ndarray  # [B, Fctxn] bool
+
+
+@dataclass
+class UserInputs:
+    """The user side of B requests, as tensors (n = history_len, left-padded, newest last)."""
+
+    hist_item: torch.Tensor  # [B, n] long
+    hist_action: torch.Tensor  # [B, n] long
+    hist_cat: torch.Tensor  # [B, n, Fc, L] long
+    hist_num: torch.Tensor  # [B, n, Fn] float
+    hist_num_present: torch.Tensor  # [B, n, Fn] bool
+    hist_age: torch.Tensor  # [B, n] float, seconds before the request (>= 0)
+    hist_valid: torch.Tensor  # [B, n] bool
+    user_cat: torch.Tensor  # [B, F_u, L] long
+    user_num: torch.Tensor  # [B, user_numeric_dim] float
+    state: torch.Tensor  # [B, d] float: the GRU state u_t (zeros for a new user)
+
+    def to(self, device: torch.device | str) -> UserInputs:
+        return UserInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return self.hist_item.shape[0]
+
+
+@dataclass
+class CandidateInputs:
+    """C candidates for each of B requests, as tensors."""
+
+    item: torch.Tensor  # [B, C] long
+    cat: torch.Tensor  # [B, C, Fi, L] long
+    num: torch.Tensor  # [B, C, Fin] float
+    num_present: torch.Tensor  # [B, C, Fin] bool
+
+    def to(self, device: torch.device | str) -> CandidateInputs:
+        return CandidateInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.item.shape)  # type: ignore[return-value]
+
+
+class Featurizer:
+    """Encodes schema objects with a ``FeatureSpec``; hashing is memoized per field."""
+
+    MEMO_LIMIT = 1 << 20
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._blocks = spec.blocks
+        self._memo: dict[str, dict[str, int]] = {name: {} for name in self._blocks}
+        self._content_cat = [(f"item:{f}", f, True) for f in spec.item_cat] + [
+            (f"ctx:{f}", f, False) for f in spec.ctx_cat
+        ]
+        n_item_num = len(spec.item_num)
+        self._mean = np.asarray(spec.num_mean, dtype=np.float32)
+        self._std = np.asarray(spec.num_std, dtype=np.float32)
+        self._item_num_slice = slice(0, n_item_num)
+        self._ctx_num_slice = slice(n_item_num, n_item_num + len(spec.ctx_num))
+
+    def row(self, block: str, value: str) -> int:
+        """The embedding row of ``value`` in field ``block`` (hashed, never out of range)."""
+        memo = self._memo[block]
+        found = memo.get(value)
+        if found is None:
+            if len(memo) >= self.MEMO_LIMIT:
+                memo.clear()
+            offset, size = self._blocks[block]
+            found = memo[value] = offset + zlib.crc32(value.encode()) % size
+        return found
+
+    def _bag(self, block: str, value: Any, out: np.ndarray) -> None:
+        if value is None:
+            out[0] = self.row(block, MISSING)
+        elif isinstance(value, list):
+            values = value[: self.spec.max_bag] or [MISSING]
+            for i, v in enumerate(values):
+                out[i] = self.row(block, str(v))
+        else:
+            out[0] = self.row(block, str(value))
+
+    def _numeric(
+        self,
+        maps: Sequence[tuple[FeatureMap, tuple[str, ...]]],
+        out: np.ndarray,
+        present: np.ndarray,
+    ) -> None:
+        col = 0
+        for features, names in maps:
+            for name in names:
+                value = features.get(name)
+                if isinstance(value, float):
+                    out[col] = value
+                    present[col] = True
+                col += 1
+
+    def _standardize(self, num: np.ndarray, present: np.ndarray, cols: slice) -> np.ndarray:
+        z = (num - self._mean[cols]) / self._std[cols]
+        return np.where(present, np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP), 0.0).astype(np.float32)
+
+    def events(self, events: Sequence[Interaction]) -> EventArrays:
+        spec, n = self.spec, len(events)
+        item = np.empty(n, dtype=np.int64)
+        action = np.empty(n, dtype=np.int64)
+        cat = np.zeros((n, spec.n_content_cat, spec.max_bag), dtype=np.int64)
+        num = np.zeros((n, spec.n_content_num), dtype=np.float32)
+        present = np.zeros((n, spec.n_content_num), dtype=bool)
+        ts = np.empty(n, dtype=np.float64)
+        for i, event in enumerate(events):
+            item[i] = self.row("item_id", event.item_id)
+            action[i] = self.row("action", event.action)
+            for j, (block, name, of_item) in enumerate(self._content_cat):
+                source = event.item_features if of_item else event.context
+                self._bag(block, source.get(name), cat[i, j])
+            self._numeric(
+                ((event.item_features, spec.item_num), (event.context, spec.ctx_num)),
+                num[i],
+                present[i],
+            )
+            ts[i] = event.ts
+        num = self._standardize(num, present, slice(0, spec.n_content_num))
+        return EventArrays(item, action, cat, num, present, ts)
+
+    def items(self, candidates: Sequence[Candidate]) -> ItemArrays:
+        spec, n = self.spec, len(candidates)
+        item = np.empty(n, dtype=np.int64)
+        cat = np.zeros((n, len(spec.item_cat), spec.max_bag), dtype=np.int64)
+        num = np.zeros((n, len(spec.item_num)), dtype=np.float32)
+        present = np.zeros((n, len(spec.item_num)), dtype=bool)
+        for i, candidate in enumerate(candidates):
+            item[i] = self.row("item_id", candidate.item_id)
+            for j, name in enumerate(spec.item_cat):
+                self._bag(f"item:{name}", candidate.item_features.get(name), cat[i, j])
+            self._numeric(((candidate.item_features, spec.item_num),), num[i], present[i])
+        return ItemArrays(item, cat, self._standardize(num, present, self._item_num_slice), present)
+
+    def contexts(self, contexts: Sequence[FeatureMap]) -> ContextArrays:
+        spec, n = self.spec, len(contexts)
+        cat = np.zeros((n, len(spec.ctx_cat), spec.max_bag), dtype=np.int64)
+        num = np.zeros((n, len(spec.ctx_num)), dtype=np.float32)
+        present = np.zeros((n, len(spec.ctx_num)), dtype=bool)
+        for i, context in enumerate(contexts):
+            for j, name in enumerate(spec.ctx_cat):
+                self._bag(f"ctx:{name}", context.get(name), cat[i, j])
+            self._numeric(((context, spec.ctx_num),), num[i], present[i])
+        return ContextArrays(cat, self._standardize(num, present, self._ctx_num_slice), present)
+
+    def users(self, user_ids: Sequence[str], profiles: Sequence[UserProfile | None]) -> np.ndarray:
+        """[B, 1 + len(user_cat), L]: the user id row, then one bag per profile field."""
+        spec = self.spec
+        out = np.zeros((len(user_ids), 1 + len(spec.user_cat), spec.max_bag), dtype=np.int64)
+        for i, (user_id, profile) in enumerate(zip(user_ids, profiles, strict=True)):
+            out[i, 0, 0] = self.row("user_id", user_id)
+            values = profile.features if profile is not None else {}
+            for j, name in enumerate(spec.user_cat):
+                self._bag(f"user:{name}", values.get(name), out[i, 1 + j])
+        return out
+
+    @staticmethod
+    def event_items(events: EventArrays, index: np.ndarray, n_item_cat: int, n_item_num: int
+                    ) -> ItemArrays:
+        """The item side of encoded events ``index`` (any shape), e.g. training candidates."""
+        return ItemArrays(
+            events.item[index],
+            events.cat[index][..., :n_item_cat, :],
+            events.num[index][..., :n_item_num],
+            events.num_present[index][..., :n_item_num],
+        )
+
+    def assemble_user(
+        self,
+        history: EventArrays,
+        hist_index: np.ndarray,
+        request_ts: np.ndarray,
+        users: np.ndarray,
+        context: ContextArrays,
+        state: np.ndarray,
+    ) -> UserInputs:
+        """Gather B requests' user sides. ``hist_index``: [B, n] rows of ``history``, -1 = pad.
+
+        Histories are left-padded: position n-1 is the newest event.
+        """
+        history = history.with_placeholder_row()
+        valid = hist_index >= 0
+        safe = np.where(valid, hist_index, 0)
+        age = np.maximum(request_ts[:, None] - history.ts[safe], 0.0)
+        age = np.where(valid, age, 0.0)
+        n_valid = valid.sum(axis=1)
+        last_ts = np.where(valid, history.ts[safe], -np.inf).max(axis=1, initial=-np.inf)
+        recency = np.where(np.isfinite(last_ts), np.log1p(np.maximum(request_ts - last_ts, 0)), 0)
+        day_phase = 2 * math.pi * (request_ts % SECONDS_PER_DAY) / SECONDS_PER_DAY
+        week_phase = 2 * math.pi * (request_ts % (7 * SECONDS_PER_DAY)) / (7 * SECONDS_PER_DAY)
+        derived = np.stack(
+            [
+                np.sin(day_phase),
+                np.cos(day_phase),
+                np.sin(week_phase),
+                np.cos(week_phase),
+                recency / 10.0,
+                np.log1p(n_valid) / math.log1p(hist_index.shape[1]),
+            ],
+            axis=1,
+        )
+        user_num = np.concatenate(
+            [context.num, context.num_present.astype(np.float32), derived], axis=1
+        )
+        user_cat = np.concatenate([users, context.cat], axis=1)
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return UserInputs(
+            hist_item=as_long(np.where(valid, history.item[safe], 0)),
+            hist_action=as_long(np.where(valid, history.action[safe], 0)),
+            hist_cat=as_long(np.where(valid[..., None, None], history.cat[safe], 0)),
+            hist_num=torch.from_numpy(np.where(valid[..., None], history.num[safe], 0.0)).float(),
+            hist_num_present=torch.from_numpy(valid[..., None] & history.num_present[safe]),
+            hist_age=torch.from_numpy(age).float(),
+            hist_valid=torch.from_numpy(valid),
+            user_cat=as_long(user_cat),
+            user_num=torch.from_numpy(user_num).float(),
+            state=torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)),
+        )
+
+    @staticmethod
+    def assemble_candidates(items: ItemArrays) -> CandidateInputs:
+        """Candidates [B, C] from item arrays shaped [B, C, ...]."""
+        return CandidateInputs(
+            item=torch.from_numpy(np.ascontiguousarray(items.item, dtype=np.int64)),
+            cat=torch.from_numpy(np.ascontiguousarray(items.cat, dtype=np.int64)),
+            num=torch.from_numpy(np.ascontiguousarray(items.num)).float(),
+            num_present=torch.from_numpy(np.ascontiguousarray(items.num_present)),
+        )
+
+    def request(
+        self,
+        impression: Impression,
+        history: Sequence[Interaction],
+        profile: UserProfile | None,
+        state: np.ndarray,
+        history_len: int,
+    ) -> tuple[UserInputs, CandidateInputs]:
+        """One impression to model inputs (B = 1): the newest ``history_len`` events are used."""
+        recent = list(history)[-history_len:] if history_len else []
+        encoded = self.events(recent)
+        pad = history_len - len(recent)
+        index = np.concatenate([np.full(pad, -1), np.arange(len(recent))])[None, :]
+        user = self.assemble_user(
+            encoded,
+            index,
+            np.asarray([impression.ts], dtype=np.float64),
+            self.users([impression.user_id], [profile]),
+            self.contexts([impression.context]),
+            np.asarray(state, dtype=np.float32).reshape(1, -1),
+        )
+        items = self.items(impression.candidates)
+        batched = ItemArrays(items.item[None], items.cat[None], items.num[None],
+                             items.num_present[None])
+        return user, self.assemble_candidates(batched)
