@@ -1,0 +1,186 @@
+"""The ``unirec`` command line: each command parses flags, builds objects, calls one function.
+
+    unirec train (--dataset movielens-100k | --events FILE) [--epochs N] [--max-steps N] ...
+    unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
+    unirec demo  the offline quick-start: train, then evaluate, with a closing summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eventlog.generic import GenericFormatError
+from eventlog.loaders import DATASETS, EventLog, load_dataset, load_events
+from eventlog.movielens import DatasetUnavailable
+from model.checkpoint import CheckpointError, load, save
+from model.config import ModelConfig
+from model.quickstart import evaluate_on_log, train_on_log
+from model.training import TrainConfig
+from stream.config import Settings, SettingsError
+
+log = logging.getLogger("unirec")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=sorted(DATASETS), help="a named data set")
+    source.add_argument("--events", type=Path, help="an event file in the generic format")
+    parser.add_argument("--data-dir", type=Path, help="data cache (env UNIREC_DATA_DIR)")
+    parser.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
+    parser.add_argument("--checkpoint", type=Path, help="default: runs/<data set>/model.pt")
+    parser.add_argument("--train-fraction", type=float, default=0.8)
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
+    parser.add_argument("--history-len", type=int, default=ModelConfig.history_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unirec", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train on the first part of a time-ordered log")
+    _add_data_flags(train)
+    _add_train_flags(train)
+    evaluate = commands.add_parser("eval", help="AUC, GAUC and LogLoss on the later part")
+    _add_data_flags(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    demo = commands.add_parser("demo", help="train and evaluate on MovieLens-100K")
+    demo.add_argument("--data-dir", type=Path)
+    demo.add_argument("--device")
+    demo.add_argument("--max-steps", type=int, default=None)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    if getattr(args, "data_dir", None):
+        settings = replace(settings, data_dir=args.data_dir)
+    if getattr(args, "device", None):
+        settings = replace(settings, device=args.device)
+    return settings
+
+
+def _open_log(args: argparse.Namespace, settings: Settings) -> EventLog:
+    try:
+        if args.events is not None:
+            return load_events(args.events)
+        return load_dataset(args.dataset, settings.data_dir)
+    except (DatasetUnavailable, GenericFormatError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _progress(total_hint: str) -> tuple[tqdm, object]:
+    bar = tqdm(desc=total_hint, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    return bar, on_step
+
+
+def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog) -> dict:
+    model_cfg = ModelConfig(d_model=args.d_model, history_len=args.history_len)
+    train_cfg = TrainConfig(
+        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+        seed=args.seed,
+    )
+    bar, on_step = _progress("training")
+    with bar:
+        model, meta = train_on_log(
+            event_log, model_cfg, train_cfg, settings.torch_device(), args.train_fraction, on_step
+        )
+    path = args.checkpoint or settings.checkpoint_path(event_log.name)
+    save(model, path, meta)
+    log.info("saved %s (%d parameters, %d steps)", path, meta["parameters"], meta["steps"])
+    return {**meta, "checkpoint": str(path)}
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings, event_log: EventLog) -> dict:
+    path = args.checkpoint or settings.checkpoint_path(event_log.name)
+    device = settings.torch_device()
+    try:
+        model, meta = load(path, device)
+    except CheckpointError as exc:
+        raise CliError(f"{exc} (run `unirec train` first or pass --checkpoint)") from exc
+    if meta.get("dataset") not in (None, event_log.name):
+        raise CliError(f"{path} was trained on {meta['dataset']!r}, not {event_log.name!r}")
+    fraction = meta.get("train_fraction", args.train_fraction)
+    return evaluate_on_log(model, event_log, device, fraction)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    summary = _train(args, settings, _open_log(args, settings))
+    print(json.dumps(summary, indent=2))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    metrics = _evaluate(args, settings, _open_log(args, settings))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"AUC {metrics['auc']:.4f}  GAUC {metrics['gauc']:.4f}  "
+            f"LogLoss {metrics['logloss']:.4f}  on {metrics['n']} test examples"
+        )
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    parser = build_parser()
+    argv = ["train", "--dataset", "movielens-100k"]
+    if args.max_steps:
+        argv += ["--max-steps", str(args.max_steps)]
+    for flag in ("data_dir", "device"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    train_args = parser.parse_args(argv)
+    settings = _settings(train_args)
+    event_log = _open_log(train_args, settings)
+    print(f"unirec demo: {event_log.name}, {len(event_log)} events, training on the first 80%",
+          file=sys.stderr)
+    summary = _train(train_args, settings, event_log)
+    metrics = _evaluate(train_args, settings, event_log)
+    print(json.dumps({"train": summary, "test": metrics}, indent=2))
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        COMMANDS[args.command](args)
+    except (CliError, SettingsError) as exc:
+        print(f"unirec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
