@@ -30,12 +30,13 @@ def _family_options(cache: Cache | None) -> Options:
     return opt
 
 
-def open_rocksdb(path: Path, *, create: bool, read_only: bool, cache_bytes: int) -> Rdict:
+def open_rocksdb(path: Path, *, create: bool, reader_dir: Path | None, cache_bytes: int) -> Rdict:
     """Open (or with ``create`` create) the database at ``path`` in raw-bytes mode.
 
-    ``read_only`` opens a static view that tolerates a concurrent writer (the write-ahead log
-    it finds is replayed into memory, not an error). ``cache_bytes`` sizes the block cache of
-    the ``users`` family.
+    With ``reader_dir`` the database is opened as a RocksDB secondary instance, keeping its
+    own files in ``reader_dir``: read-only, safe beside a live writer in another process (a
+    plain read-only open can fail when the writer deletes files it is reading), and able to
+    catch up with the writer. ``cache_bytes`` sizes the block cache of the ``users`` family.
     """
     opt = Options(raw_mode=True)
     opt.create_if_missing(create)
@@ -45,5 +46,8 @@ def open_rocksdb(path: Path, *, create: bool, read_only: bool, cache_bytes: int)
         OFFSETS_CF: _family_options(None),
         META_CF: _family_options(None),
     }
-    access = AccessType.read_only(False) if read_only else AccessType.read_write()
+    if reader_dir is None:
+        access = AccessType.read_write()
+    else:
+        access = AccessType.secondary(str(reader_dir))
     return Rdict(str(path), opt, column_families=families, access_type=access)

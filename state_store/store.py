@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -69,10 +70,13 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 class StateStore:
     """Per-user GRU states, bounded histories and per-partition offsets. Use ``open``."""
 
-    def __init__(self, db: Rdict, config: StoreConfig, path: Path, read_only: bool, sync: bool):
+    def __init__(
+        self, db: Rdict, config: StoreConfig, path: Path, sync: bool, reader_dir: Path | None
+    ) -> None:
         self.config = config
         self.path = path
-        self.read_only = read_only
+        self.read_only = reader_dir is not None
+        self._reader_dir = reader_dir
         self._db = db
         self._users = db.get_column_family(USERS_CF)
         self._offsets = db.get_column_family(OFFSETS_CF)
@@ -101,11 +105,12 @@ class StateStore:
         """Open the store at ``path``, creating it (with ``config`` or the defaults) if absent.
 
         An existing store keeps the config it was created with; passing a different one raises
-        ``ConfigMismatchError``. ``read_only`` opens a static view, as of the opening, that may
-        be taken while another process writes the store; writes then raise
-        ``ReadOnlyStoreError``. ``sync`` fsyncs the write-ahead log on every write (to survive
-        power loss, not only process crashes; either way a batch is applied wholly or not at
-        all). ``cache_bytes`` sizes the block cache of user records.
+        ``ConfigMismatchError``. ``read_only`` opens a view of the store as of the opening
+        (``refresh`` moves it forward) that is safe while another process writes the store;
+        it keeps a few files of its own in a temporary directory, removed by ``close``, and
+        its writes raise ``ReadOnlyStoreError``. ``sync`` fsyncs the write-ahead log on every
+        write (to survive power loss, not only process crashes; either way a batch is applied
+        wholly or not at all). ``cache_bytes`` sizes the block cache of user records.
         """
         path = Path(path)
         exists = (path / "CURRENT").exists()
@@ -114,15 +119,22 @@ class StateStore:
         if not exists and read_only:
             raise StateStoreError(f"no state store at {path}")
         path.mkdir(parents=True, exist_ok=True)
-        db = open_rocksdb(path, create=not exists, read_only=read_only, cache_bytes=cache_bytes)
+        reader_dir = Path(tempfile.mkdtemp(prefix="state-store-reader-")) if read_only else None
+        db = None
         try:
+            db = open_rocksdb(
+                path, create=not exists, reader_dir=reader_dir, cache_bytes=cache_bytes
+            )
             stored_config = cls._stored_config(db, config, path, read_only)
-        except StateStoreError:
-            db.close()
+        except Exception:
+            if db is not None:
+                db.close()
+            if reader_dir is not None:
+                shutil.rmtree(reader_dir, ignore_errors=True)
             raise
         mode = "read-only" if read_only else "read-write"
         log.info("opened state store %s (%s, %s)", path, mode, stored_config)
-        return cls(db, stored_config, path, read_only, sync)
+        return cls(db, stored_config, path, sync, reader_dir)
 
     @staticmethod
     def _stored_config(
@@ -167,6 +179,14 @@ class StateStore:
         self._db.close()
         # rocksdict releases the database (and its lock) only when every handle is dropped.
         del self._users, self._offsets, self._users_cf, self._offsets_cf, self._db
+        if self._reader_dir is not None:
+            shutil.rmtree(self._reader_dir, ignore_errors=True)
+
+    def refresh(self) -> None:
+        """Move a read-only view forward to the writer's latest writes (a writer always sees
+        its own writes: nothing to do). The view stays consistent: whole batches only."""
+        if self.read_only:
+            self._db.try_catch_up_with_primary()
 
     def __enter__(self) -> StateStore:
         return self

@@ -24,6 +24,7 @@ from state_store import (
     RecordBatch,
     StaleUpdateError,
     StateStore,
+    StateStoreError,
     StoreConfig,
     TopicPartition,
 )
@@ -89,6 +90,15 @@ def contents_of(store: StateStore, users: list[str]) -> list:
         (u, batch.states[i].tolist(), int(batch.update_counts[i]), batch.histories[i])
         for i, u in enumerate(users)
     ]
+
+
+@pytest.fixture(autouse=True)
+def scratch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Read-only opens keep files in a temporary directory: put it under tmp_path."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return scratch
 
 
 @pytest.fixture
@@ -230,7 +240,7 @@ def test_checkpoint_reopens_with_the_same_contents(store: StateStore, tmp_path: 
 
 def _write_raw(path: Path, key: bytes, value: bytes) -> None:
     """Put ``value`` at ``key`` of the users family, bypassing the store's encoding."""
-    db = open_rocksdb(path, create=False, read_only=False, cache_bytes=1 << 20)
+    db = open_rocksdb(path, create=False, reader_dir=None, cache_bytes=1 << 20)
     users = db.get_column_family("users")
     users[key] = value
     db.close()
@@ -282,7 +292,7 @@ def test_a_corrupt_record_raises_an_error_naming_its_key_and_apply_writes_nothin
         assert err.value.key == b"salice"
         assert contents_of(store, ["bob"]) == saved
         assert store.offset(TOPIC, 0).last_offset == 1
-    db = open_rocksdb(path, create=False, read_only=True, cache_bytes=1 << 20)
+    db = open_rocksdb(path, create=False, reader_dir=tmp_path / "reader", cache_bytes=1 << 20)
     assert db.get_column_family("users")[state_key(b"alice")] == garbage  # never overwritten
 
 
@@ -325,7 +335,7 @@ def test_delete_removes_a_users_state_and_history(store: StateStore) -> None:
     assert store.get("kept").update_count == 3
 
 
-def test_read_only_open_sees_the_data_and_refuses_writes(tmp_path: Path) -> None:
+def test_read_only_open_sees_the_data_and_refuses_writes(tmp_path: Path, scratch_dir: Path) -> None:
     path = tmp_path / "store"
     with StateStore.open(path, CONFIG) as writer:
         apply_events(writer, make_batch(range(4), ["a", "b", "a", "c"]))
@@ -342,7 +352,12 @@ def test_read_only_open_sees_the_data_and_refuses_writes(tmp_path: Path) -> None
             with pytest.raises(ReadOnlyStoreError):
                 reader.reset_partition(TOPIC, 0)
             assert contents(reader) == expected
-    with pytest.raises(Exception, match="no state store"):
+            apply_events(writer, make_batch([4], ["d"]))
+            assert contents(reader) == expected  # a view as of its opening...
+            reader.refresh()
+            assert contents(reader) == contents(writer)  # ...until refreshed
+        assert list(scratch_dir.iterdir()) == []  # the reader's own files are gone
+    with pytest.raises(StateStoreError, match="no state store"):
         StateStore.open(tmp_path / "absent", read_only=True)
 
 

@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,16 +174,23 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_half_applied_batch(
     assert progress[-1] > progress[0] > 0, f"the writer made no progress: {progress}"
 
 
-def test_a_read_only_open_beside_a_live_writer_sees_a_consistent_store(tmp_path: Path) -> None:
+def test_a_read_only_open_beside_a_live_writer_sees_a_consistent_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the reader's own files
     path = tmp_path / "store"
     expected = Expected()
     proc = start_writer(path, seed=99)
     try:
         seen = []
-        for _ in range(12):
+        for _ in range(6):
             time.sleep(0.05)
             with StateStore.open(path, read_only=True) as reader:
                 seen.append(check_consistent(reader, expected))
+                for _ in range(3):
+                    time.sleep(0.05)
+                    reader.refresh()
+                    seen.append(check_consistent(reader, expected))
                 with pytest.raises(ReadOnlyStoreError):
                     reader.delete_user("u0-00")
         assert proc.poll() is None, "the writer stopped while being read"
