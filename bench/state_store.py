@@ -5,8 +5,11 @@ Fills a store with ``--users`` users holding a 64-dim state and a full 50-event 
 
 - ``read``: ``get_many`` of states (the worker's read);
 - ``read_with_history``: ``get_many(history=True)`` (the serving read);
-- ``apply``: ``apply`` of one event per user (it re-reads the records itself);
-- ``worker_cycle``: ``new_events`` + ``get_many`` + ``apply``, the worker's whole store work.
+- ``apply``: ``apply`` of one event per user, records read beforehand;
+- ``worker_cycle``: ``new_events`` + ``get_many`` + ``apply``, the worker's whole store work;
+
+then runs the worker cycle at batch 1024 for ``--sustain`` seconds (flushes and compactions
+included), and compacts the store to report bytes on disk per user.
 
 Prints one JSON object on stdout; progress goes to stderr.
 
@@ -68,15 +71,16 @@ def user_id(i: int) -> str:
     return f"user-{i:08d}"
 
 
-def populate(store: StoreConfig, st: StateStore, n_users: int, source: EventSource) -> float:
+def populate(st: StateStore, n_users: int, source: EventSource) -> float:
     """Give every user a full history: ``history_len`` events each. Returns seconds taken."""
+    config = st.config
     t0 = time.perf_counter()
     chunk = 1024
     for start in range(0, n_users, chunk):
         users = [user_id(i) for i in range(start, min(n_users, start + chunk))]
-        batch = source.batch([u for _ in range(store.history_len) for u in users])
+        batch = source.batch([u for _ in range(config.history_len) for u in users])
         before = st.get_many(users)
-        states = source.rng.standard_normal((len(users), store.state_dim), dtype=np.float32)
+        states = source.rng.standard_normal((len(users), config.state_dim), dtype=np.float32)
         st.apply(batch, before, states, model_version=1)
         if (start // chunk) % 20 == 0:
             log.info("populated %d/%d users", start + len(users), n_users)
@@ -162,8 +166,9 @@ def disk_bytes(path: Path) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000, help="users in the store")
-    parser.add_argument("--quick", action="store_true", help="5k users, short timings")
+    parser.add_argument("--quick", action="store_true", help="at most 5k users, short timings")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--sustain", type=float, default=10.0, help="sustained-run seconds")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--row-bytes", type=int, default=100)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to build the store")
     args = parser.parse_args(argv)
     if args.quick:
-        args.users, args.seconds = min(args.users, 5_000), 0.3
+        args.users, args.seconds, args.sustain = min(args.users, 5_000), 0.3, 1.0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     config = StoreConfig(state_dim=args.dim, state_dtype=args.dtype, history_len=args.history)
@@ -179,8 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "store"
         with StateStore.open(path, config) as st:
-            populate_s = populate(config, st, args.users, source)
+            populate_s = populate(st, args.users, source)
+            log.info("compacting the populated store")
+            st.compact()  # measure a settled store, not the backlog of the bulk load
             rates = measure(st, args.users, source, args.seconds)
+            log.info("sustained worker cycle, batch %d, %.0f s", BATCH_SIZES[-1], args.sustain)
+            work = Workload(st, args.users, source, BATCH_SIZES[-1])
+            sustained = rate(work.worker_cycle, args.sustain)
             st.compact()
         total, sst = disk_bytes(path)
     result = {
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpus": os.cpu_count(),
         "populate_events_per_s": round(args.users * args.history / populate_s),
         **{f"{k}_users_per_s": {b: round(v) for b, v in r.items()} for k, r in rates.items()},
+        f"sustained_worker_cycle_{BATCH_SIZES[-1]}_users_per_s": round(sustained),
         "disk_bytes_per_user": round(total / args.users, 1),
         "sst_bytes_per_user": round(sst / args.users, 1),
     }

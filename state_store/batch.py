@@ -104,6 +104,27 @@ class PartitionBatch:
             rows=[self.rows[i] for i in idx],
         )
 
+    def index_users(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each event's index into ``user_ids`` and each user's event count in the batch.
+
+        Raises ``ValueError`` unless ``user_ids`` lists every user of the batch exactly once
+        and no other user.
+        """
+        position = {u: i for i, u in enumerate(user_ids)}
+        if len(position) != len(user_ids):
+            raise ValueError("a user is listed more than once")
+        try:
+            event_user = np.fromiter(
+                (position[u] for u in self.user_ids), dtype=np.int64, count=len(self)
+            )
+        except KeyError as exc:
+            raise ValueError(f"no record for the event user {exc.args[0]!r}") from None
+        n_events = np.bincount(event_user, minlength=len(user_ids))
+        if (n_events == 0).any():
+            missing = user_ids[int(np.flatnonzero(n_events == 0)[0])]
+            raise ValueError(f"user {missing!r} has no events in the batch")
+        return event_user, n_events
+
     def users(self) -> tuple[list[str], np.ndarray]:
         """Distinct user ids in order of first appearance, and each event's index into them."""
         index: dict[str, int] = {}

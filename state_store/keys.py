@@ -64,9 +64,9 @@ def state_key(uid: bytes) -> bytes:
     return _STATE + uid
 
 
-def user_id_of(key: bytes) -> str:
-    """The user id whose state record is stored under ``key``."""
-    return key[1:].decode()
+def uid_of(key: bytes) -> bytes:
+    """The utf-8 user id whose state record is stored under ``key``."""
+    return key[len(_STATE) :]
 
 
 def after_state_key(key: bytes) -> bytes:

@@ -11,8 +11,8 @@ nothing. The worker's loop::
     states = gru(before.states, fresh, event_user)     # (c) the caller's computation
     result = store.apply(fresh, before, states, model_version=v)   # (d) one WriteBatch
 
-One process may open a store for writing (RocksDB's lock); any number may open it read-only
-at the same time and see the data as of their opening.
+One process may open a store for writing (RocksDB's lock); any number of others may open it
+read-only at the same time, each seeing the store as of its opening or last ``refresh``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from state_store.keys import (
     parse_offset_key,
     slot_suffixes,
     state_key,
-    user_id_of,
+    uid_of,
 )
 from state_store.records import NO_MODEL_VERSION, RecordBatch, UserRecord
 from state_store.ring import number_events, read_ring
@@ -65,6 +65,17 @@ from state_store.rocks import open_rocksdb
 log = logging.getLogger(__name__)
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _config_value(db: Rdict) -> tuple[bytes | None, bool]:
+    """The recorded config value, and whether the store holds any user data.
+
+    A function of its own so that its column family handles are dropped on return: a handle
+    kept alive (say, by a traceback) would keep the database and its lock open after close.
+    """
+    it = db.get_column_family(USERS_CF).iter()
+    it.seek_to_first()
+    return db.get_column_family(META_CF).get(CONFIG_KEY), it.valid()
 
 
 class StateStore:
@@ -141,16 +152,13 @@ class StateStore:
         db: Rdict, config: StoreConfig | None, path: Path, read_only: bool
     ) -> StoreConfig:
         """The store's recorded config; records ``config`` (or the default) in a new store."""
-        meta = db.get_column_family(META_CF)
-        value = meta.get(CONFIG_KEY)
+        value, has_users = _config_value(db)
         if value is None:
             # A store whose creation was cut short holds nothing yet: record the config now.
-            it = db.get_column_family(USERS_CF).iter()
-            it.seek_to_first()
-            if read_only or it.valid():
+            if read_only or has_users:
                 raise StateStoreError(f"state store at {path} has no recorded config")
             stored = config or StoreConfig()
-            meta[CONFIG_KEY] = stored.encode()
+            db.get_column_family(META_CF)[CONFIG_KEY] = stored.encode()
             return stored
         try:
             stored = StoreConfig.decode(value)
@@ -261,12 +269,12 @@ class StateStore:
             count = int(decoded.update_counts[0])
             rows = None
             if history:
-                rows = self._history_at(it, key[1:], count)
+                rows = self._history_at(it, uid_of(key), count)
                 it.seek(after_state_key(key))
             else:
                 it.next()
             yield UserRecord(
-                user_id=user_id_of(key),
+                user_id=uid_of(key).decode(),
                 state=decoded.states[0],
                 model_version=int(decoded.model_versions[0]),
                 update_count=count,
@@ -379,29 +387,12 @@ class StateStore:
             )
         if not np.isfinite(states).all():
             raise ValueError("new_states holds NaN or infinity")
-        event_user, n_events = self._event_users(batch, before)
+        event_user, n_events = batch.index_users(before.user_ids)
         okey = offset_key(batch.topic, batch.partition)
         with self._write_lock:
             return self._apply_locked(
                 batch, before, states, model_version, event_user, n_events, okey
             )
-
-    @staticmethod
-    def _event_users(batch: PartitionBatch, before: RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Each event's index into ``before``, and each user's event count (all >= 1)."""
-        position = {u: i for i, u in enumerate(before.user_ids)}
-        if len(position) != len(before):
-            raise ValueError("before lists a user more than once")
-        try:
-            event_user = np.fromiter(
-                (position[u] for u in batch.user_ids), dtype=np.int64, count=len(batch)
-            )
-        except KeyError as exc:
-            raise ValueError(f"no record in before for the event user {exc.args[0]!r}") from None
-        n_events = np.bincount(event_user, minlength=len(before))
-        if (n_events == 0).any():
-            raise ValueError("before holds a user without events in the batch")
-        return event_user, n_events
 
     def _apply_locked(
         self,
@@ -527,7 +518,9 @@ class StateStore:
         """Write a consistent RocksDB checkpoint of the whole store to the new ``directory``.
 
         The checkpoint is itself a store: ``open`` it (read-only to inspect) or ``restore`` it.
+        Only the writer can take one (a read-only view's checkpoint would miss data).
         """
+        self._require_writable()
         Checkpoint(self._db).create_checkpoint(str(directory))
         log.info("checkpoint of %s written to %s", self.path, directory)
 
@@ -535,9 +528,7 @@ class StateStore:
         """Compact every column family fully (drops overwritten and deleted data)."""
         self._require_writable()
         for name in COLUMN_FAMILIES:
-            family = self._db.get_column_family(name)
-            family.compact_range(None, None)
-            del family
+            self._db.get_column_family(name).compact_range(None, None)
 
     def _require_writable(self) -> None:
         if self.read_only:

@@ -351,6 +351,8 @@ def test_read_only_open_sees_the_data_and_refuses_writes(tmp_path: Path, scratch
                 reader.delete_user("a")
             with pytest.raises(ReadOnlyStoreError):
                 reader.reset_partition(TOPIC, 0)
+            with pytest.raises(ReadOnlyStoreError):
+                reader.checkpoint(tmp_path / "ckpt")
             assert contents(reader) == expected
             apply_events(writer, make_batch([4], ["d"]))
             assert contents(reader) == expected  # a view as of its opening...
@@ -374,8 +376,11 @@ def test_float16_states_round_trip_within_float16_precision(tmp_path: Path) -> N
     np.testing.assert_allclose(read, states, rtol=1e-3, atol=1e-4)
     with StateStore.open(tmp_path / "store") as store:
         assert store.config.state_dtype == "float16"  # recorded at creation
-    with pytest.raises(ConfigMismatchError):
+    with pytest.raises(ConfigMismatchError) as err:
         StateStore.open(tmp_path / "store", StoreConfig(state_dim=16, history_len=3))
+    # The refused open released the store even while its error is still held.
+    with StateStore.open(tmp_path / "store") as store:
+        assert err.value is not None and store.config == config
 
 
 def test_offsets_carry_the_log_identity_and_resume_checks_it(store: StateStore) -> None:
@@ -417,7 +422,7 @@ def test_malformed_arguments_are_rejected_before_anything_is_written(store: Stat
         store.apply(batch, before, np.full((2, 4), np.nan), model_version=1)
     with pytest.raises(ValueError, match="'b'"):
         store.apply(batch, store.get_many(["a"]), np.zeros((1, 4)), model_version=1)
-    with pytest.raises(ValueError, match="without events"):
+    with pytest.raises(ValueError, match="'b' has no events"):
         store.apply(make_batch([0], ["a"]), before, np.zeros((2, 4)), model_version=1)
     with pytest.raises(ValueError, match="model_version"):
         store.apply(batch, before, np.zeros((2, 4)), model_version=-1)
