@@ -85,11 +85,6 @@ class PartitionBatch:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    @property
-    def tp(self) -> TopicPartition:
-        """The batch's topic partition."""
-        return TopicPartition(self.topic, self.partition)
-
     def select(self, mask: np.ndarray) -> PartitionBatch:
         """The events where ``mask`` is true; same partition, log and ``last_offset``."""
         idx = np.flatnonzero(mask).tolist()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from state_store import (
     NO_MODEL_VERSION,
+    ApplyResult,
     ConfigMismatchError,
     CorruptValueError,
     LogChangedError,
@@ -28,7 +29,7 @@ from state_store import (
     StoreConfig,
     TopicPartition,
 )
-from state_store.keys import history_prefix, slot_suffixes, state_key
+from state_store.keys import history_prefix, offset_key, slot_suffixes, state_key
 from state_store.rocks import open_rocksdb
 
 TOPIC = "interactions"
@@ -63,7 +64,7 @@ def step(state: np.ndarray, offset: int) -> np.ndarray:
     return state * 0.5 + offset
 
 
-def apply_events(store: StateStore, batch: PartitionBatch, model_version: int = 1):
+def apply_events(store: StateStore, batch: PartitionBatch, model_version: int = 1) -> ApplyResult:
     """The worker's loop: new events, read, compute in offset order, apply."""
     fresh = store.new_events(batch)
     users, event_user = fresh.users()
@@ -238,13 +239,11 @@ def test_checkpoint_reopens_with_the_same_contents(store: StateStore, tmp_path: 
         assert contents(snapshot) == at_checkpoint  # restoring left the checkpoint untouched
 
 
-def _write_raw(path: Path, key: bytes, value: bytes) -> None:
-    """Put ``value`` at ``key`` of the users family, bypassing the store's encoding."""
+def _write_raw(path: Path, key: bytes, value: bytes, family: str = "users") -> None:
+    """Put ``value`` at ``key`` of ``family``, bypassing the store's encoding."""
     db = open_rocksdb(path, create=False, reader_dir=None, cache_bytes=1 << 20)
-    users = db.get_column_family("users")
-    users[key] = value
+    db.get_column_family(family)[key] = value
     db.close()
-    del users, db
 
 
 @pytest.mark.parametrize(
@@ -307,6 +306,24 @@ def test_a_corrupt_history_row_raises_an_error_naming_its_key(tmp_path: Path) ->
         with pytest.raises(CorruptValueError) as err:
             store.get("a")
         assert err.value.key == slot_key
+
+
+def test_a_corrupt_offset_raises_an_error_naming_its_key_and_apply_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    with StateStore.open(path, CONFIG) as store:
+        apply_events(store, make_batch([0], ["a"]))
+    key = offset_key(TOPIC, 0)
+    _write_raw(path, key, b"\x05??", family="offsets")
+    with StateStore.open(path) as store:
+        with pytest.raises(CorruptValueError) as err:
+            store.offset(TOPIC, 0)
+        assert (err.value.key, err.value.column_family) == (key, "offsets")
+        before = store.get_many(["a"])
+        with pytest.raises(CorruptValueError):
+            store.apply(make_batch([1], ["a"]), before, before.states + 1, model_version=1)
+        assert store.get("a").update_count == 1
 
 
 def test_missing_users_read_as_new(store: StateStore) -> None:
