@@ -1,0 +1,105 @@
+"""A checkpoint round-trips a model exactly (same config, spec, weights and so the same
+scores), and any file that is not a readable checkpoint is refused with CheckpointError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from model_fixtures import (
+    cached_logits,
+    fresh_model,
+    inputs,
+    make_request,
+    max_diff,
+    one_torch_thread,
+    reference_logits,
+)
+
+from model.checkpoint import CheckpointError, load, save
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"compression": "pyramid", "use_state": False}])
+def test_save_then_load_gives_identical_scores(tmp_path, overrides):
+    """load(save(model)) has the same config and spec, is in eval mode, and gives bit-identical
+    cached and reference scores; the metadata comes back as saved. A differently initialised
+    model scores differently (so the comparison can fail)."""
+    model = fresh_model(seed=3, **overrides)
+    path = tmp_path / "sub" / "model.pt"
+    save(model, path, meta={"steps": 7, "dataset": "synthetic"})
+    loaded, meta = load(path)
+    assert meta == {"steps": 7, "dataset": "synthetic"}
+    assert loaded.cfg == model.cfg and loaded.spec == model.spec and not loaded.training
+    other = fresh_model(seed=4, **overrides)
+    for seed, n_hist in enumerate((0, 5, 30)):
+        user, cands = inputs(model, make_request(seed, n_hist, 4))
+        assert torch.equal(cached_logits(loaded, user, cands), cached_logits(model, user, cands))
+        assert torch.equal(reference_logits(loaded, user, cands),
+                           reference_logits(model, user, cands))
+        assert max_diff(cached_logits(other, user, cands), cached_logits(model, user, cands)) > 1e-3
+
+
+def _real_checkpoint(path: Path) -> bytes:
+    save(fresh_model(), path)
+    return path.read_bytes()
+
+
+GARBAGE = {
+    "random-bytes": lambda tmp: np.random.default_rng(0).bytes(4096),
+    "empty-file": lambda tmp: b"",
+    "text": lambda tmp: b"definitely not a checkpoint\n",
+    "truncated-checkpoint": lambda tmp: _real_checkpoint(tmp / "real.pt")[:100_000],
+}
+
+
+@pytest.mark.parametrize("kind", list(GARBAGE))
+def test_loading_a_file_that_is_not_a_checkpoint_raises_checkpoint_error(tmp_path, kind):
+    """Random bytes, an empty file, a text file and a truncated checkpoint all raise
+    CheckpointError naming the path (never a raw pickle/EOF/zip error)."""
+    path = tmp_path / f"{kind}.pt"
+    path.write_bytes(GARBAGE[kind](tmp_path))
+    with pytest.raises(CheckpointError, match=kind):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [[1, 2, 3], {"format": 1}, {"format": 99, "config": {}}, {"format": 1, "config": {"x": 1}}],
+    ids=["a-list", "no-config", "unknown-format", "bad-config"],
+)
+def test_loading_a_torch_file_that_is_not_a_unirec_checkpoint_raises_checkpoint_error(
+    tmp_path, payload
+):
+    """A valid torch file with the wrong content raises CheckpointError too."""
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError):
+        load(path)
+
+
+@pytest.mark.parametrize("config_change", [{"d_model": 16}, {"d_model": 30}],
+                         ids=["weights-of-another-size", "invalid-config"])
+def test_a_config_that_does_not_fit_or_does_not_validate_raises_checkpoint_error(
+    tmp_path, config_change
+):
+    """A checkpoint whose weights belong to another config, or whose config fails
+    ModelConfig's validation (d_model=30 with 4 heads), is refused with CheckpointError."""
+    model = fresh_model()
+    data = {"format": 1, "config": {**model.cfg.to_dict(), **config_change},
+            "spec": model.spec.to_dict(), "state_dict": model.state_dict(), "meta": {}}
+    path = tmp_path / "mismatch.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError):
+        load(path)
+
+
+def test_loading_a_missing_file_raises_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load(tmp_path / "absent.pt")
