@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ def load(path: Path, device: torch.device | str = "cpu") -> tuple[UniRecModel, d
         cfg, spec = ModelConfig.from_dict(data["config"]), FeatureSpec.from_dict(data["spec"])
         model = UniRecModel(cfg, spec)
         model.load_state_dict(data["state_dict"])
-    except (KeyError, RuntimeError, AttributeError, TypeError) as exc:
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, RuntimeError,
+            AttributeError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable unirec checkpoint: {exc}") from exc
     return model.to(device).eval(), data["meta"]

@@ -9,7 +9,8 @@ layout of one shared embedding table in which every categorical field owns a blo
     block "action"             ``action_buckets`` rows
     block "item:<f>", "user:<f>", "ctx:<f>"   ``field_buckets`` rows each
 
-A value's row is its block's offset + crc32(value) mod the block size, so unseen users, items
+A bag (multi-valued field) is unordered: its values are sorted, and the first ``max_bag`` of
+them kept. A value's row is its block's offset + crc32(value) mod the block size, so unseen users, items
 and values always land on a valid row (hashed ids): new ids never crash scoring. A missing
 categorical value hashes a fixed sentinel, so "missing" has its own learned embedding.
 
@@ -261,9 +262,9 @@ class Featurizer:
         if value is None:
             out[0] = self.row(block, MISSING)
         elif isinstance(value, list):
-            values = value[: self.spec.max_bag] or [MISSING]
+            values = sorted(map(str, value))[: self.spec.max_bag] or [MISSING]
             for i, v in enumerate(values):
-                out[i] = self.row(block, str(v))
+                out[i] = self.row(block, v)
         else:
             out[0] = self.row(block, str(value))
 
