@@ -171,7 +171,8 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_half_applied_batch(
         kill(proc)
         with StateStore.open(path) as store:
             progress.append(sum(check_consistent(store, expected)))
-    assert progress[-1] > progress[0] > 0, f"the writer made no progress: {progress}"
+    advanced = sum(b > a for a, b in zip([0, *progress], progress, strict=False))
+    assert advanced >= len(progress) // 3, f"the writer made little progress: {progress}"
 
 
 def test_a_read_only_open_beside_a_live_writer_sees_a_consistent_store(
