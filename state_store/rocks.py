@@ -25,6 +25,10 @@ def _family_options(cache: Cache | None) -> Options:
         opt.set_block_based_table_factory(table)
         opt.set_memtable_whole_key_filtering(True)
         opt.set_memtable_prefix_bloom_ratio(0.05)
+        # Larger memtables: fewer flushes and L0 files under a steady stream of updates, which
+        # kept sustained throughput steadier on 2 cores (up to 3 x 128 MiB of memory).
+        opt.set_write_buffer_size(128 << 20)
+        opt.set_max_write_buffer_number(3)
     opt.set_compression_type(DBCompressionType.lz4())
     opt.set_bottommost_compression_type(DBCompressionType.zstd())
     return opt
