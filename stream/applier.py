@@ -1,0 +1,264 @@
+"""Applying a consumed batch of the ``interactions`` topic to the user states, exactly once.
+
+One call of ``InteractionApplier.apply`` handles one batch of ONE partition:
+
+1. records at or below the partition's stored offset are skipped (already applied);
+2. the others are decoded; a record that does not decode, does not validate or whose key is not
+   its user id becomes a ``DeadLetter`` and is not applied;
+3. the users of the valid events are read in one multi-get;
+4. every user's new GRU state is computed in ONE batched unroll of ``UniRecModel.unroll_state``
+   over the user's new events in offset order, from the stored state (zeros for a new user);
+5. one ``StateStore.apply`` writes the states, the history rows and the batch's last offset in
+   one WriteBatch: a crash leaves all of it or none of it, and the offset is stored even when
+   every record was rejected, so a poison message is not read again forever.
+
+A stored state produced by another model version than the applier's is stale: it is rebuilt
+under the current weights from the user's stored history, then the new events are applied to
+it (in the same unroll). The rebuilt state covers only the stored history window (the store's
+``history_len`` newest events), as MODEL.md says: events older than the window no longer count.
+
+History rows are the events' JSON (``eventlog.schema.encode``); ``decode_history`` reads them
+back as ``Interaction``s, oldest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eventlog.schema import Interaction, decode, encode
+from model.backbone import UniRecModel
+from model.features import Featurizer
+from state_store import LogChangedError, PartitionBatch, RecordBatch, StateStore
+from stream.dead_letters import ConsumedRecord, DeadLetter, check_offsets, decode_records
+
+log = logging.getLogger(__name__)
+
+
+def decode_history(rows: Sequence[bytes]) -> list[Interaction]:
+    """Stored history rows as ``Interaction``s, in the same order (oldest first).
+
+    Raises ``eventlog.schema.SchemaError`` on a row that is not an Interaction's JSON.
+    """
+    return [decode(Interaction, row) for row in rows]
+
+
+def check_state_dim(store: StateStore, model: UniRecModel) -> None:
+    """Raise ``ValueError`` unless the store's state vectors fit the model's GRU (d_model)."""
+    if store.config.state_dim != model.cfg.d_model:
+        raise ValueError(
+            f"the state store at {store.path} holds states of dimension "
+            f"{store.config.state_dim}, but the model's d_model is {model.cfg.d_model}: "
+            "open a store created for this model size"
+        )
+
+
+@torch.no_grad()
+def unroll_states(
+    model: UniRecModel,
+    featurizer: Featurizer,
+    user_ids: Sequence[str],
+    sequences: Sequence[Sequence[Interaction]],
+    u0: np.ndarray,
+) -> np.ndarray:
+    """Each user's GRU state after its events, oldest first, from ``u0``, in one batched unroll.
+
+    ``sequences[u]`` are user ``user_ids[u]``'s events (any number, zero included); ``u0`` is
+    [U, d] float. The events are padded on the left to [U, T] (T = the longest sequence) as a
+    history; a padded step leaves the state unchanged. Returns [U, d] float32.
+    """
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    u0 = np.asarray(u0, dtype=np.float32)
+    if not lengths.any():
+        return u0.copy()
+    events = featurizer.events([e for sequence in sequences for e in sequence])
+    width = int(lengths.max())
+    starts = np.cumsum(lengths) - lengths
+    owner = np.repeat(np.arange(len(lengths)), lengths)  # (E,) each event's user
+    column = width - lengths[owner] + np.arange(len(owner)) - starts[owner]
+    hist_index = np.full((len(lengths), width), -1, dtype=np.int64)  # [U, T], -1 = padding
+    hist_index[owner, column] = np.arange(len(owner))
+    newest = hist_index[:, -1]
+    request_ts = np.where(newest >= 0, events.ts[np.maximum(newest, 0)], 0.0)
+    user = featurizer.assemble_user(
+        events,
+        hist_index,
+        request_ts,
+        featurizer.users(user_ids, [None] * len(user_ids)),
+        featurizer.contexts([{}] * len(user_ids)),
+        u0,
+    )
+    parameter = next(model.parameters())
+    user = user.to(parameter.device)
+    states = model.unroll_state(user, user.state.to(parameter.dtype))  # [U, d]
+    return states.float().cpu().numpy()
+
+
+def partition_batch(
+    topic: str,
+    partition: int,
+    log_id: str,
+    last_offset: int,
+    events: Sequence[tuple[int, Interaction]],
+) -> PartitionBatch:
+    """The store's batch of ``(offset, event)`` pairs; each history row is the event's JSON."""
+    return PartitionBatch(
+        topic=topic,
+        partition=partition,
+        log_id=log_id,
+        last_offset=last_offset,
+        offsets=np.fromiter((o for o, _ in events), dtype=np.int64, count=len(events)),
+        user_ids=[e.user_id for _, e in events],
+        ts=np.fromiter((e.ts for _, e in events), dtype=np.float64, count=len(events)),
+        rows=[encode(e) for _, e in events],
+    )
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds spent in each stage of one apply."""
+
+    decode_s: float  # offset check, JSON decoding and validation, batch building
+    read_s: float  # the multi-get(s) of the users' records
+    compute_s: float  # featurization and the batched GRU unroll
+    write_s: float  # the store's WriteBatch
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What one ``InteractionApplier.apply`` did.
+
+    applied: events applied (states updated, history rows appended).
+    skipped: records at or below the partition's stored offset (applied or rejected before).
+    dead_letters: rejected records, to publish to ``dead-letters``.
+    users: users whose record was written.
+    rebuilt: users whose stale state was rebuilt from their stored history.
+    last_offset: the partition's stored offset after the call.
+    latency_s: the whole call, in seconds; ``stages`` splits it.
+    """
+
+    applied: int
+    skipped: int
+    dead_letters: list[DeadLetter]
+    users: int
+    rebuilt: int
+    last_offset: int
+    latency_s: float
+    stages: StageTimes
+
+
+class InteractionApplier:
+    """Applies consumed ``interactions`` batches to ``store`` with ``model``'s GRU, exactly once.
+
+    ``model_version`` is the version written with every state (a non-negative integer, the
+    registry's version counter); stored states of any other version are stale and rebuilt.
+    The model is used as it is (its device and dtype; no gradients); it must not be trained
+    while a batch is applied.
+    """
+
+    def __init__(self, store: StateStore, model: UniRecModel, model_version: int) -> None:
+        check_state_dim(store, model)
+        if model_version < 0:
+            raise ValueError(f"model_version must be a non-negative integer, got {model_version}")
+        self.store = store
+        self.model = model
+        self.model_version = model_version
+        self.featurizer = Featurizer(model.spec)
+
+    def apply(
+        self,
+        topic: str,
+        partition: int,
+        log_id: str,
+        records: Sequence[ConsumedRecord],
+        last_offset: int,
+        on_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
+    ) -> ApplyReport:
+        """Apply one consumed batch of partition ``partition`` of ``topic`` in log ``log_id``.
+
+        ``records`` are in increasing offset order; ``last_offset`` is the last offset consumed
+        in the batch (at least every record's offset) and is stored with the states.
+        ``on_dead_letters``, when given, is called with the batch's new dead letters before the
+        write: if it publishes and flushes them, a crash between the two publishes them again
+        after restart (at least once) instead of losing them. Dead letters of records at or
+        below the stored offset are not reported again.
+
+        Raises ``LogChangedError`` if the partition's offsets were stored for another log,
+        ``ValueError`` on offsets out of order; store errors propagate (nothing is written).
+        """
+        start = time.perf_counter()
+        check_offsets(records, last_offset)
+        fresh = self._unapplied(topic, partition, log_id, records)
+        events, dead = decode_records(Interaction, topic, partition, fresh)
+        batch = partition_batch(topic, partition, log_id, last_offset, events)
+        decoded = time.perf_counter()
+
+        users, event_user = batch.users()
+        before = self.store.get_many(users)
+        stale = (~before.is_new) & (before.model_versions != self.model_version)
+        if stale.any():
+            before = self.store.get_many(users, history=True)
+        read = time.perf_counter()
+
+        states = self._new_states(before, stale, [e for _, e in events], event_user)
+        computed = time.perf_counter()
+
+        if dead and on_dead_letters is not None:
+            on_dead_letters(dead)
+        result = self.store.apply(batch, before, states, model_version=self.model_version)
+        end = time.perf_counter()
+
+        if dead:
+            log.warning(
+                "%s[%d]: %d records rejected (dead letters), first at offset %d: %s",
+                topic, partition, len(dead), dead[0].offset, dead[0].reason,
+            )
+        if stale.any():
+            log.info(
+                "%s[%d]: rebuilt %d stale states from their histories under model version %d",
+                topic, partition, int(stale.sum()), self.model_version,
+            )
+        return ApplyReport(
+            applied=result.applied,
+            skipped=len(records) - len(fresh) + result.skipped,
+            dead_letters=dead,
+            users=result.users,
+            rebuilt=int(stale.sum()),
+            last_offset=result.last_offset,
+            latency_s=end - start,
+            stages=StageTimes(decoded - start, read - decoded, computed - read, end - computed),
+        )
+
+    def _unapplied(
+        self, topic: str, partition: int, log_id: str, records: Sequence[ConsumedRecord]
+    ) -> list[ConsumedRecord]:
+        """The records above the partition's stored offset; raises ``LogChangedError``."""
+        stored = self.store.offset(topic, partition)
+        if stored is None:
+            return list(records)
+        if stored.log_id != log_id:
+            raise LogChangedError(topic, partition, stored.log_id, log_id)
+        return [r for r in records if r.offset > stored.last_offset]
+
+    def _new_states(
+        self,
+        before: RecordBatch,
+        stale: np.ndarray,
+        events: list[Interaction],
+        event_user: np.ndarray,
+    ) -> np.ndarray:
+        """[U, d]: each user's state after its ``events`` (offset order; ``event_user`` indexes
+        ``before``), from its stored state, or from zeros through its stored history if
+        ``stale``."""
+        sequences: list[list[Interaction]] = [[] for _ in before.user_ids]
+        for u in np.flatnonzero(stale).tolist():
+            sequences[u] = decode_history(before.histories[u])
+        for u, event in zip(event_user.tolist(), events, strict=True):
+            sequences[u].append(event)
+        u0 = np.where(stale[:, None], 0.0, before.states)
+        return unroll_states(self.model, self.featurizer, before.user_ids, sequences, u0)

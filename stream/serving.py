@@ -1,0 +1,349 @@
+"""Scoring impressions against the stored user states, and joining their labels for training.
+
+- ``ImpressionScorer`` scores an impression (or several, with one multi-get for all of their
+  users) with the user's stored GRU state and history, and builds the ``scores`` payload.
+- ``FeedbackWindow`` keeps what each scored impression needs for training later, for a bounded
+  time and count, and joins labels to it on (request_id, item_id).
+- ``LabelBuffer`` holds the joined examples for the online trainer, bounded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from eventlog.schema import Candidate, Impression, Interaction, Label, UserProfile
+from model.scorer import Scorer
+from state_store import StateStore
+from stream.applier import check_state_dim, decode_history, unroll_states
+
+log = logging.getLogger(__name__)
+
+
+class ScoredItem(msgspec.Struct, frozen=True):
+    """One candidate's click probability under the live model and under the static twin
+    (None when no twin runs)."""
+
+    item_id: str
+    score: float
+    static_score: float | None = None
+
+
+class Scores(msgspec.Struct, frozen=True):
+    """The ``scores`` topic payload: an impression's candidates ranked by ``score``, highest
+    first."""
+
+    request_id: str
+    user_id: str
+    model_version: int
+    items: list[ScoredItem]
+
+    def encode(self) -> bytes:
+        """The payload as JSON."""
+        return _encoder.encode(self)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredImpression:
+    """A scored impression with the inputs it was scored from (what training needs later).
+
+    history: the user's stored events at scoring time, oldest first.
+    state: [d] float32, the GRU state scored with (rebuilt under the current weights if the
+        stored one was stale; zeros for a new user).
+    dynamic, static: [C] probabilities in the order of ``impression.candidates``; ``static``
+        is None without a static twin.
+    read_s: seconds of the multi-get it was read in (shared by a batch), history decoding and
+        any state rebuild included; score_s: seconds scoring this impression.
+    """
+
+    impression: Impression
+    profile: UserProfile | None
+    history: list[Interaction]
+    state: np.ndarray
+    state_rebuilt: bool
+    dynamic: np.ndarray
+    static: np.ndarray | None
+    scores: Scores
+    read_s: float
+    score_s: float
+
+
+class ImpressionScorer:
+    """Scores impressions with ``scorer`` and the user states and histories in ``store``.
+
+    ``model_version`` is the version of ``scorer``'s weights. A stored state of another version
+    is stale: it is rebuilt in memory from the stored history under the current weights (the
+    writer rebuilds and stores it when the user's next interaction is applied). ``static`` is
+    the static twin: it scores every impression in shadow with the same history and no user
+    state (a zero state), standing for MODEL.md's frozen model. ``profiles`` maps user ids to
+    profiles (a user without one scores with missing profile fields).
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        scorer: Scorer,
+        model_version: int,
+        profiles: Mapping[str, UserProfile] | None = None,
+        static: Scorer | None = None,
+    ) -> None:
+        check_state_dim(store, scorer.model)
+        self.store = store
+        self.scorer = scorer
+        self.model_version = model_version
+        self.profiles: Mapping[str, UserProfile] = profiles if profiles is not None else {}
+        self.static = static
+
+    def score(self, impression: Impression) -> ScoredImpression:
+        """Score one impression (one multi-get)."""
+        return self.score_many([impression])[0]
+
+    def score_many(self, impressions: Sequence[Impression]) -> list[ScoredImpression]:
+        """Score several impressions, reading all of their users in ONE multi-get."""
+        start = time.perf_counter()
+        users = list(dict.fromkeys(i.user_id for i in impressions))
+        records = self.store.get_many(users, history=True)
+        histories = [decode_history(rows) for rows in records.histories]
+        stale = (~records.is_new) & (records.model_versions != self.model_version)
+        states = records.states
+        if stale.any():
+            rebuild = np.flatnonzero(stale).tolist()
+            states = states.copy()
+            states[rebuild] = unroll_states(
+                self.scorer.model,
+                self.scorer.featurizer,
+                [users[u] for u in rebuild],
+                [histories[u] for u in rebuild],
+                np.zeros((len(rebuild), states.shape[1]), dtype=np.float32),
+            )
+        read_s = time.perf_counter() - start
+        position = {user: u for u, user in enumerate(users)}
+        scored = []
+        for impression in impressions:
+            u = position[impression.user_id]
+            scored.append(
+                self._score_one(impression, histories[u], states[u], bool(stale[u]), read_s)
+            )
+        return scored
+
+    def _score_one(
+        self,
+        impression: Impression,
+        history: list[Interaction],
+        state: np.ndarray,
+        rebuilt: bool,
+        read_s: float,
+    ) -> ScoredImpression:
+        start = time.perf_counter()
+        profile = self.profiles.get(impression.user_id)
+        dynamic = self.scorer.score(impression, history, profile, state)
+        static = None if self.static is None else self.static.score(impression, history, profile)
+        ranked = np.argsort(-dynamic, kind="stable").tolist()
+        items = [
+            ScoredItem(
+                impression.candidates[c].item_id,
+                float(dynamic[c]),
+                None if static is None else float(static[c]),
+            )
+            for c in ranked
+        ]
+        scores = Scores(impression.request_id, impression.user_id, self.model_version, items)
+        return ScoredImpression(
+            impression=impression,
+            profile=profile,
+            history=history,
+            state=state,
+            state_rebuilt=rebuilt,
+            dynamic=dynamic,
+            static=static,
+            scores=scores,
+            read_s=read_s,
+            score_s=time.perf_counter() - start,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class JoinedExample:
+    """A label joined with the impression it answers: one training example for the online
+    trainer. ``history``, ``state`` and the scores are those at scoring time."""
+
+    impression: Impression
+    candidate: Candidate
+    label: Label
+    profile: UserProfile | None
+    history: list[Interaction]
+    state: np.ndarray  # [d] float32
+    score: float
+    static_score: float | None
+    model_version: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A scored impression waiting for labels."""
+
+    scored: ScoredImpression
+    sequence: int  # tells a live heap entry from one left by a replaced impression
+    candidate_of: dict[str, int]  # item id -> index of its first candidate
+    joined: set[str] = field(default_factory=set)  # item ids already labelled
+
+
+class FeedbackWindow:
+    """Scored impressions waiting for their labels, for ``window_s`` seconds of event time and
+    at most ``max_size`` impressions.
+
+    The window's clock is the largest event time (``ts``) seen, of impressions and labels: an
+    impression more than ``window_s`` older than it is evicted (expired); past ``max_size``
+    the impression with the oldest ``ts`` is evicted. ``join`` matches a label on (request_id,
+    item_id) and counts, never raises on, labels it cannot match: ``expired_labels`` (the
+    impression was evicted; remembered for the last ``max_size`` evictions),
+    ``unknown_labels`` (never scored, another user, or an item not among its candidates;
+    also an expired one forgotten), ``duplicate_labels`` (that item was already joined).
+    Thread-safe.
+    """
+
+    def __init__(self, window_s: float, max_size: int) -> None:
+        if window_s <= 0 or max_size < 1:
+            raise ValueError(f"window_s ({window_s}) and max_size ({max_size}) must be positive")
+        self.window_s = window_s
+        self.max_size = max_size
+        self.now = float("-inf")
+        self.evicted_by_time = 0
+        self.evicted_by_size = 0
+        self.expired_labels = 0
+        self.unknown_labels = 0
+        self.duplicate_labels = 0
+        self._pending: dict[str, _Pending] = {}
+        self._heap: list[tuple[float, int, str]] = []  # (ts, sequence, request_id)
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+        self._sequence = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def unmatched_labels(self) -> int:
+        """Labels that joined nothing, for any reason."""
+        return self.expired_labels + self.unknown_labels + self.duplicate_labels
+
+    def add(self, scored: ScoredImpression) -> None:
+        """Keep ``scored`` until it expires or is pushed out (replacing an earlier impression
+        with the same request id)."""
+        impression = scored.impression
+        candidate_of: dict[str, int] = {}
+        for c, candidate in enumerate(impression.candidates):
+            candidate_of.setdefault(candidate.item_id, c)
+        with self._lock:
+            self._sequence += 1
+            self._pending[impression.request_id] = _Pending(scored, self._sequence, candidate_of)
+            heapq.heappush(self._heap, (impression.ts, self._sequence, impression.request_id))
+            self._advance(impression.ts)
+            while len(self._pending) > self.max_size:
+                self._evict_oldest()
+                self.evicted_by_size += 1
+
+    def join(self, label: Label) -> JoinedExample | None:
+        """The training example of ``label``, or None (counted) if it matches nothing."""
+        with self._lock:
+            self._advance(label.ts)
+            pending = self._pending.get(label.request_id)
+            if pending is None:
+                if label.request_id in self._evicted:
+                    self.expired_labels += 1
+                else:
+                    self.unknown_labels += 1
+                return None
+            scored = pending.scored
+            c = pending.candidate_of.get(label.item_id)
+            if c is None or scored.impression.user_id != label.user_id:
+                self.unknown_labels += 1
+                return None
+            if label.item_id in pending.joined:
+                self.duplicate_labels += 1
+                return None
+            pending.joined.add(label.item_id)
+        return JoinedExample(
+            impression=scored.impression,
+            candidate=scored.impression.candidates[c],
+            label=label,
+            profile=scored.profile,
+            history=scored.history,
+            state=scored.state,
+            score=float(scored.dynamic[c]),
+            static_score=None if scored.static is None else float(scored.static[c]),
+            model_version=scored.scores.model_version,
+        )
+
+    def _advance(self, ts: float) -> None:
+        """Move the clock to ``ts`` (never back) and evict what expired; lock held."""
+        self.now = max(self.now, ts)
+        horizon = self.now - self.window_s
+        while self._heap and self._heap[0][0] < horizon:
+            if self._evict_oldest():
+                self.evicted_by_time += 1
+
+    def _evict_oldest(self) -> bool:
+        """Evict the impression with the oldest ts; False if the heap's head was a replaced
+        impression's leftover entry (nothing evicted). Lock held."""
+        _, sequence, request_id = heapq.heappop(self._heap)
+        pending = self._pending.get(request_id)
+        if pending is None or pending.sequence != sequence:
+            return False
+        del self._pending[request_id]
+        self._evicted[request_id] = None
+        if len(self._evicted) > self.max_size:
+            self._evicted.popitem(last=False)
+        return True
+
+
+class LabelBuffer:
+    """Joined examples waiting for the online trainer: at most ``capacity``, oldest first.
+
+    ``offer`` joins a label through ``window`` and keeps the example; when full, the oldest
+    example is dropped. Counters: ``joined``, ``unmatched`` (labels that joined nothing; the
+    window says why), ``dropped`` (examples pushed out before the trainer took them).
+    Thread-safe: labels are offered by the consumer, taken by the trainer.
+    """
+
+    def __init__(self, window: FeedbackWindow, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.window = window
+        self.joined = 0
+        self.unmatched = 0
+        self.dropped = 0
+        self._examples: deque[JoinedExample] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def offer(self, label: Label) -> JoinedExample | None:
+        """Join ``label`` and buffer the example; None (counted) if it joined nothing."""
+        example = self.window.join(label)
+        with self._lock:
+            if example is None:
+                self.unmatched += 1
+                return None
+            if len(self._examples) == self._examples.maxlen:
+                self.dropped += 1
+            self._examples.append(example)
+            self.joined += 1
+        return example
+
+    def take(self, n: int) -> list[JoinedExample]:
+        """Remove and return up to ``n`` examples, oldest first."""
+        with self._lock:
+            return [self._examples.popleft() for _ in range(min(n, len(self._examples)))]
