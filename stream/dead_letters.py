@@ -16,8 +16,6 @@ import msgspec
 
 from eventlog.schema import M, SchemaError, decode
 
-DEAD_LETTERS_TOPIC = "dead-letters"
-
 
 class ConsumedRecord(NamedTuple):
     """One record as consumed from a partition: its offset, raw key and raw value."""
