@@ -3,6 +3,8 @@
     unirec train (--dataset movielens-100k | --events FILE) [--epochs N] [--max-steps N] ...
     unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
     unirec demo  the offline quick-start: train, then evaluate, with a closing summary
+    unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
+                 [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +27,14 @@ from model.config import ModelConfig
 from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.config import Settings, SettingsError
+from stream.producer import (
+    ProduceError,
+    ReplayStats,
+    open_producer,
+    replay_events,
+    synthetic_events,
+)
+from stream.topics import BrokerUnavailable, TopicError, TopicNames, ensure_topics
 
 log = logging.getLogger("unirec")
 
@@ -67,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--device")
     demo.add_argument("--max-steps", type=int, default=None)
+    _add_produce_parser(commands)
     return parser
 
 
@@ -165,7 +177,79 @@ def run_demo(args: argparse.Namespace) -> None:
     print(json.dumps({"train": summary, "test": metrics}, indent=2))
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo}
+def _add_produce_parser(commands: argparse._SubParsersAction) -> None:
+    produce = commands.add_parser("produce", help="replay events onto the Kafka topics")
+    source = produce.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=sorted(DATASETS), help="a named data set")
+    source.add_argument("--events", type=Path, help="an event file in the generic format")
+    source.add_argument("--synthetic", type=int, metavar="N", help="N generated events")
+    produce.add_argument("--data-dir", type=Path, help="data cache (env UNIREC_DATA_DIR)")
+    produce.add_argument("--bootstrap-servers", help="env KAFKA_BOOTSTRAP_SERVERS")
+    produce.add_argument("--rate", type=float, help="interactions per second (default: max)")
+    produce.add_argument("--limit", type=int, help="stop after N interactions")
+    produce.add_argument("--negatives", type=int, default=9, help="negatives per impression")
+    produce.add_argument("--label-delay", type=float, default=0.0, help="seconds")
+    produce.add_argument("--partitions", type=int, default=4, help="for topics it creates")
+    produce.add_argument("--topic-prefix", default="", help="prefix of every topic name")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
+
+
+def _check_produce_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.rate is None or args.rate > 0, "--rate must be > 0"),
+        (args.limit is None or args.limit >= 1, "--limit must be >= 1"),
+        (args.synthetic is None or args.synthetic >= 1, "--synthetic must be >= 1"),
+        (args.negatives >= 0, "--negatives must be >= 0"),
+        (args.label_delay >= 0, "--label-delay must be >= 0"),
+        (args.partitions >= 1, "--partitions must be >= 1"),
+        (args.timeout > 0, "--timeout must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CliError(message)
+
+
+def run_produce(args: argparse.Namespace) -> None:
+    _check_produce_args(args)
+    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
+    if args.synthetic is not None:
+        source, total = f"synthetic-{args.synthetic}", args.synthetic
+        events = synthetic_events(args.synthetic, seed=args.seed)
+    else:
+        event_log = _open_log(args, _settings(args))
+        source, total = event_log.name, len(event_log)
+        events = zip(event_log.interactions, event_log.labels.tolist(), strict=True)
+    topics = TopicNames.with_prefix(args.topic_prefix)
+    if not args.verbose:  # kafka-python logs every refused connection; the error says it once
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        counts = ensure_topics(bootstrap, args.partitions, topics=topics,
+                               timeout_s=args.timeout)
+        producer = open_producer(bootstrap, args.timeout)
+        bar = tqdm(desc=f"producing {source}", total=min(total, args.limit or total),
+                   unit="ev", file=sys.stderr, dynamic_ncols=True)
+
+        def on_progress(stats: ReplayStats) -> None:
+            bar.update(stats.interactions - bar.n)
+
+        with bar:
+            try:
+                stats = replay_events(events, bootstrap, topics, args.rate, args.limit,
+                                      args.negatives, args.label_delay, args.seed,
+                                      on_progress, producer)
+            finally:
+                producer.close(timeout=args.timeout)
+    except (BrokerUnavailable, TopicError, ProduceError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+    summary = {"source": source, "bootstrap_servers": bootstrap, "topics": counts,
+               **stats.as_dict()}
+    print(json.dumps(summary, indent=2))
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo, "produce": run_produce}
 
 
 def main(argv: list[str] | None = None) -> int:

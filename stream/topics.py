@@ -1,0 +1,230 @@
+"""The topics, their creation, and what a partition's offsets belong to.
+
+``TopicNames`` holds the six topic names (SYSTEM.md, "Topics"), optionally with a prefix.
+``ensure_topics`` creates the missing ones. ``log_identity`` names the log that a topic's
+offsets belong to, and ``end_offsets`` gives each partition's end offset; together they let the
+worker refuse offsets stored for another log (SYSTEM.md, "State and the exactly-once effect").
+
+Log identity, as found with the embedded broker (Tansu 0.6.0) and kafka-python 3.0.12:
+
+- the cluster id is whatever the broker was started with (Tansu's default is the fixed
+  ``"tansu_cluster"``; ``EmbeddedBroker`` passes a fresh ``unirec-embedded-<hex>`` per start);
+- the topic id is a UUID (version 7: time plus random bits) assigned when the topic is created,
+  stable for the topic's life, new when the topic is recreated or the in-memory broker
+  restarted. Apache Kafka (2.8+) gives topic ids too.
+
+So ``log_identity`` = ``"<cluster id>/<topic>/<topic id>"`` changes on a restarted embedded
+broker even if the same cluster id is passed again. A broker that gives no topic id (Kafka
+older than 2.8) yields ``"<cluster id>/<topic>/-"`` and a warning: a recreated topic on such a
+broker cannot be told apart by its identity, only by ``end_offsets`` falling below a stored
+offset.
+
+End offsets: Tansu 0.6.0 answers ListOffsets(LATEST) with the base offset of the partition's
+last record batch plus one, not with the offset after its last record (a batch of 5 records
+at offsets 0..4 gives 1, not 5), while its Fetch responses carry the right high watermark.
+``end_offsets`` therefore takes, per non-empty partition, the larger of the listed offset and
+the high watermark of one fetch from (listed - 1). On Apache Kafka both agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import OffsetSpec
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+_NO_TOPIC_ID = (None, "", str(uuid.UUID(int=0)))
+
+
+class BrokerUnavailable(ConnectionError):
+    """No broker answered at the bootstrap address within the timeout."""
+
+
+class TopicError(RuntimeError):
+    """A topic that is missing, or that the broker refused to create."""
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The topic names, one field per topic; ``with_prefix`` prefixes all of them."""
+
+    interactions: str = "interactions"
+    impressions: str = "impressions"
+    scores: str = "scores"
+    labels: str = "labels"
+    model_updates: str = "model-updates"
+    dead_letters: str = "dead-letters"
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> TopicNames:
+        """Every default name with ``prefix`` in front (e.g. ``"test-"``)."""
+        return cls(**{f.name: prefix + f.default for f in fields(cls)})  # type: ignore[operator]
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def partitions(self, keyed: int) -> dict[str, int]:
+        """The partition count of each topic: ``keyed`` for the topics keyed by user id, one for
+        ``model-updates`` (model versions form one total order that every scorer reads)."""
+        return {name: 1 if name == self.model_updates else keyed for name in self.all()}
+
+
+@contextlib.contextmanager
+def admin_client(bootstrap: str,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[KafkaAdminClient]:
+    """A connected ``KafkaAdminClient``; ``BrokerUnavailable`` if none answers in time."""
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, client_id="unirec-admin",
+            bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
+        )
+    except KafkaError as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answered at {bootstrap} within {timeout_s:g} s ({exc})"
+        ) from exc
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partition count of each existing topic among ``names`` (missing ones are left out)."""
+    return {
+        topic["name"]: len(topic["partitions"])
+        for topic in admin.describe_topics(names)
+        if topic["error_code"] == 0
+    }
+
+
+def ensure_topics(
+    bootstrap: str,
+    partitions: int,
+    replication: int = 1,
+    topics: TopicNames | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, int]:
+    """Create the missing topics of ``topics`` (default names) and return every topic's
+    partition count, ``{name: partitions}``.
+
+    New keyed topics get ``partitions`` partitions (``model-updates`` one, see
+    ``TopicNames.partitions``). Existing topics are left as they are, even with another
+    partition count (a warning says so). Idempotent, and safe against a concurrent creator.
+    Raises ``BrokerUnavailable`` or ``TopicError``.
+    """
+    if partitions < 1 or replication < 1:
+        raise ValueError(f"partitions and replication must be >= 1, got {partitions}, "
+                         f"{replication}")
+    topics = topics or TopicNames()
+    wanted = topics.partitions(partitions)
+    with admin_client(bootstrap, timeout_s) as admin:
+        existing = _partition_counts(admin, list(wanted))
+        missing = {name: n for name, n in wanted.items() if name not in existing}
+        if missing:
+            _create(admin, missing, replication, timeout_s)
+        counts = _partition_counts(admin, list(wanted))
+    for name, n in wanted.items():
+        if name not in counts:
+            raise TopicError(f"topic {name!r} does not exist after creation")
+        if name in existing and counts[name] != n:
+            log.warning("topic %r exists with %d partitions (asked for %d); left as it is",
+                        name, counts[name], n)
+    return counts
+
+
+def _create(admin: KafkaAdminClient, missing: dict[str, int], replication: int,
+            timeout_s: float) -> None:
+    request = {name: {"num_partitions": n, "replication_factor": replication}
+               for name, n in missing.items()}
+    try:
+        result = admin.create_topics(request, timeout_ms=int(timeout_s * 1000),
+                                     raise_errors=False)
+    except KafkaError as exc:
+        raise TopicError(f"cannot create topics {sorted(missing)}: {exc}") from exc
+    for topic in result["topics"]:
+        code = topic["error_code"]
+        if code == TopicAlreadyExistsError.errno:
+            continue  # created by someone else meanwhile: fine
+        if code != 0:
+            raise TopicError(f"cannot create topic {topic['name']!r}: "
+                             f"{topic.get('error_message') or f'error code {code}'}")
+        log.info("created topic %s (%d partitions, replication %d)",
+                 topic["name"], missing[topic["name"]], replication)
+    admin.wait_for_topics(list(missing), timeout_ms=int(timeout_s * 1000))
+
+
+def log_identity(bootstrap: str, topic: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """``"<cluster id>/<topic>/<topic id>"``: the identity of the log ``topic``'s offsets
+    belong to (see the module docstring). Stable for a topic's life; different for a recreated
+    topic or a restarted embedded broker. Raises ``TopicError`` if the topic does not exist.
+    """
+    with admin_client(bootstrap, timeout_s) as admin:
+        cluster_id = admin.describe_cluster().get("cluster_id") or "-"
+        described = admin.describe_topics([topic])
+    if not described or described[0]["error_code"] != 0:
+        raise TopicError(f"topic {topic!r} does not exist at {bootstrap}")
+    topic_id = described[0].get("topic_id")
+    if topic_id in _NO_TOPIC_ID or str(topic_id) in _NO_TOPIC_ID:
+        log.warning("the broker at %s gives no topic id for %r: a recreated topic keeps the "
+                    "same log identity", bootstrap, topic)
+        topic_id = "-"
+    return f"{cluster_id}/{topic}/{topic_id}"
+
+
+def end_offsets(bootstrap: str, topic: str,
+                timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[int, int]:
+    """``{partition: end offset}`` (the offset the next record will get) of every partition of
+    ``topic``, correct on Tansu too (see the module docstring). Raises ``TopicError`` if the
+    topic does not exist, ``TimeoutError`` if the check fetch gets no answer in time.
+    """
+    with admin_client(bootstrap, timeout_s) as admin:
+        described = admin.describe_topics([topic])
+        if not described or described[0]["error_code"] != 0:
+            raise TopicError(f"topic {topic!r} does not exist at {bootstrap}")
+        tps = [TopicPartition(topic, p["partition_index"]) for p in described[0]["partitions"]]
+        listed = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
+    ends = {tp.partition: int(listed[tp].offset) for tp in tps}
+    nonempty = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
+    if nonempty:
+        for partition, high in _fetch_high_watermarks(bootstrap, nonempty, ends,
+                                                      timeout_s).items():
+            ends[partition] = max(ends[partition], high)
+    return ends
+
+
+def _fetch_high_watermarks(bootstrap: str, tps: list[TopicPartition], listed: dict[int, int],
+                           timeout_s: float) -> dict[int, int]:
+    """The high watermark each partition's Fetch response reports, fetching from listed - 1."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, client_id="unirec-end-offsets", group_id=None,
+        enable_auto_commit=False, max_partition_fetch_bytes=1024, fetch_max_wait_ms=10,
+        request_timeout_ms=int(timeout_s * 1000) + 1000,
+    )
+    try:
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, listed[tp.partition] - 1)
+        deadline = time.monotonic() + timeout_s
+        highs: dict[int, int] = {}
+        while len(highs) < len(tps):
+            if time.monotonic() > deadline:
+                pending = sorted(tp.partition for tp in tps if tp.partition not in highs)
+                raise TimeoutError(f"no fetch answer for {tps[0].topic} partitions {pending}")
+            consumer.poll(timeout_ms=100, max_records=1)
+            for tp in tps:
+                high = consumer.highwater(tp)
+                if high is not None:
+                    highs[tp.partition] = int(high)
+        return highs
+    finally:
+        consumer.close()
