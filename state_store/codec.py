@@ -1,16 +1,16 @@
 """Value formats. Every value starts with a format-version byte; all integers little-endian.
 
-State record (``users/<uid>``), fixed size for a store::
+State record (``users: s <uid>``), fixed size for a store::
 
     u8  format version (1)      u8  dtype code (1 float32, 2 float16)   u16 state dim
     u64 update count (>= 1)     i64 model version                       f64 last event time (s)
     state: dim x float32 or float16
 
-History row (``users/<uid> 0x00 <slot>``)::
+History row (``users: h <uid> 0x00 <slot>``)::
 
     u8 format version (1)   u64 seq (the event's number for this user, from 0)   row bytes
 
-Offset (``offsets/<topic> 0x00 <partition>``)::
+Offset (``offsets: <topic> 0x00 <partition>``)::
 
     u8 format version (1)   i64 last applied offset   log id (utf-8)
 

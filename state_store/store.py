@@ -426,6 +426,9 @@ class StateStore:
             return ApplyResult(applied=0, skipped=skipped, users=0, last_offset=stored_last)
 
         uids = encode_user_ids([before.user_ids[i] for i in writing.tolist()])
+        # In key order: RocksDB inserts ascending keys into its memtable markedly faster.
+        by_key = sorted(range(len(uids)), key=uids.__getitem__)
+        writing, uids = writing[by_key], [uids[i] for i in by_key]
         keys = [state_key(u) for u in uids]
         base = before.update_counts[writing]
         self._check_current(before, writing, keys, base)
@@ -442,11 +445,10 @@ class StateStore:
 
         wb = WriteBatch(raw_mode=True)
         wb.set_default_column_family(self._users_cf)
-        for key, value in zip(keys, values, strict=True):
-            wb.put(key, value)
         prefixes = [history_prefix(u) for u in uids]
         suffixes, rows, n = self._suffixes, batch.rows, self.config.history_len
         newest = np.flatnonzero(numbers.newest)
+        newest = newest[np.argsort(user[newest], kind="stable")]  # key order, seq order within
         for e, u, s in zip(
             events[newest].tolist(),
             user[newest].tolist(),
@@ -454,6 +456,8 @@ class StateStore:
             strict=True,
         ):
             wb.put(prefixes[u] + suffixes[s % n], encode_row(s, rows[e]))
+        for key, value in zip(keys, values, strict=True):  # state keys sort after history keys
+            wb.put(key, value)
         wb.put(okey, encode_offset(last_offset, batch.log_id), self._offsets_cf)
         self._write(wb)
         log.debug(
