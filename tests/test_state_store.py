@@ -193,7 +193,7 @@ def test_offsets_are_kept_per_topic_and_partition(store: StateStore) -> None:
 
 # Each example gets its own fresh directory under tmp_path.
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     history_len=st.integers(1, 7),
