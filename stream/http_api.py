@@ -301,6 +301,31 @@ def register_views(app: faust.App, services: ApiServices) -> None:
         app.page(route.faust_path, name=f"unirec_api_{route.name}")(view)
 
 
+def views_hook(
+    metrics: WorkerMetrics | None = None,
+    drift: Callable[[], Mapping[str, Any] | None] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Callable[[faust.App, Any], ApiServices]:
+    """A ``stream.worker.run_worker`` hook: ``hook(app, worker_services)`` mounts the API over
+    the worker's store and scorer (anything with ``store`` and ``scorer`` attributes) and
+    returns the ``ApiServices``. The model version is read from the scorer at each request, so
+    a hot swap shows at once."""
+
+    def hook(app: faust.App, worker: Any) -> ApiServices:
+        services = ApiServices(
+            store=worker.store,
+            scorer=worker.scorer,
+            metrics=metrics if metrics is not None else WorkerMetrics(),
+            drift=drift,
+            model_version=lambda: worker.scorer.model_version,
+            max_body_bytes=max_body_bytes,
+        )
+        register_views(app, services)
+        return services
+
+    return hook
+
+
 def _faust_method(dispatch: Callable[..., Any]) -> Callable[..., Any]:
     async def method(self: Any, request: Any, **_: Any) -> Any:
         return await dispatch(self, request)

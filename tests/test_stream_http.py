@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -35,8 +36,8 @@ from stream.http_api import (
     UnknownUserError,
     fetch_state,
     handle,
-    register_views,
     state_snapshot,
+    views_hook,
 )
 from stream.metrics import WorkerMetrics
 from stream.serving import ImpressionScorer
@@ -285,7 +286,10 @@ def test_the_views_mounted_on_a_faust_app_share_the_handlers(services: ApiServic
 
     apply_events(store, ["u2"])
     app = faust.App("unirec-http-test", broker="kafka://127.0.0.1:1", web_bind="127.0.0.1")
-    register_views(app, services)
+    # As run_worker calls its hooks: (app, the worker's services).
+    worker = SimpleNamespace(store=store, scorer=services.scorer, model_version=VERSION)
+    mounted = views_hook(services.metrics)(app, worker)
+    assert mounted.metrics is services.metrics
 
     async def run() -> list[tuple[int, Any]]:
         runner = web.AppRunner(app.web.web_app)
@@ -317,6 +321,9 @@ def test_the_views_mounted_on_a_faust_app_share_the_handlers(services: ApiServic
     assert replies[1][1]["update_count"] == 1
     assert replies[3][1]["user_id"] == "u2"
     assert "request_id" in replies[4][1]["error"]
+    # A hot swap of the scorer's weights shows in /healthz at once.
+    services.scorer.model_version = VERSION + 1
+    assert handle(mounted, "GET", "/healthz").json()["model_version"] == VERSION + 1
 
 
 def test_state_snapshot_reads_a_store_a_writer_holds_open(store: StateStore, store_dir: Path
