@@ -5,6 +5,9 @@
     unirec demo  the offline quick-start: train, then evaluate, with a closing summary
     unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
                  [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
+    unirec worker [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--store DIR]
+                 [--partitions P] [--batch-size N] [--batch-within S] [--web-port PORT]
+                 [--reset-on-new-log]
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device")
     demo.add_argument("--max-steps", type=int, default=None)
     _add_produce_parser(commands)
+    _add_worker_parser(commands)
     return parser
 
 
@@ -249,7 +253,61 @@ def run_produce(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo, "produce": run_produce}
+def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser("worker", help="consume the topics: apply, score, join")
+    worker.add_argument("--bootstrap-servers", help="env KAFKA_BOOTSTRAP_SERVERS")
+    worker.add_argument("--checkpoint", type=Path,
+                        help="model checkpoint (default: runs/movielens-100k/model.pt)")
+    worker.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
+    worker.add_argument("--store", type=Path, help="state store (default: <data dir>/state)")
+    worker.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
+    worker.add_argument("--partitions", type=int, default=4, help="for topics it creates")
+    worker.add_argument("--batch-size", type=int, default=256, help="events per micro-batch")
+    worker.add_argument("--batch-within", type=float, default=0.05,
+                        help="seconds to wait filling a micro-batch")
+    worker.add_argument("--web-port", type=int, default=6066, help="HTTP port on 127.0.0.1")
+    worker.add_argument("--group-id", default="unirec-worker")
+    worker.add_argument("--topic-prefix", default="", help="prefix of every topic name")
+    worker.add_argument("--torch-threads", type=int, default=1)
+    worker.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
+    worker.add_argument("--reset-on-new-log", action="store_true",
+                        help="consume a changed log (new broker, recreated topic) from its start")
+
+
+def run_worker_command(args: argparse.Namespace) -> None:
+    from stream.worker import WorkerConfig, WorkerError, run_worker
+
+    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
+    if args.batch_size < 1 or args.batch_within <= 0 or args.partitions < 1:
+        raise CliError("--batch-size, --batch-within and --partitions must be positive")
+    settings = _settings(args)
+    config = WorkerConfig(
+        bootstrap_servers=bootstrap,
+        store_dir=args.store or settings.data_dir / "state",
+        checkpoint=args.checkpoint or settings.checkpoint_path("movielens-100k"),
+        device=settings.torch_device().type,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        batch_within_s=args.batch_within,
+        web_port=args.web_port,
+        reset_on_new_log=args.reset_on_new_log,
+        torch_threads=args.torch_threads,
+        group_id=args.group_id,
+        topic_prefix=args.topic_prefix,
+        timeout_s=args.timeout,
+    )
+    try:
+        code = run_worker(config)
+    except (WorkerError, BrokerUnavailable, TopicError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+    if code:
+        sys.exit(code)
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo, "produce": run_produce,
+            "worker": run_worker_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,287 @@
+"""``unirec worker``: the faust-streaming app that consumes the topics.
+
+Three agents, each over micro-batches (``stream.take_events(n, within)``):
+
+- ``interactions``: applied exactly once through ``InteractionApplier`` (``stream.agents``);
+- ``impressions``: scored (one multi-get per batch), ``Scores`` published to ``scores``;
+- ``labels``: joined with the scored impressions through the ``LabelBuffer``.
+
+Exactly once (SYSTEM.md, "State and the exactly-once effect"): faust's own offset commits are
+at-least-once and do not matter. Whenever faust seeks the consumer (to the group's committed
+offsets, after every assignment), the worker seeks each assigned ``interactions`` partition
+again, to one past the offset stored in the state store, after checking that the stored
+offsets belong to the current log (``StateStore.resume_offset`` with the log identity and the
+partition's end offset). If they do not, the worker stops with an error naming the partition,
+unless ``reset_on_new_log`` is set: then the partition's stored offset is forgotten and the
+new log is consumed from its start. Redelivered records are skipped by the applier anyway.
+
+``WorkerServices`` (``stream.agents``) is the hook for HTTP views and metrics: ``run_worker``
+calls each function of ``hooks`` with the faust app and the services before starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import faust
+import torch
+
+from model.checkpoint import CheckpointError, load
+from model.scorer import Scorer
+from state_store import LogMismatchError, StateStore, StoreConfig
+from stream.agents import (
+    Record,
+    WorkerServices,
+    handle_impressions,
+    handle_interactions,
+    handle_labels,
+)
+from stream.applier import InteractionApplier
+from stream.producer import open_producer
+from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
+from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
+
+log = logging.getLogger(__name__)
+
+EXIT_LOG_CHANGED = 3
+
+
+class WorkerError(RuntimeError):
+    """A worker that cannot start or must stop: the message says why (one line)."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker is configured with (printed once at start)."""
+
+    bootstrap_servers: str
+    store_dir: Path
+    checkpoint: Path
+    device: str = "cpu"
+    partitions: int = 4
+    batch_size: int = 256
+    batch_within_s: float = 0.05
+    web_port: int = 6066
+    web_bind: str = "127.0.0.1"
+    reset_on_new_log: bool = False
+    torch_threads: int = 1
+    group_id: str = "unirec-worker"
+    topic_prefix: str = ""
+    feedback_window_s: float = 3600.0
+    feedback_max: int = 100_000
+    label_capacity: int = 100_000
+    timeout_s: float = 10.0
+    # Group timings that work with the embedded Tansu broker (SYSTEM.md, "Parts chosen").
+    rebalance_timeout_s: float = 3.0
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames.with_prefix(self.topic_prefix)
+
+
+def model_version_of(meta: dict[str, Any]) -> int:
+    """The model version recorded in a checkpoint's metadata, or 1."""
+    for key in ("model_version", "version"):
+        value = meta.get(key)
+        if isinstance(value, int) and value >= 0:
+            return value
+    return 1
+
+
+def build_services(config: WorkerConfig) -> WorkerServices:
+    """Load the model, open the store and the producer; ``WorkerError`` if one cannot be."""
+    device = torch.device(config.device)
+    try:
+        model, meta = load(config.checkpoint, device)
+    except CheckpointError as exc:
+        raise WorkerError(f"{exc} (train a model first, e.g. `unirec train`)") from exc
+    version = model_version_of(meta)
+    store_config = StoreConfig(state_dim=model.cfg.d_model, history_len=model.cfg.history_len)
+    try:
+        store = StateStore.open(config.store_dir, store_config)
+    except Exception as exc:
+        raise WorkerError(f"cannot open the state store at {config.store_dir}: {exc}") from exc
+    try:
+        producer = open_producer(config.bootstrap_servers, config.timeout_s)
+    except Exception:
+        store.close()
+        raise
+    window = FeedbackWindow(config.feedback_window_s, config.feedback_max)
+    log.info("model %s: version %d, d_model %d, on %s", config.checkpoint, version,
+             model.cfg.d_model, device)
+    return WorkerServices(
+        store=store,
+        applier=InteractionApplier(store, model, version),
+        scorer=ImpressionScorer(store, Scorer(model, device), version),
+        window=window,
+        labels=LabelBuffer(window, config.label_capacity),
+        producer=producer,
+        topics=config.topics,
+        model_version=version,
+    )
+
+
+def plan_resume(services: WorkerServices, config: WorkerConfig,
+                partitions: Iterable[int]) -> dict[int, int]:
+    """``{partition: offset to seek to}`` for the given ``interactions`` partitions.
+
+    Sets ``services.log_ids``. Raises ``WorkerError`` naming the partition when the stored
+    offsets belong to another log, unless ``config.reset_on_new_log`` (then the partition is
+    reset in the store and read from offset 0).
+    """
+    topic = services.topics.interactions
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return {}
+    log_id = log_identity(config.bootstrap_servers, topic, config.timeout_s)
+    ends = end_offsets(config.bootstrap_servers, topic, config.timeout_s)
+    plan: dict[int, int] = {}
+    for partition in wanted:
+        end = ends.get(partition, 0)
+        try:
+            offset = services.store.resume_offset(topic, partition, log_id, end)
+        except LogMismatchError as exc:
+            if not config.reset_on_new_log:
+                raise WorkerError(
+                    f"{exc}; refusing to skip the new log's events. Pass --reset-on-new-log "
+                    f"to consume partition {topic}[{partition}] from its start"
+                ) from exc
+            log.warning("%s; --reset-on-new-log: consuming %s[%d] from its start",
+                        exc, topic, partition)
+            services.store.reset_partition(topic, partition)
+            offset = None
+        services.log_ids[partition] = log_id
+        plan[partition] = 0 if offset is None else offset
+    log.info("%s: resuming partitions at %s (log %s, end offsets %s)", topic, plan, log_id,
+             {p: ends.get(p) for p in wanted})
+    return plan
+
+
+def _records(events: Sequence[faust.EventT]) -> list[Record]:
+    return [
+        Record(e.message.partition, e.message.offset, e.message.key, e.message.value)
+        for e in events
+    ]
+
+
+def _fatal(message: str) -> None:
+    """Log ``message`` and end the process at once with ``EXIT_LOG_CHANGED``: continuing would
+    apply events against the wrong offsets, and faust's crash path does not exit non-zero."""
+    log.critical("%s", message)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_LOG_CHANGED)
+
+
+def _install_store_seek(app: faust.App, services: WorkerServices, config: WorkerConfig) -> None:
+    """After each of faust's seeks to committed offsets, seek the assigned ``interactions``
+    partitions to the store's offsets (see the module docstring)."""
+    consumer = app.consumer
+    seek_to_committed = consumer.perform_seek
+    topic = services.topics.interactions
+
+    async def perform_seek() -> None:
+        await seek_to_committed()
+        assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
+        loop = asyncio.get_running_loop()
+        try:
+            plan = await loop.run_in_executor(
+                None, plan_resume, services, config, [tp.partition for tp in assigned]
+            )
+        except WorkerError as exc:
+            _fatal(str(exc))
+            return
+        for tp in assigned:
+            await consumer.seek(tp, plan[tp.partition])
+
+    consumer.perform_seek = perform_seek  # type: ignore[method-assign]
+
+
+def build_app(services: WorkerServices, config: WorkerConfig) -> faust.App:
+    """The faust app with the three agents."""
+    app = faust.App(
+        config.group_id,
+        broker=f"kafka://{config.bootstrap_servers}",
+        web_port=config.web_port,
+        web_bind=config.web_bind,
+        web_enabled=True,
+        datadir=str(config.store_dir.parent / f"{config.store_dir.name}-faust"),
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=config.rebalance_timeout_s,
+        broker_session_timeout=config.session_timeout_s,
+        broker_heartbeat_interval=config.heartbeat_interval_s,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        **config.extra,
+    )
+    names = services.topics
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+           "value_serializer": "raw"}
+    within = timedelta(seconds=config.batch_within_s)
+    n = config.batch_size
+
+    @app.agent(app.topic(names.interactions, **raw), name="interactions")
+    async def interactions(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(n, within=within):
+            handle_interactions(services, _records(events))
+
+    @app.agent(app.topic(names.impressions, **raw), name="impressions")
+    async def impressions(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(n, within=within):
+            handle_impressions(services, _records(events))
+
+    @app.agent(app.topic(names.labels, **raw), name="labels")
+    async def labels(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(n, within=within):
+            handle_labels(services, _records(events))
+
+    _install_store_seek(app, services, config)
+    return app
+
+
+Hook = Callable[[faust.App, WorkerServices], None]
+
+
+def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
+    """Run the worker until SIGTERM/SIGINT; returns the exit status.
+
+    Raises ``WorkerError`` when it cannot start (no checkpoint, a store of another model, a
+    partition whose stored offsets belong to another log without ``reset_on_new_log``).
+    """
+    torch.set_num_threads(config.torch_threads)
+    log.info("unirec worker config: %s", {k: str(v) for k, v in asdict(config).items()})
+    topics = config.topics
+    ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
+                  timeout_s=config.timeout_s)
+    services = build_services(config)
+    try:
+        # Fail fast, before joining the group, on every partition this store has applied.
+        stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
+        plan_resume(services, config, stored)
+        app = build_app(services, config)
+        for hook in hooks:
+            hook(app, services)
+        worker = faust.Worker(app, loglevel=logging.getLevelName(logging.root.level),
+                              quiet=True, redirect_stdouts=False)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+            return code
+        return 0
+    finally:
+        log.info("worker stopping: %s", services.counters.as_dict())
+        services.producer.close(timeout=config.timeout_s)
+        services.store.close()

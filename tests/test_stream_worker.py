@@ -1,0 +1,331 @@
+"""``unirec worker`` end to end, as a subprocess against an embedded Tansu broker.
+
+Each test produces a small synthetic log, runs the worker (``python -m stream.cli worker``)
+with a temporary store and a tiny checkpoint trained... well, saved, here (random weights: the
+worker's contract does not depend on their quality), and waits for conditions by polling the
+store read-only or the output topics, with bounded timeouts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from eventlog.schema import encode
+from model.backbone import UniRecModel
+from model.checkpoint import save
+from model.config import ModelConfig
+from model.features import FeatureSpec
+from state_store import StateStore
+from stream.broker import EmbeddedBroker, free_port
+from stream.producer import replay_events, synthetic_events
+from stream.topics import TopicNames, ensure_topics
+
+REPO = Path(__file__).resolve().parents[1]
+PARTITIONS = 2
+CFG = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
+START_TIMEOUT_S = 60.0
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model (random weights) with a FeatureSpec fitted on the synthetic events."""
+    torch.manual_seed(0)
+    events = [e for e, _ in synthetic_events(500, seed=99)]
+    model = UniRecModel(CFG, FeatureSpec.fit(events)).eval()
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save(model, path, {"model_version": 3})
+    return path
+
+
+def topics_for(prefix: str) -> TopicNames:
+    return TopicNames.with_prefix(prefix)
+
+
+def produce(bootstrap: str, topics: TopicNames, n: int, seed: int, negatives: int = 3) -> None:
+    ensure_topics(bootstrap, PARTITIONS, topics=topics)
+    events = synthetic_events(n, seed=seed)
+    replay_events(events, bootstrap, topics, negatives=negatives, seed=seed)
+
+
+class Worker:
+    """A worker subprocess; ``stop`` ends it (SIGTERM, then SIGKILL) and returns its status."""
+
+    def __init__(self, bootstrap: str, checkpoint: Path, store: Path, prefix: str,
+                 log_path: Path, *extra: str, group: str | None = None) -> None:
+        argv = [
+            sys.executable, "-m", "stream.cli", "worker",
+            "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
+            "--store", str(store), "--partitions", str(PARTITIONS),
+            "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
+            "--web-port", str(free_port()), "--batch-size", "64", "--batch-within", "0.05",
+            *extra,
+        ]
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu"}
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            self._log.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return int(self.process.returncode)
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., Worker]]:
+    """Starts workers; every one still running at the end is killed (by its PID)."""
+    started: list[Worker] = []
+
+    def start(*args: object, **kwargs: object) -> Worker:
+        worker = Worker(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def store_snapshot(path: Path) -> dict[str, tuple[np.ndarray, int, int, list[bytes]]]:
+    """Every user's (state, update count, model version, history), read-only."""
+    with StateStore.open(path, read_only=True) as store:
+        users = [record.user_id for record in store.iter_users()]
+        batch = store.get_many(users, history=True)
+        return {
+            u: (batch.states[i].copy(), int(batch.update_counts[i]),
+                int(batch.model_versions[i]), list(batch.histories[i]))
+            for i, u in enumerate(users)
+        }
+
+
+def applied_total(path: Path) -> int:
+    if not (path / "CURRENT").exists():
+        return 0
+    try:
+        with StateStore.open(path, read_only=True) as store:
+            return sum(r.update_count for r in store.iter_users())
+    except Exception:
+        return 0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, worker: Worker | None = None,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if worker is not None and worker.exited() is not None:
+            raise AssertionError(f"worker exited ({worker.exited()}) before {what}:\n"
+                                 f"{worker.output()[-3000:]}")
+        time.sleep(0.3)
+    tail = worker.output()[-3000:] if worker is not None else ""
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tail}")
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0
+               ) -> list[tuple[bytes | None, bytes]]:
+    """The (key, value) of every record of ``topic``, reading until ``expected`` came (or the
+    time is up)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    records: list[tuple[bytes | None, bytes]] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=300).values():
+                records.extend((r.key, r.value) for r in batch)
+        # a short grace poll: more than expected would be a bug
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend((r.key, r.value) for r in batch)
+    finally:
+        consumer.close()
+    return records
+
+
+# -------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def e2e_run(broker: EmbeddedBroker, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[Path, str, int]:
+    """One worker run over a 300-event log, stopped by SIGTERM once every interaction is
+    applied: (store, worker output, exit status). Checks the scores while it runs."""
+    bootstrap, topics, n = broker.bootstrap_servers, topics_for("e2e-"), 300
+    produce(bootstrap, topics, n, seed=1)
+    tmp = tmp_path_factory.mktemp("e2e")
+    store = tmp / "store"
+    worker = Worker(bootstrap, checkpoint, store, "e2e-", tmp / "worker.log")
+    try:
+        wait_for(lambda: applied_total(store) == n, START_TIMEOUT_S, worker, f"{n} applied")
+        scores = read_topic(bootstrap, topics.scores, n)
+    finally:
+        code = worker.stop()
+    request_ids = [json.loads(v)["request_id"] for _, v in scores]
+    assert len(request_ids) == n and len(set(request_ids)) == n, "one score per impression"
+    first = json.loads(scores[0][1])
+    assert scores[0][0] == first["user_id"].encode() and first["model_version"] == 3
+    assert len(first["items"]) >= 1
+    return store, worker.output(), code
+
+
+def test_end_to_end_applies_every_interaction_and_scores_every_impression(
+        e2e_run: tuple[Path, str, int]) -> None:
+    store, output, code = e2e_run
+    assert code == 0, output[-3000:]
+    snapshot = store_snapshot(store)
+    assert sum(count for _, count, _, _ in snapshot.values()) == 300
+    assert {version for _, _, version, _ in snapshot.values()} == {3}
+    assert "unirec worker config" in output
+    with StateStore.open(store, read_only=True) as opened:
+        offsets = {tp.partition: o for tp, o in opened.offsets().items()
+                   if tp.topic == "e2e-interactions"}
+    assert set(offsets) == set(range(PARTITIONS))
+
+
+def test_redelivery_from_offset_zero_changes_nothing(
+        broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
+        e2e_run: tuple[Path, str, int]) -> None:
+    """A new consumer group starts at offset 0 (auto_offset_reset earliest): the worker seeks
+    to the store's offsets and, whatever is redelivered, no state changes."""
+    store = e2e_run[0]
+    before = store_snapshot(store)
+    worker = Worker(broker.bootstrap_servers, checkpoint, store, "e2e-", tmp_path / "w.log")
+    try:
+        wait_for(lambda: "resuming partitions at" in worker.output()
+                 and "e2e-interactions" in worker.output(), START_TIMEOUT_S, worker,
+                 "partition assignment")
+        time.sleep(3.0)  # time to (wrongly) re-apply anything redelivered
+    finally:
+        assert worker.stop() == 0
+    after = store_snapshot(store)
+    assert before.keys() == after.keys()
+    for user, (state, count, version, history) in before.items():
+        state2, count2, version2, history2 = after[user]
+        assert np.array_equal(state, state2) and (count, version, history) == (
+            count2, version2, history2)
+    assert "'interactions_applied': 0" in worker.output()
+
+
+def test_sigkill_mid_replay_then_restart_matches_an_uninterrupted_run(
+        broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
+        workers: Callable[..., Worker]) -> None:
+    bootstrap, topics, n = broker.bootstrap_servers, topics_for("kill-"), 1500
+    ensure_topics(bootstrap, PARTITIONS, topics=topics)
+    killed_store, clean_store = tmp_path / "killed", tmp_path / "clean"
+    worker = workers(bootstrap, checkpoint, killed_store, "kill-", tmp_path / "k1.log")
+    producer = threading.Thread(target=replay_events, daemon=True, args=(
+        synthetic_events(n, seed=2), bootstrap, topics), kwargs={"rate": 1000.0, "negatives": 2})
+    producer.start()
+    wait_for(lambda: applied_total(killed_store) >= 200, START_TIMEOUT_S, worker,
+             "some events applied")
+    assert worker.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert applied_total(killed_store) < n, "killed too late to test anything"
+    producer.join(30.0)
+    restarted = workers(bootstrap, checkpoint, killed_store, "kill-", tmp_path / "k2.log")
+    clean = workers(bootstrap, checkpoint, clean_store, "kill-", tmp_path / "c.log")
+    wait_for(lambda: applied_total(killed_store) == n, START_TIMEOUT_S, restarted, "restart")
+    wait_for(lambda: applied_total(clean_store) == n, START_TIMEOUT_S, clean, "clean run")
+    assert restarted.stop() == 0 and clean.stop() == 0
+    a, b = store_snapshot(killed_store), store_snapshot(clean_store)
+    assert a.keys() == b.keys()
+    for user in a:
+        assert a[user][1:] == b[user][1:], user
+        np.testing.assert_allclose(a[user][0], b[user][0], atol=1e-6, rtol=0)
+
+
+def test_poison_and_invalid_messages_go_to_dead_letters(
+        broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
+        workers: Callable[..., Worker]) -> None:
+    bootstrap, topics = broker.bootstrap_servers, topics_for("poison-")
+    ensure_topics(bootstrap, PARTITIONS, topics=topics)
+    events = [e for e, _ in synthetic_events(40, seed=3)]
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    try:
+        for event in events[:20]:
+            producer.send(topics.interactions, key=event.user_id.encode(), value=encode(event))
+        producer.send(topics.interactions, key=b"u1", value=b"\x00 not json {")
+        producer.send(topics.interactions, key=b"u1", value=b'{"user_id": "u1"}')
+        for event in events[20:]:
+            producer.send(topics.interactions, key=event.user_id.encode(), value=encode(event))
+        producer.flush(10)
+    finally:
+        producer.close()
+    store = tmp_path / "store"
+    worker = workers(bootstrap, checkpoint, store, "poison-", tmp_path / "w.log")
+    wait_for(lambda: applied_total(store) == len(events), START_TIMEOUT_S, worker,
+             "the valid events applied")
+    letters = [json.loads(v) for _, v in read_topic(bootstrap, topics.dead_letters, 2)]
+    assert len(letters) == 2
+    assert all(d["topic"] == topics.interactions and d["reason"] for d in letters)
+    assert {base64.b64decode(d["value"]) for d in letters} == {
+        b"\x00 not json {", b'{"user_id": "u1"}'}
+    assert len({(d["partition"], d["offset"]) for d in letters}) == 2
+    assert worker.stop() == 0
+
+
+def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
+        checkpoint: Path, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+    store, topics = tmp_path / "store", topics_for("")
+    with EmbeddedBroker(log_dir=tmp_path / "b1") as first:
+        produce(first.bootstrap_servers, topics, 100, seed=4, negatives=1)
+        worker = workers(first.bootstrap_servers, checkpoint, store, "", tmp_path / "w1.log")
+        wait_for(lambda: applied_total(store) == 100, START_TIMEOUT_S, worker, "first log")
+        assert worker.stop() == 0
+    with EmbeddedBroker(log_dir=tmp_path / "b2") as second:
+        produce(second.bootstrap_servers, topics, 60, seed=5, negatives=1)
+        refused = workers(second.bootstrap_servers, checkpoint, store, "", tmp_path / "w2.log")
+        code = refused.wait(START_TIMEOUT_S)
+        assert code != 0
+        output = refused.output()
+        assert "interactions[" in output and "--reset-on-new-log" in output, output[-2000:]
+        assert applied_total(store) == 100
+        reset = workers(second.bootstrap_servers, checkpoint, store, "", tmp_path / "w3.log",
+                        "--reset-on-new-log")
+        wait_for(lambda: applied_total(store) == 160, START_TIMEOUT_S, reset, "the new log")
+        assert reset.stop() == 0
