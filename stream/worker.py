@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -232,21 +233,21 @@ def build_app(services: WorkerServices, config: WorkerConfig) -> faust.App:
     within = timedelta(seconds=config.batch_within_s)
     n = config.batch_size
 
-    @app.agent(app.topic(names.interactions, **raw), name="interactions")
-    async def interactions(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(n, within=within):
-            handle_interactions(services, _records(events))
+    def agent(topic: str, handle: Callable[[WorkerServices, list[Record]], object]) -> None:
+        """An agent over ``topic`` whose batches run, in order, on a thread of its own: the
+        event loop (heartbeats, fetches, the other agents) is never blocked by torch."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agent-{topic}")
 
-    @app.agent(app.topic(names.impressions, **raw), name="impressions")
-    async def impressions(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(n, within=within):
-            handle_impressions(services, _records(events))
+        async def process(stream: faust.StreamT) -> None:
+            loop = asyncio.get_running_loop()
+            async for events in stream.take_events(n, within=within):
+                await loop.run_in_executor(executor, handle, services, _records(events))
 
-    @app.agent(app.topic(names.labels, **raw), name="labels")
-    async def labels(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(n, within=within):
-            handle_labels(services, _records(events))
+        app.agent(app.topic(topic, **raw), name=topic)(process)
 
+    agent(names.interactions, handle_interactions)
+    agent(names.impressions, handle_impressions)
+    agent(names.labels, handle_labels)
     _install_store_seek(app, services, config)
     return app
 

@@ -259,10 +259,12 @@ def test_sigkill_mid_replay_then_restart_matches_an_uninterrupted_run(
     ensure_topics(bootstrap, PARTITIONS, topics=topics)
     killed_store, clean_store = tmp_path / "killed", tmp_path / "clean"
     worker = workers(bootstrap, checkpoint, killed_store, "kill-", tmp_path / "k1.log")
+    wait_for(lambda: "resuming partitions at" in worker.output(), START_TIMEOUT_S, worker,
+             "partition assignment")
     producer = threading.Thread(target=replay_events, daemon=True, args=(
-        synthetic_events(n, seed=2), bootstrap, topics), kwargs={"rate": 1000.0, "negatives": 2})
+        synthetic_events(n, seed=2), bootstrap, topics), kwargs={"rate": 500.0, "negatives": 2})
     producer.start()
-    wait_for(lambda: applied_total(killed_store) >= 200, START_TIMEOUT_S, worker,
+    wait_for(lambda: applied_total(killed_store) >= 300, START_TIMEOUT_S, worker,
              "some events applied")
     assert worker.stop(signal.SIGKILL) == -signal.SIGKILL
     assert applied_total(killed_store) < n, "killed too late to test anything"
