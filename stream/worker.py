@@ -210,8 +210,10 @@ def _install_store_seek(app: faust.App, services: WorkerServices, config: Worker
     consumer.perform_seek = perform_seek  # type: ignore[method-assign]
 
 
-def build_app(services: WorkerServices, config: WorkerConfig) -> faust.App:
-    """The faust app with the three agents."""
+def build_app(services: WorkerServices, config: WorkerConfig,
+              executors: list[ThreadPoolExecutor] | None = None) -> faust.App:
+    """The faust app with the three agents; each agent's thread is appended to ``executors``
+    (shut them down, waiting, before closing the store)."""
     app = faust.App(
         config.group_id,
         broker=f"kafka://{config.bootstrap_servers}",
@@ -236,7 +238,12 @@ def build_app(services: WorkerServices, config: WorkerConfig) -> faust.App:
     def agent(topic: str, handle: Callable[[WorkerServices, list[Record]], object]) -> None:
         """An agent over ``topic`` whose batches run, in order, on a thread of its own: the
         event loop (heartbeats, fetches, the other agents) is never blocked by torch."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agent-{topic}")
+        executor = ThreadPoolExecutor(  # torch's thread count is per OpenMP thread: set it
+            max_workers=1, thread_name_prefix=f"agent-{topic}",
+            initializer=torch.set_num_threads, initargs=(config.torch_threads,),
+        )
+        if executors is not None:
+            executors.append(executor)
 
         async def process(stream: faust.StreamT) -> None:
             loop = asyncio.get_running_loop()
@@ -262,16 +269,20 @@ def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
     partition whose stored offsets belong to another log without ``reset_on_new_log``).
     """
     torch.set_num_threads(config.torch_threads)
+    if not config.checkpoint.is_file():
+        raise WorkerError(f"no checkpoint at {config.checkpoint} (train a model first, e.g. "
+                          "`unirec train`, or pass --checkpoint)")
     log.info("unirec worker config: %s", {k: str(v) for k, v in asdict(config).items()})
     topics = config.topics
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
     services = build_services(config)
+    executors: list[ThreadPoolExecutor] = []
     try:
         # Fail fast, before joining the group, on every partition this store has applied.
         stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
         plan_resume(services, config, stored)
-        app = build_app(services, config)
+        app = build_app(services, config, executors)
         for hook in hooks:
             hook(app, services)
         worker = faust.Worker(app, loglevel=logging.getLevelName(logging.root.level),
@@ -283,6 +294,8 @@ def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
             return code
         return 0
     finally:
+        for executor in executors:  # let a batch being applied finish before closing
+            executor.shutdown(wait=True, cancel_futures=True)
         log.info("worker stopping: %s", services.counters.as_dict())
         services.producer.close(timeout=config.timeout_s)
         services.store.close()

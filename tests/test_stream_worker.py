@@ -1,9 +1,10 @@
 """``unirec worker`` end to end, as a subprocess against an embedded Tansu broker.
 
 Each test produces a small synthetic log, runs the worker (``python -m stream.cli worker``)
-with a temporary store and a tiny checkpoint trained... well, saved, here (random weights: the
-worker's contract does not depend on their quality), and waits for conditions by polling the
-store read-only or the output topics, with bounded timeouts.
+with a temporary store and a tiny checkpoint saved here (random weights and a FeatureSpec
+fitted on the synthetic events: the worker's contract does not depend on the weights'
+quality), and waits for conditions by polling the store read-only or the output topics, with
+bounded timeouts. Every worker and broker a test starts is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from model.checkpoint import save
 from model.config import ModelConfig
 from model.features import FeatureSpec
 from state_store import StateStore
+from stream.agents import Record, by_partition
 from stream.broker import EmbeddedBroker, free_port
+from stream.dead_letters import ConsumedRecord
 from stream.producer import replay_events, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
@@ -331,3 +334,25 @@ def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
                         "--reset-on-new-log")
         wait_for(lambda: applied_total(store) == 160, START_TIMEOUT_S, reset, "the new log")
         assert reset.stop() == 0
+
+
+def test_without_a_checkpoint_the_worker_exits_with_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "none.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers",
+         f"127.0.0.1:{free_port()}", "--checkpoint", str(missing), "--store",
+         str(tmp_path / "store")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2
+    assert f"no checkpoint at {missing}" in result.stderr
+
+
+def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
+    records = [Record(1, 5, b"a", b"x"), Record(0, 3, None, b"y"), Record(1, 2, b"b", b"z"),
+               Record(1, 5, b"a", b"again")]
+    grouped = by_partition(records)
+    assert list(grouped) == [0, 1]
+    assert [r.offset for r in grouped[1]] == [2, 5] and grouped[1][1].value == b"x"
+    assert grouped[0] == [ConsumedRecord(3, None, b"y")]
