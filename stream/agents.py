@@ -73,8 +73,9 @@ class WorkerCounters:
 class WorkerServices:
     """What the worker's handlers share; the hook for HTTP views and metrics.
 
-    ``log_ids`` maps each ``interactions`` partition to the identity of the log its offsets
-    belong to (``stream.topics.log_identity``); it is set when partitions are assigned.
+    ``log_ids`` maps each assigned ``interactions`` partition to the identity of the log its
+    offsets belong to (``stream.topics.log_identity``): set when the partition is assigned and
+    checked, removed when it is revoked; records of a partition without one are not applied.
     ``last_reports`` keeps each partition's latest ``ApplyReport`` (latency, stages).
     """
 
@@ -116,7 +117,11 @@ def handle_interactions(services: WorkerServices, records: Sequence[Record]) -> 
     for partition, consumed in by_partition(records).items():
         log_id = services.log_ids.get(partition)
         if log_id is None:
-            raise RuntimeError(f"{topic}[{partition}] was consumed before its log was checked")
+            # Revoked, or not yet checked since the last assignment: nothing is written, and
+            # the seek that follows the assignment reads these records again if still ours.
+            log.warning("%s[%d]: %d records dropped: the partition's log is not checked "
+                        "(rebalancing)", topic, partition, len(consumed))
+            continue
         report = services.applier.apply(
             topic, partition, log_id, consumed, consumed[-1].offset,
             on_dead_letters=services.publish_dead_letters,

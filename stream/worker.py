@@ -207,7 +207,15 @@ def _install_store_seek(app: faust.App, services: WorkerServices, config: Worker
         for tp in assigned:
             await consumer.seek(tp, plan[tp.partition])
 
+    async def forget_revoked(sender: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        """A revoked partition's log must be checked again before anything of it is applied
+        (after a broker restart, the same partition may come back from another log)."""
+        for tp in revoked:
+            if tp.topic == topic:
+                services.log_ids.pop(tp.partition, None)
+
     consumer.perform_seek = perform_seek  # type: ignore[method-assign]
+    app.on_partitions_revoked.connect(forget_revoked)
 
 
 def build_app(services: WorkerServices, config: WorkerConfig,

@@ -356,3 +356,27 @@ def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
     assert list(grouped) == [0, 1]
     assert [r.offset for r in grouped[1]] == [2, 5] and grouped[1][1].value == b"x"
     assert grouped[0] == [ConsumedRecord(3, None, b"y")]
+
+
+def test_broker_restarted_under_a_running_worker_stops_it(
+        checkpoint: Path, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+    """The rejoin after the restart re-checks the log: the worker exits with status 3 and an
+    error naming the partition, having applied nothing of the new log."""
+    store, topics = tmp_path / "store", topics_for("")
+    first = EmbeddedBroker(log_dir=tmp_path / "b1").start()
+    port, second = first.port, None
+    try:
+        produce(first.bootstrap_servers, topics, 100, seed=6, negatives=1)
+        worker = workers(first.bootstrap_servers, checkpoint, store, "", tmp_path / "w.log")
+        wait_for(lambda: applied_total(store) == 100, START_TIMEOUT_S, worker, "first log")
+        first.stop()
+        second = EmbeddedBroker(port=port, log_dir=tmp_path / "b2").start()
+        produce(second.bootstrap_servers, topics, 30, seed=7, negatives=1)
+        assert worker.wait(START_TIMEOUT_S) == 3
+        assert "stored offsets belong to log" in worker.output()
+        assert "partition interactions[" in worker.output()
+        assert applied_total(store) == 100
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
