@@ -63,17 +63,21 @@ class Scorer:
         history: Sequence[Interaction] = (),
         profile: UserProfile | None = None,
         state: np.ndarray | None = None,
+        reference: bool = False,
     ) -> np.ndarray:
-        """[C] probabilities, in the order of ``impression.candidates``."""
+        """[C] probabilities, in the order of ``impression.candidates``.
+
+        The user side runs once and the candidates read its cache (under UG-Sep); with
+        ``reference`` (or with UG-Sep off) every candidate runs the full joint sequence.
+        """
         user, cands = self.inputs(impression, history, profile, state)
         with self._autocast():
-            if self.model.cfg.ug_sep:
+            if self.model.cfg.ug_sep and not reference:
                 logits = self.model.score(self.model.encode_user(user), cands)
             else:
                 logits = self.model.reference(user, cands)
         return torch.sigmoid(logits[self.task][0].float()).cpu().numpy()
 
-    @torch.no_grad()
     def score_reference(
         self,
         impression: Impression,
@@ -82,7 +86,4 @@ class Scorer:
         state: np.ndarray | None = None,
     ) -> np.ndarray:
         """Like ``score`` but one full joint pass per candidate."""
-        user, cands = self.inputs(impression, history, profile, state)
-        with self._autocast():
-            logits = self.model.reference(user, cands)
-        return torch.sigmoid(logits[self.task][0].float()).cpu().numpy()
+        return self.score(impression, history, profile, state, reference=True)
