@@ -14,6 +14,16 @@ offsets belong to the current log (``StateStore.resume_offset`` with the log ide
 partition's end offset). If they do not, the worker stops with an error naming the partition,
 unless ``reset_on_new_log`` is set: then the partition's stored offset is forgotten and the
 new log is consumed from its start. Redelivered records are skipped by the applier anyway.
+The check runs before the group is joined (for every partition the store holds; a refusal
+is a ``WorkerError``, exit status 2 from the CLI) and again after every assignment (a refusal
+then ends the process with status 3: e.g. an embedded broker restarted under a running
+worker). A revoked partition is not applied until it is assigned and checked again. Residual
+window: records fetched from a new log between the broker's restart and the revocation are
+judged against the old log's offsets (at most one fetch; the rejoin follows within seconds).
+
+Each agent runs its batches on a thread of its own, in order, so that torch (the scorer, the
+GRU unroll) never blocks the event loop, the heartbeats or the other agents. A label may reach
+the ``labels`` agent before its impression was scored: it is counted as unmatched.
 
 ``WorkerServices`` (``stream.agents``) is the hook for HTTP views and metrics: ``run_worker``
 calls each function of ``hooks`` with the faust app and the services before starting.
@@ -84,7 +94,7 @@ class WorkerConfig:
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more faust.App settings
 
     @property
     def topics(self) -> TopicNames:
