@@ -2,7 +2,8 @@
 
 ``WorkerServices`` holds what the handlers (and any HTTP view or metrics collector) share: the
 state store, the interactions applier, the impression scorer, the feedback window, the label
-buffer, the producer for ``scores`` and ``dead-letters``, and the ``WorkerCounters``.
+buffer, the producer for ``scores`` and ``dead-letters``, and the ``WorkerMetrics`` (the one
+place the worker counts anything: ``summary`` reads its totals back for the closing log line).
 
 - ``handle_interactions`` groups a batch by partition (offset order kept) and calls
   ``InteractionApplier.apply`` once per partition; dead letters are published and flushed
@@ -10,12 +11,14 @@ buffer, the producer for ``scores`` and ``dead-letters``, and the ``WorkerCounte
 - ``handle_impressions`` decodes, scores all valid impressions with ONE multi-get, publishes
   the ``Scores`` keyed by user id and adds each to the feedback window;
 - ``handle_labels`` decodes and joins the labels through the ``LabelBuffer``.
+
+The user-state norm histogram (``WorkerMetrics.observe_state_norms``) is not fed: an
+``ApplyReport`` does not carry the states it wrote.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -26,6 +29,7 @@ from eventlog.schema import Impression, Label
 from state_store import StateStore
 from stream.applier import ApplyReport, InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
+from stream.metrics import WorkerMetrics
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import TopicNames
 
@@ -44,32 +48,6 @@ class Record(NamedTuple):
 
 
 @dataclass
-class WorkerCounters:
-    """Running totals since the worker started (thread-safe increments via ``add``)."""
-
-    interactions_consumed: int = 0
-    interactions_applied: int = 0
-    interactions_skipped: int = 0
-    impressions_consumed: int = 0
-    scores_published: int = 0
-    labels_consumed: int = 0
-    labels_joined: int = 0
-    labels_unmatched: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **amounts: int) -> None:
-        with self._lock:
-            for name, amount in amounts.items():
-                setattr(self, name, getattr(self, name) + amount)
-
-    def as_dict(self) -> dict[str, int]:
-        with self._lock:
-            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-
-@dataclass
 class WorkerServices:
     """What the worker's handlers share; the hook for HTTP views and metrics.
 
@@ -77,6 +55,7 @@ class WorkerServices:
     offsets belong to (``stream.topics.log_identity``): set when the partition is assigned and
     checked, removed when it is revoked; records of a partition without one are not applied.
     ``last_reports`` keeps each partition's latest ``ApplyReport`` (latency, stages).
+    ``metrics`` counts everything the handlers do (the HTTP API's ``/metrics`` renders it).
     """
 
     store: StateStore
@@ -87,7 +66,7 @@ class WorkerServices:
     producer: KafkaProducer
     topics: TopicNames
     model_version: int
-    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     log_ids: dict[int, str] = field(default_factory=dict)
     last_reports: dict[int, ApplyReport] = field(default_factory=dict)
 
@@ -96,7 +75,34 @@ class WorkerServices:
         for letter in dead:
             self.producer.send(self.topics.dead_letters, key=letter.key, value=letter.encode())
         self.producer.flush(timeout=FLUSH_TIMEOUT_S)
-        self.counters.add(dead_letters=len(dead))
+        # Not counted here: the applier's are counted by ``observe_apply`` (its report), the
+        # others by their handler (``count_rejected``).
+
+    def summary(self) -> dict[str, int]:
+        """Totals since the worker started, read back from ``metrics`` (the closing log line)."""
+        t = self.topics
+        sample = self.metrics.registry.get_sample_value
+
+        def total(name: str, **labels: str) -> int:
+            return int(sample(f"unirec_{name}_total", labels) or 0)
+
+        return {
+            "interactions_consumed": total("events_consumed", topic=t.interactions),
+            "interactions_applied": total("events_applied", topic=t.interactions),
+            "interactions_skipped": total("events_skipped", topic=t.interactions),
+            "impressions_consumed": total("events_consumed", topic=t.impressions),
+            "labels_consumed": total("events_consumed", topic=t.labels),
+            "labels_joined": total("labels_joined"),
+            "labels_unmatched": total("labels_unmatched"),
+            "rejected": sum(total("events_rejected", topic=topic)
+                            for topic in (t.interactions, t.impressions, t.labels)),
+        }
+
+    def reject(self, topic: str, dead: Sequence[DeadLetter]) -> None:
+        """Publish and count dead letters of a topic the applier does not handle."""
+        self.publish_dead_letters(dead)
+        for letter in dead:
+            self.metrics.count_rejected(topic, letter.reason)
 
 
 def by_partition(records: Iterable[Record]) -> dict[int, list[ConsumedRecord]]:
@@ -127,10 +133,8 @@ def handle_interactions(services: WorkerServices, records: Sequence[Record]) -> 
             on_dead_letters=services.publish_dead_letters,
         )
         services.last_reports[partition] = report
-        services.counters.add(
-            interactions_consumed=len(consumed), interactions_applied=report.applied,
-            interactions_skipped=report.skipped, batches=1,
-        )
+        # consumed, applied, skipped, rejected, dead letters by reason, latencies, offset
+        services.metrics.observe_apply(topic, partition, report)
         reports.append(report)
     return reports
 
@@ -143,18 +147,21 @@ def handle_impressions(services: WorkerServices, records: Sequence[Record]) -> i
         valid, dead = decode_records(Impression, topic, partition, consumed)
         impressions.extend(message for _, message in valid)
         if dead:
-            services.publish_dead_letters(dead)
-    services.counters.add(impressions_consumed=len(records))
+            services.reject(topic, dead)
+    services.metrics.count_consumed(topic, len(records))
     if not impressions:
         return 0
     scored = services.scorer.score_many(impressions)
+    metrics = services.metrics
+    if scored:
+        metrics.observe_store_read(scored[0].read_s)  # the batch's one multi-get
     for item in scored:
+        metrics.observe_scoring(len(item.impression.candidates), item.score_s)
         services.producer.send(
             services.topics.scores, key=item.scores.user_id.encode(), value=item.scores.encode()
         )
         services.window.add(item)
     services.producer.flush(timeout=FLUSH_TIMEOUT_S)
-    services.counters.add(scores_published=len(scored))
     return len(scored)
 
 
@@ -165,12 +172,12 @@ def handle_labels(services: WorkerServices, records: Sequence[Record]) -> int:
     for partition, consumed in by_partition(records).items():
         valid, dead = decode_records(Label, topic, partition, consumed)
         if dead:
-            services.publish_dead_letters(dead)
+            services.reject(topic, dead)
         for _, label in valid:
             if services.labels.offer(label) is None:
                 unmatched += 1
             else:
                 joined += 1
-    services.counters.add(labels_consumed=len(records), labels_joined=joined,
-                          labels_unmatched=unmatched)
+    services.metrics.count_consumed(topic, len(records))
+    services.metrics.observe_labels(joined, unmatched)
     return joined

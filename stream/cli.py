@@ -7,7 +7,8 @@
                  [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
     unirec worker [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--store DIR]
                  [--partitions P] [--batch-size N] [--batch-within S] [--web-port PORT]
-                 [--reset-on-new-log]
+                 [--reset-on-new-log]       (serves the HTTP API on 127.0.0.1:PORT)
+    unirec state USER_ID [--api URL | --store DIR]   a user's state snapshot as JSON
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=None)
     _add_produce_parser(commands)
     _add_worker_parser(commands)
+    _add_state_parser(commands)
     return parser
 
 
@@ -275,6 +277,8 @@ def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_worker_command(args: argparse.Namespace) -> None:
+    from stream.http_api import views_hook
+    from stream.metrics import WorkerMetrics
     from stream.worker import WorkerConfig, WorkerError, run_worker
 
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -292,22 +296,49 @@ def run_worker_command(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         batch_within_s=args.batch_within,
         web_port=args.web_port,
+        web_bind="127.0.0.1",
         reset_on_new_log=args.reset_on_new_log,
         torch_threads=args.torch_threads,
         group_id=args.group_id,
         topic_prefix=args.topic_prefix,
         timeout_s=args.timeout,
     )
+    metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it
     try:
-        code = run_worker(config)
+        code = run_worker(config, hooks=[views_hook(metrics)], metrics=metrics)
     except (WorkerError, BrokerUnavailable, TopicError) as exc:
         raise CliError(str(exc).splitlines()[0]) from exc
     if code:
         sys.exit(code)
 
 
+def _add_state_parser(commands: argparse._SubParsersAction) -> None:
+    state = commands.add_parser("state", help="print a user's state snapshot as JSON")
+    state.add_argument("user_id")
+    source = state.add_mutually_exclusive_group()
+    source.add_argument("--api", help="a running worker's HTTP API, e.g. http://127.0.0.1:6066")
+    source.add_argument("--store", type=Path,
+                        help="a state store, opened read-only (default: <data dir>/state)")
+    state.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
+
+
+def run_state(args: argparse.Namespace) -> None:
+    from state_store import StateStoreError
+    from stream.http_api import ApiRequestError, UnknownUserError, state_snapshot
+
+    store = None
+    if args.api is None:
+        store = args.store or _settings(args).data_dir / "state"
+    try:
+        snapshot = state_snapshot(args.user_id, api_url=args.api, store_dir=store)
+    except (UnknownUserError, ApiRequestError, StateStoreError, ValueError) as exc:
+        message = str(exc).strip()
+        raise CliError(message.splitlines()[0] if message else type(exc).__name__) from exc
+    print(json.dumps(snapshot, indent=2))
+
+
 COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo, "produce": run_produce,
-            "worker": run_worker_command}
+            "worker": run_worker_command, "state": run_state}
 
 
 def main(argv: list[str] | None = None) -> int:

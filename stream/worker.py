@@ -27,6 +27,10 @@ the ``labels`` agent before its impression was scored: it is counted as unmatche
 
 ``WorkerServices`` (``stream.agents``) is the hook for HTTP views and metrics: ``run_worker``
 calls each function of ``hooks`` with the faust app and the services before starting.
+The handlers count into ``services.metrics`` (a ``WorkerMetrics``); a timer sets the consumer
+lag of each assigned ``interactions`` partition every ``lag_interval_s`` (the fetched high
+water minus the store's next offset; no broker round trip), and a revoked partition's gauges
+are dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from stream.agents import (
     handle_labels,
 )
 from stream.applier import InteractionApplier
+from stream.metrics import WorkerMetrics
 from stream.producer import open_producer
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
@@ -94,6 +99,7 @@ class WorkerConfig:
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
+    lag_interval_s: float = 1.0  # seconds between consumer lag updates
     extra: dict[str, Any] = field(default_factory=dict)  # more faust.App settings
 
     @property
@@ -110,8 +116,12 @@ def model_version_of(meta: dict[str, Any]) -> int:
     return 1
 
 
-def build_services(config: WorkerConfig) -> WorkerServices:
-    """Load the model, open the store and the producer; ``WorkerError`` if one cannot be."""
+def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
+                   ) -> WorkerServices:
+    """Load the model, open the store and the producer; ``WorkerError`` if one cannot be.
+
+    ``metrics`` (default: a new ``WorkerMetrics``) is what the handlers count into: pass the
+    one the HTTP API renders."""
     device = torch.device(config.device)
     try:
         model, meta = load(config.checkpoint, device)
@@ -131,6 +141,8 @@ def build_services(config: WorkerConfig) -> WorkerServices:
     window = FeedbackWindow(config.feedback_window_s, config.feedback_max)
     log.info("model %s: version %d, d_model %d, on %s", config.checkpoint, version,
              model.cfg.d_model, device)
+    metrics = metrics if metrics is not None else WorkerMetrics()
+    metrics.set_model_version(version)
     return WorkerServices(
         store=store,
         applier=InteractionApplier(store, model, version),
@@ -140,6 +152,7 @@ def build_services(config: WorkerConfig) -> WorkerServices:
         producer=producer,
         topics=config.topics,
         model_version=version,
+        metrics=metrics,
     )
 
 
@@ -223,9 +236,37 @@ def _install_store_seek(app: faust.App, services: WorkerServices, config: Worker
         for tp in revoked:
             if tp.topic == topic:
                 services.log_ids.pop(tp.partition, None)
+                services.metrics.forget_partition(topic, tp.partition)
 
     consumer.perform_seek = perform_seek  # type: ignore[method-assign]
     app.on_partitions_revoked.connect(forget_revoked)
+
+
+def _install_lag_timer(app: faust.App, services: WorkerServices, config: WorkerConfig) -> None:
+    """Every ``lag_interval_s``, set the consumer lag of each assigned ``interactions``
+    partition: its high water (as of the consumer's last fetch: no broker request) minus the
+    next offset to apply (the store's). Partitions not fetched yet are left out."""
+    topic = services.topics.interactions
+
+    @app.timer(config.lag_interval_s, name="unirec_consumer_lag")
+    async def consumer_lag() -> None:
+        consumer = app.consumer
+        try:
+            assigned = consumer.assignment()
+        except Exception:  # the consumer is not started yet
+            return
+        for tp in assigned:
+            if tp.topic != topic:
+                continue
+            try:
+                end = consumer.highwater(tp)
+            except Exception:  # no fetch yet (or rebalancing): nothing to report
+                continue
+            if end is None:
+                continue
+            stored = services.store.offset(topic, tp.partition)
+            services.metrics.set_lag(topic, tp.partition,
+                                     end - (0 if stored is None else stored.next_offset))
 
 
 def build_app(services: WorkerServices, config: WorkerConfig,
@@ -274,14 +315,19 @@ def build_app(services: WorkerServices, config: WorkerConfig,
     agent(names.impressions, handle_impressions)
     agent(names.labels, handle_labels)
     _install_store_seek(app, services, config)
+    _install_lag_timer(app, services, config)
     return app
 
 
 Hook = Callable[[faust.App, WorkerServices], None]
 
 
-def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
+def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = (),
+               metrics: WorkerMetrics | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the exit status.
+
+    ``metrics``: what the handlers count into (default: a new one); pass the one a hook
+    serves (e.g. ``stream.http_api.views_hook(metrics)``).
 
     Raises ``WorkerError`` when it cannot start (no checkpoint, a store of another model, a
     partition whose stored offsets belong to another log without ``reset_on_new_log``).
@@ -294,7 +340,7 @@ def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
     topics = config.topics
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
-    services = build_services(config)
+    services = build_services(config, metrics)
     executors: list[ThreadPoolExecutor] = []
     try:
         # Fail fast, before joining the group, on every partition this store has applied.
@@ -314,6 +360,6 @@ def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = ()) -> int:
     finally:
         for executor in executors:  # let a batch being applied finish before closing
             executor.shutdown(wait=True, cancel_futures=True)
-        log.info("worker stopping: %s", services.counters.as_dict())
+        log.info("worker stopping: %s", services.summary())
         services.producer.close(timeout=config.timeout_s)
         services.store.close()

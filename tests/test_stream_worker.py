@@ -10,6 +10,8 @@ bounded timeouts. Every worker and broker a test starts is stopped by its PID.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,9 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -34,6 +39,7 @@ from model.features import FeatureSpec
 from state_store import StateStore
 from stream.agents import Record, by_partition
 from stream.broker import EmbeddedBroker, free_port
+from stream.cli import main as unirec
 from stream.dead_letters import ConsumedRecord
 from stream.producer import replay_events, synthetic_events
 from stream.topics import TopicNames, ensure_topics
@@ -79,12 +85,13 @@ class Worker:
 
     def __init__(self, bootstrap: str, checkpoint: Path, store: Path, prefix: str,
                  log_path: Path, *extra: str, group: str | None = None) -> None:
+        self.web_port = free_port()
         argv = [
             sys.executable, "-m", "stream.cli", "worker",
             "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
             "--store", str(store), "--partitions", str(PARTITIONS),
             "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
-            "--web-port", str(free_port()), "--batch-size", "64", "--batch-within", "0.05",
+            "--web-port", str(self.web_port), "--batch-size", "64", "--batch-within", "0.05",
             *extra,
         ]
         self.log_path = log_path
@@ -92,6 +99,11 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu"}
         self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def url(self) -> str:
+        """The worker's HTTP API."""
+        return f"http://127.0.0.1:{self.web_port}"
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -191,14 +203,63 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
     return records
 
 
+def http(url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET (or, with ``body``, a JSON POST); error statuses returned."""
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``unirec *argv`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = unirec(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def probe_api(worker: Worker, bootstrap: str, topics: TopicNames, user: str
+              ) -> dict[str, Any]:
+    """What the running worker's HTTP API (and ``unirec state --api``) answer, once a
+    consumer lag sample is out."""
+    url, found = worker.url, dict[str, Any]()
+    metrics: list[str] = []
+
+    def lag_reported() -> bool:
+        status, body = http(url + "/metrics")
+        metrics[:] = [body.decode()]
+        return status == 200 and "unirec_consumer_lag_messages{" in body.decode()
+
+    wait_for(lag_reported, 20.0, worker, "a consumer lag sample")
+    found["metrics"] = metrics[0]
+    found["healthz"] = http(url + "/healthz")
+    found["state"] = http(f"{url}/users/{user}/state")
+    _, impression = read_topic(bootstrap, topics.impressions, 1)[0]
+    found["impression"] = json.loads(impression)
+    found["score"] = http(url + "/score", impression)
+    found["cli_state"] = run_cli("state", user, "--api", url)
+    return found
+
+
 # -------------------------------------------------------------------------------- tests
+
+
+class E2ERun(NamedTuple):
+    store: Path
+    output: str
+    code: int
+    api: dict[str, Any]  # ``probe_api`` while it ran, and the user it asked about ("user")
 
 
 @pytest.fixture(scope="module")
 def e2e_run(broker: EmbeddedBroker, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[Path, str, int]:
+            ) -> E2ERun:
     """One worker run over a 300-event log, stopped by SIGTERM once every interaction is
-    applied: (store, worker output, exit status). Checks the scores while it runs."""
+    applied. Checks the scores and asks the HTTP API (``probe_api``) while it runs."""
     bootstrap, topics, n = broker.bootstrap_servers, topics_for("e2e-"), 300
     produce(bootstrap, topics, n, seed=1)
     tmp = tmp_path_factory.mktemp("e2e")
@@ -207,6 +268,8 @@ def e2e_run(broker: EmbeddedBroker, checkpoint: Path, tmp_path_factory: pytest.T
     try:
         wait_for(lambda: applied_total(store) == n, START_TIMEOUT_S, worker, f"{n} applied")
         scores = read_topic(bootstrap, topics.scores, n)
+        user = json.loads(scores[0][1])["user_id"]
+        api = {**probe_api(worker, bootstrap, topics, user), "user": user}
     finally:
         code = worker.stop()
     request_ids = [json.loads(v)["request_id"] for _, v in scores]
@@ -214,12 +277,12 @@ def e2e_run(broker: EmbeddedBroker, checkpoint: Path, tmp_path_factory: pytest.T
     first = json.loads(scores[0][1])
     assert scores[0][0] == first["user_id"].encode() and first["model_version"] == 3
     assert len(first["items"]) >= 1
-    return store, worker.output(), code
+    return E2ERun(store, worker.output(), code, api)
 
 
 def test_end_to_end_applies_every_interaction_and_scores_every_impression(
-        e2e_run: tuple[Path, str, int]) -> None:
-    store, output, code = e2e_run
+        e2e_run: E2ERun) -> None:
+    store, output, code, _ = e2e_run
     assert code == 0, output[-3000:]
     snapshot = store_snapshot(store)
     assert sum(count for _, count, _, _ in snapshot.values()) == 300
@@ -231,9 +294,54 @@ def test_end_to_end_applies_every_interaction_and_scores_every_impression(
     assert set(offsets) == set(range(PARTITIONS))
 
 
+def test_http_api_of_the_running_worker(e2e_run: E2ERun) -> None:
+    """While the worker ran: health, a user's state (as the store has it), the metrics (the
+    applied count, a consumer lag sample) and a scored impression, over its --web-port."""
+    store, output, _, api = e2e_run
+    status, body = api["healthz"]
+    assert status == 200 and json.loads(body) == {"status": "ok", "model_version": 3}
+    status, body = api["state"]
+    assert status == 200, body
+    state = json.loads(body)
+    _, count, version, history = store_snapshot(store)[api["user"]]
+    assert state["user_id"] == api["user"] and state["update_count"] == count >= 1
+    assert state["model_version"] == version == 3 and len(state["history"]) == len(history)
+    metrics = api["metrics"]
+    assert 'unirec_events_applied_total{topic="e2e-interactions"} 300.0' in metrics
+    assert 'unirec_consumer_lag_messages{partition="' in metrics
+    assert 'topic="e2e-interactions"} 0.0' in metrics  # everything was applied
+    assert "unirec_model_version 3.0" in metrics
+    assert 'unirec_events_consumed_total{topic="e2e-impressions"} 300.0' in metrics
+    assert "unirec_scoring_duration_seconds_count" in metrics
+    status, body = api["score"]
+    assert status == 200, body
+    scores, impression = json.loads(body), api["impression"]
+    assert scores["request_id"] == impression["request_id"] and scores["model_version"] == 3
+    assert sorted(i["item_id"] for i in scores["items"]) == sorted(
+        c["item_id"] for c in impression["candidates"])
+    ranked = [i["score"] for i in scores["items"]]
+    assert ranked == sorted(ranked, reverse=True)
+    assert "'interactions_applied': 300" in output
+
+
+def test_state_command_reads_the_api_and_the_store(e2e_run: E2ERun) -> None:
+    """``unirec state USER --api URL`` printed the API's snapshot; ``--store DIR`` prints the
+    same from the store; an unknown user is one line and exit status 2."""
+    store, _, _, api = e2e_run
+    code, out, err = api["cli_state"]
+    assert code == 0, err
+    assert json.loads(out) == json.loads(api["state"][1])
+    code, out, err = run_cli("state", api["user"], "--store", str(store))
+    assert code == 0, err
+    assert json.loads(out) == json.loads(api["state"][1])
+    code, out, err = run_cli("state", "unknown-user", "--store", str(store))
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith("unirec state: error: unknown user")
+
+
 def test_redelivery_from_offset_zero_changes_nothing(
         broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
-        e2e_run: tuple[Path, str, int]) -> None:
+        e2e_run: E2ERun) -> None:
     """A new consumer group starts at offset 0 (auto_offset_reset earliest): the worker seeks
     to the store's offsets and, whatever is redelivered, no state changes."""
     store = e2e_run[0]
