@@ -69,7 +69,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unirec", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="unirec", description="unirec-stream: a streaming, online-learning recommender"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train on the first part of a time-ordered log")
