@@ -10,9 +10,10 @@ layout of one shared embedding table in which every categorical field owns a blo
     block "item:<f>", "user:<f>", "ctx:<f>"   ``field_buckets`` rows each
 
 A bag (multi-valued field) is unordered: its values are sorted, and the first ``max_bag`` of
-them kept. A value's row is its block's offset + crc32(value) mod the block size, so unseen users, items
-and values always land on a valid row (hashed ids): new ids never crash scoring. A missing
-categorical value hashes a fixed sentinel, so "missing" has its own learned embedding.
+them kept. A value's row is its block's offset + crc32(value) mod the block size, so unseen
+users, items and values always land on a valid row (hashed ids): new ids never crash scoring.
+A missing categorical value hashes a fixed sentinel, so "missing" has its own learned
+embedding.
 
 ``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
