@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.seconds, args.sustain = min(args.users, 5_000), 0.3, 1.0
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     config = StoreConfig(state_dim=args.dim, state_dtype=args.dtype, history_len=args.history)
