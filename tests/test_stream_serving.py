@@ -11,7 +11,15 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from model_fixtures import PROFILES, SPEC, T0, context, event, make_candidates, one_torch_thread
+from model_fixtures import (
+    PROFILES,
+    T0,
+    context,
+    event,
+    fresh_model,
+    make_candidates,
+    one_torch_thread,
+)
 
 from eventlog.schema import Candidate, Impression, Interaction, Label, encode
 from model.backbone import UniRecModel
@@ -35,18 +43,10 @@ FAST_TMP = "/dev/shm" if Path("/dev/shm").is_dir() else None  # RocksDB's syncs 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
-@torch.no_grad()
 def make_model(seed: int) -> UniRecModel:
-    """A random model whose logits move with its inputs (as ``model_fixtures.fresh_model``:
-    at the default initialisation they barely do)."""
-    torch.manual_seed(seed)
-    model = UniRecModel(CFG, SPEC).eval()
-    for name, parameter in model.named_parameters():
-        if "norm" in name:
-            parameter.uniform_(0.5, 1.5)
-    for head in model.heads.values():
-        head.mlp[-1].weight.mul_(30.0)
-    return model
+    """``model_fixtures.fresh_model`` (logits that move with the inputs) with this module's
+    config."""
+    return fresh_model(seed, **CFG.to_dict())
 
 
 SCORER = Scorer(make_model(0), torch.device("cpu"))
