@@ -30,7 +30,7 @@ def select_core(
     cand_repr: torch.Tensor, hist_repr: torch.Tensor, hist_valid: torch.Tensor, k: int, bins: int
 ) -> CoreSelection:
     """cand_repr: [B, C, d]; hist_repr: [B, n, d]; hist_valid: [B, n] bool."""
-    similarity = F.cosine_similarity(cand_repr[:, :, None, :], hist_repr[:, None, :, :], dim=-1)
+    similarity = F.normalize(cand_repr, dim=-1) @ F.normalize(hist_repr, dim=-1).transpose(1, 2)
     affinity = (similarity + 1) / 2  # A: [B, C, n] in [0, 1]
     valid = hist_valid[:, None, :].expand_as(affinity)
     ranked = affinity.detach().masked_fill(~valid, -1.0)
