@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from state_store_fixtures import apply_events, step
 
 from state_store import (
     NO_MODEL_VERSION,
-    ApplyResult,
     ConfigMismatchError,
     CorruptValueError,
     LogChangedError,
@@ -57,22 +57,6 @@ def make_batch(
         ts=1000.0 + np.asarray(offsets, dtype=np.float64),
         rows=[f"row-{partition}-{o}".encode() for o in offsets],
     )
-
-
-def step(state: np.ndarray, offset: int) -> np.ndarray:
-    """A stand-in GRU update; like a GRU, applying it twice differs from applying it once."""
-    return state * 0.5 + offset
-
-
-def apply_events(store: StateStore, batch: PartitionBatch, model_version: int = 1) -> ApplyResult:
-    """The worker's loop: new events, read, compute in offset order, apply."""
-    fresh = store.new_events(batch)
-    users, event_user = fresh.users()
-    before = store.get_many(users)
-    states = before.states.copy()
-    for u, o in zip(event_user.tolist(), fresh.offsets.tolist(), strict=True):
-        states[u] = step(states[u], o)
-    return store.apply(fresh, before, states, model_version=model_version)
 
 
 def contents(store: StateStore) -> tuple[list, dict]:

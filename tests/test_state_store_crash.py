@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from state_store_fixtures import apply_events
 
 from state_store import PartitionBatch, ReadOnlyStoreError, StateStore, StoreConfig
 
@@ -103,17 +104,6 @@ def check_consistent(store: StateStore, expected: Expected) -> list[int]:
     return offsets
 
 
-def apply_batch(store: StateStore, batch: PartitionBatch) -> int:
-    """The worker's loop over one batch; returns the events applied."""
-    fresh = store.new_events(batch)
-    users, event_user = fresh.users()
-    before = store.get_many(users)
-    states = before.states.copy()
-    for u, o in zip(event_user.tolist(), fresh.offsets.tolist(), strict=True):
-        states[u] = step(states[u], o)
-    return store.apply(fresh, before, states, model_version=MODEL_VERSION).applied
-
-
 def writer(path: str, seed: int) -> None:
     """Apply batches until killed: fresh ones, redeliveries from an older offset, replays."""
     rng = random.Random(seed)
@@ -124,7 +114,7 @@ def writer(path: str, seed: int) -> None:
         stored = store.offset(TOPIC, p)
         start = max(0, (stored.next_offset if stored else 0) - rng.choice([0, 0, 0, 7]))
         batch = make_batch(p, start, rng.randint(1, 300))
-        apply_batch(store, batch)
+        apply_events(store, batch, MODEL_VERSION, step)
         if rng.random() < 0.2:
             # A replay that slips past the filter: apply must skip it whole, whatever it carries.
             before = store.get_many(batch.users()[0])
