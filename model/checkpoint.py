@@ -1,16 +1,23 @@
-"""Saving and loading a model with its config and feature spec, as one file."""
+"""Saving and loading a model with its kind, config and feature spec, as one file.
+
+A file without a ``kind`` (written before baselines existed) holds a ``"unirec"`` model.
+"""
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import FeatureSpec
+from model.kinds import MODEL_KINDS, build_model, kind_of
 
 FORMAT = 1
 
@@ -19,33 +26,60 @@ class CheckpointError(ValueError):
     """A file that is not a readable unirec checkpoint."""
 
 
-def save(model: UniRecModel, path: Path, meta: dict[str, Any] | None = None) -> None:
-    """Write atomically: a crash leaves the previous file intact."""
+def save(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> None:
+    """Write atomically and durably: the bytes go to a temporary file in the same directory
+    (``.{name}.*.tmp``), are fsynced, and the file is renamed over ``path`` (then the directory
+    is fsynced). A crash at any point leaves ``path`` as it was, or complete; at worst a
+    temporary file is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {
-            "format": FORMAT,
-            "config": model.cfg.to_dict(),
-            "spec": model.spec.to_dict(),
-            "state_dict": model.state_dict(),
-            "meta": meta or {},
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(
+                {
+                    "format": FORMAT,
+                    "kind": kind_of(model),
+                    "config": model.cfg.to_dict(),
+                    "spec": model.spec.to_dict(),
+                    "state_dict": model.state_dict(),
+                    "meta": meta or {},
+                },
+                f,
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
-def load(path: Path, device: torch.device | str = "cpu") -> tuple[UniRecModel, dict[str, Any]]:
-    """The model (in eval mode) and the metadata saved with it."""
+def load(
+    path: Path, device: torch.device | str = "cpu", kind: str | None = "unirec"
+) -> tuple[UniRecModel, dict[str, Any]]:
+    """The model (in eval mode) and the metadata saved with it.
+
+    ``kind``: the model kind the caller needs (the stream needs ``"unirec"``); a file of
+    another kind raises ``CheckpointError``. ``None`` accepts every kind in ``MODEL_KINDS``.
+    """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         data = torch.load(path, map_location=device, weights_only=True)
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
+        found = data.get("kind", "unirec")
+        if found not in MODEL_KINDS or kind not in (None, found):
+            raise CheckpointError(f"{path} holds a {found!r} model, not {kind!r}")
         cfg, spec = ModelConfig.from_dict(data["config"]), FeatureSpec.from_dict(data["spec"])
-        model = UniRecModel(cfg, spec)
+        model = build_model(found, cfg, spec)
         model.load_state_dict(data["state_dict"])
     except CheckpointError:
         raise

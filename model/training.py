@@ -1,13 +1,16 @@
 """Training and prediction over an ``ExampleSet``.
 
-``train_step`` is the one optimizer step every learner here shares (the offline quick-start,
-and later the prequential evaluation and the online trainer): u_t is the GRU unrolled over the
-example's history, the loss is binary cross-entropy of the click head.
+``guarded_step`` is the one optimizer step every learner here shares (the offline quick-start
+through ``train_step``, the online trainer, its static student, and the prequential
+evaluation): u_t is the GRU unrolled over the example's history, the loss is binary
+cross-entropy of the click head, and an update whose loss or gradient is not finite (or that
+a guard refuses) is not applied.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +42,63 @@ def make_optimizer(model: UniRecModel, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one ``guarded_step`` did: the loss, the gradient norm before clipping (NaN when no
+    backward pass ran), and why the update was refused (None: it was applied)."""
+
+    loss: float
+    grad_norm: float
+    refused: str | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.refused is None
+
+
+def guarded_step(
+    model: UniRecModel,
+    optimizer: torch.optim.Optimizer,
+    user: UserInputs,
+    cands: CandidateInputs,
+    targets: torch.Tensor,
+    task: str = "click",
+    *,
+    unroll_state: bool = True,
+    clip_norm: float = 1.0,
+    guard: Callable[[float], str | None] | None = None,
+) -> StepResult:
+    """One step on B examples of C = 1 candidate each; targets: [B] in [0, 1] (labels, or a
+    teacher's probabilities when distilling).
+
+    u_t: with ``model.cfg.use_state`` and ``unroll_state``, the GRU unrolled from zero over the
+    example's history (``user.hist_*``: the newest ``history_len`` events, so a truncated
+    unroll), trained end to end by backpropagation through the unroll; otherwise
+    ``user.state`` as given (zeros for a static student).
+
+    Refused, with the weights and the optimizer state left exactly as they were: a non-finite
+    loss; a loss for which ``guard(loss)`` returns a reason (checked before the backward pass);
+    a non-finite gradient norm. Gradients are cleared on a refusal.
+    """
+    model.train()
+    if model.cfg.use_state and unroll_state:
+        user = model.with_history_state(user)
+    logits = model(user, cands)[task][:, 0]
+    loss = F.binary_cross_entropy_with_logits(logits, targets.float())
+    value = float(loss.detach())
+    optimizer.zero_grad(set_to_none=True)
+    refused = "non-finite loss" if not math.isfinite(value) else guard(value) if guard else None
+    if refused is not None:
+        return StepResult(value, float("nan"), refused)
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(value, norm, "non-finite gradient")
+    optimizer.step()
+    return StepResult(value, norm, None)
+
+
 def train_step(
     model: UniRecModel,
     optimizer: torch.optim.Optimizer,
@@ -47,17 +107,11 @@ def train_step(
     labels: torch.Tensor,
     task: str = "click",
 ) -> float:
-    """One step on B examples of C = 1 candidate each; labels: [B] in {0, 1}. Returns the loss."""
-    model.train()
-    if model.cfg.use_state:
-        user = model.with_history_state(user)
-    logits = model(user, cands)[task][:, 0]
-    loss = F.binary_cross_entropy_with_logits(logits, labels.float())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return float(loss.detach())
+    """``guarded_step`` on labels [B] in {0, 1} (a refusal is logged). Returns the loss."""
+    result = guarded_step(model, optimizer, user, cands, labels, task)
+    if not result.accepted:
+        log.warning("training step refused: %s (loss %.4g)", result.refused, result.loss)
+    return result.loss
 
 
 def fit(
