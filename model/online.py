@@ -1,0 +1,250 @@
+"""The online trainer: mini-batch steps on streamed labelled examples, mixed with replay.
+
+Contract (River-like, two threads): ``add(examples)`` buffers fresh examples (the consumer
+thread); ``step()`` takes one mini-batch step when enough data is buffered and returns a
+``StepReport``, or None (the trainer thread). Each step is ``model.training.guarded_step``, the
+step every learner shares: u_t is the GRU unrolled over each example's stored history (the
+newest ``history_len`` events: a truncated unroll, backpropagated end to end), gradients are
+clipped to ``clip_norm``, and an update is refused (weights and optimizer state untouched,
+counted, logged) when its loss or gradient is not finite or its loss explodes: above
+``explode_factor`` times the running mean loss (an exponential average of the finite losses
+seen, refused ones included, so that one spike is refused while a lasting change of level is
+followed after a few steps).
+
+A batch is ``batch_size`` examples: ``round(replay_fraction * batch_size)`` drawn uniformly
+without replacement from the replay buffer (the last ``replay_capacity`` examples trained on;
+fewer while it is smaller), the rest the oldest fresh examples. The fresh examples of an
+accepted step then enter the replay buffer; those of a refused step are dropped (a poisoned
+example must not come back). The trainer trains ``model`` in place: give it a copy that no
+scorer reads, and publish versions from the thread that calls ``step()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eventlog.schema import Candidate, Impression, Interaction, UserProfile
+from model.backbone import UniRecModel
+from model.features import CandidateInputs, Featurizer, ItemArrays, UserInputs
+from model.training import TrainConfig, guarded_step, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class OnlineExample:
+    """One impression-candidate pair with its training target.
+
+    impression: the request (user, time, context; its candidate list is not read).
+    history: the user's events before the impression, oldest first (the newest
+        ``history_len`` are used). target: the label in {0, 1}, or for a student the
+        teacher's probability in [0, 1].
+    """
+
+    impression: Impression
+    candidate: Candidate
+    history: Sequence[Interaction]
+    profile: UserProfile | None
+    target: float
+
+
+def collate(
+    featurizer: Featurizer, examples: Sequence[OnlineExample], history_len: int, state_dim: int
+) -> tuple[UserInputs, CandidateInputs, torch.Tensor]:
+    """Model inputs of B examples: user [B] (state zeros: training unrolls it), candidates
+    [B, C = 1], targets [B] float. Every history is encoded in one ``featurizer.events``."""
+    histories = [list(e.history)[-history_len:] for e in examples]
+    index = np.full((len(examples), history_len), -1, dtype=np.int64)
+    offset = 0
+    for b, history in enumerate(histories):
+        index[b, history_len - len(history) :] = np.arange(offset, offset + len(history))
+        offset += len(history)
+    user = featurizer.assemble_user(
+        featurizer.events([event for history in histories for event in history]),
+        index,
+        np.asarray([e.impression.ts for e in examples], dtype=np.float64),
+        featurizer.users([e.impression.user_id for e in examples],
+                         [e.profile for e in examples]),
+        featurizer.contexts([e.impression.context for e in examples]),
+        np.zeros((len(examples), state_dim), dtype=np.float32),
+    )
+    items = featurizer.items([e.candidate for e in examples])
+    cands = featurizer.assemble_candidates(
+        ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
+                   items.num_present[:, None])
+    )
+    targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
+    return user, cands, targets
+
+
+@torch.no_grad()
+def predict(
+    model: UniRecModel,
+    featurizer: Featurizer,
+    examples: Sequence[OnlineExample],
+    unroll_state: bool = True,
+    task: str = "click",
+) -> np.ndarray:
+    """[B] probabilities of ``examples`` with u_t as the trainer sees it: the GRU unrolled over
+    the history (``unroll_state``) or zeros."""
+    model.eval()
+    device = next(model.parameters()).device
+    user, cands, _ = collate(featurizer, examples, model.cfg.history_len, model.cfg.d_model)
+    user, cands = user.to(device), cands.to(device)
+    if model.cfg.use_state and unroll_state:
+        user = model.with_history_state(user)
+    return torch.sigmoid(model(user, cands)[task][:, 0]).double().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Hyperparameters of the online trainer (see the module docstring)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    replay_capacity: int = 10_000
+    replay_fraction: float = 0.5
+    fresh_capacity: int = 10_000  # fresh examples waiting; past it the oldest are dropped
+    clip_norm: float = 1.0
+    explode_factor: float = 10.0
+    explode_warmup: int = 20  # finite losses seen before the explosion guard is active
+    loss_decay: float = 0.95  # of the running mean loss
+    checkpoint_every: int = 100  # accepted steps between two model versions
+    seed: int = 0  # of the replay sampling
+    task: str = "click"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.replay_capacity < 0 or self.fresh_capacity < 1:
+            raise ValueError("batch_size and fresh_capacity must be positive")
+        if not 0 <= self.replay_fraction < 1 or not 0 <= self.loss_decay < 1:
+            raise ValueError("replay_fraction and loss_decay must lie in [0, 1)")
+        if self.explode_factor <= 1 or self.checkpoint_every < 1 or self.clip_norm <= 0:
+            raise ValueError("explode_factor must exceed 1; checkpoint_every, clip_norm > 0")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One step: its loss, gradient norm (before clipping; NaN if not computed), why it was
+    refused (None: applied), accepted steps so far, the batch's fresh and replayed counts, and
+    whether a new model version is due (every ``checkpoint_every`` accepted steps)."""
+
+    loss: float
+    grad_norm: float
+    refused: str | None
+    steps: int
+    fresh: int
+    replayed: int
+    version_due: bool
+
+    @property
+    def accepted(self) -> bool:
+        return self.refused is None
+
+
+class OnlineTrainer:
+    """Fine-tunes ``model`` in place on streamed examples (module docstring).
+
+    ``unroll_state=False`` trains with the zero state (the static student). Thread-safe for one
+    thread calling ``add`` and another calling ``step``. Readable state: ``steps`` (accepted),
+    ``refused``, ``refusals`` (count by reason), ``mean_loss``, ``pending`` (fresh examples
+    waiting), ``dropped`` (fresh examples pushed out before training or in a refused batch).
+    """
+
+    def __init__(self, model: UniRecModel, cfg: OnlineConfig | None = None,
+                 unroll_state: bool = True) -> None:
+        self.model = model
+        self.cfg = cfg = cfg or OnlineConfig()
+        self.unroll_state = unroll_state
+        self.featurizer = Featurizer(model.spec)
+        self.optimizer = make_optimizer(
+            model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        )
+        self.steps = 0
+        self.refused = 0
+        self.refusals: Counter[str] = Counter()
+        self.dropped = 0
+        self.mean_loss: float | None = None
+        self._finite_losses = 0
+        self._fresh: deque[OnlineExample] = deque()
+        self._replay: deque[OnlineExample] = deque(maxlen=cfg.replay_capacity)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._lock = threading.Lock()  # the buffers and counters
+        self._step_lock = threading.Lock()  # the model and optimizer
+
+    @property
+    def pending(self) -> int:
+        return len(self._fresh)
+
+    def add(self, examples: Iterable[OnlineExample]) -> None:
+        """Buffer fresh examples, oldest first; past ``fresh_capacity`` the oldest are dropped."""
+        with self._lock:
+            self._fresh.extend(examples)
+            overflow = len(self._fresh) - self.cfg.fresh_capacity
+            for _ in range(max(overflow, 0)):
+                self._fresh.popleft()
+            self.dropped += max(overflow, 0)
+
+    def _take_batch(self) -> tuple[list[OnlineExample], list[OnlineExample]] | None:
+        """(fresh, replayed) for one batch, or None while too few fresh examples wait."""
+        cfg = self.cfg
+        with self._lock:
+            n_replay = min(round(cfg.replay_fraction * cfg.batch_size), len(self._replay))
+            n_fresh = cfg.batch_size - n_replay
+            if len(self._fresh) < n_fresh:
+                return None
+            fresh = [self._fresh.popleft() for _ in range(n_fresh)]
+            rows = self._rng.choice(len(self._replay), size=n_replay, replace=False)
+            return fresh, [self._replay[int(r)] for r in rows]
+
+    def _guard(self, loss: float) -> str | None:
+        """The explosion guard, before the backward pass; updates the running mean."""
+        cfg, mean, decay = self.cfg, self.mean_loss, self.cfg.loss_decay
+        self._finite_losses += 1
+        self.mean_loss = loss if mean is None else decay * mean + (1 - decay) * loss
+        if mean is not None and self._finite_losses > cfg.explode_warmup and (
+            loss > cfg.explode_factor * mean
+        ):
+            return f"exploding loss {loss:.4g} > {cfg.explode_factor:g} x running mean {mean:.4g}"
+        return None
+
+    def step(self) -> StepReport | None:
+        """One mini-batch step, or None if too few fresh examples are buffered."""
+        with self._step_lock:
+            batch = self._take_batch()
+            if batch is None:
+                return None
+            fresh, replayed = batch
+            model, cfg = self.model, self.cfg
+            device = next(model.parameters()).device
+            user, cands, targets = collate(
+                self.featurizer, fresh + replayed, model.cfg.history_len, model.cfg.d_model
+            )
+            result = guarded_step(
+                model, self.optimizer, user.to(device), cands.to(device), targets.to(device),
+                cfg.task, unroll_state=self.unroll_state, clip_norm=cfg.clip_norm,
+                guard=self._guard,
+            )
+            with self._lock:
+                if result.accepted:
+                    self.steps += 1
+                    self._replay.extend(fresh)
+                else:
+                    self.refused += 1
+                    self.refusals[result.refused] += 1
+                    self.dropped += len(fresh)
+            if not result.accepted:
+                log.warning("online step refused (%d so far): %s", self.refused, result.refused)
+            return StepReport(
+                loss=result.loss, grad_norm=result.grad_norm, refused=result.refused,
+                steps=self.steps, fresh=len(fresh), replayed=len(replayed),
+                version_due=result.accepted and self.steps % cfg.checkpoint_every == 0,
+            )
+
