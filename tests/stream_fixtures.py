@@ -1,0 +1,111 @@
+"""Running ``unirec worker`` as a subprocess in tests, against any Kafka-compatible broker.
+
+- ``tiny_checkpoint(path)``: a small model (random weights) whose FeatureSpec is fitted on
+  ``synthetic_events``; the worker's contract does not depend on the weights' quality.
+- ``WorkerProcess``: ``python -m stream.cli worker`` with a store, a checkpoint and a free
+  web port, its output in a log file; ``stop`` ends it by its PID (SIGTERM, then SIGKILL).
+- ``wait_for(condition, timeout_s, worker, what)``: polls, failing early (with the worker's
+  output) if the worker exits, and on time-out.
+- ``http_get(url)``: ``(status, body)``, error statuses returned rather than raised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model.backbone import UniRecModel
+from model.checkpoint import save
+from model.config import ModelConfig
+from model.features import FeatureSpec
+from stream.broker import free_port
+from stream.producer import synthetic_events
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
+
+
+def tiny_checkpoint(path: Path, model_version: int = 3, seed: int = 99) -> Path:
+    """Save a tiny random model at ``path`` (fitted on ``synthetic_events(500, seed)``)."""
+    torch.manual_seed(0)
+    events = [e for e, _ in synthetic_events(500, seed=seed)]
+    save(UniRecModel(TINY, FeatureSpec.fit(events)).eval(), path,
+         {"model_version": model_version})
+    return path
+
+
+class WorkerProcess:
+    """A worker subprocess on 127.0.0.1:``web_port``."""
+
+    def __init__(self, bootstrap: str, checkpoint: Path, store: Path, log_path: Path, *,
+                 prefix: str = "", partitions: int = 2, group: str | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.web_port = free_port()
+        argv = [
+            sys.executable, "-m", "stream.cli", "worker",
+            "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
+            "--store", str(store), "--partitions", str(partitions),
+            "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
+            "--web-port", str(self.web_port), "--batch-size", "64", "--batch-within", "0.05",
+            *extra,
+        ]
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu"}
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return int(self.process.returncode)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float,
+             worker: WorkerProcess | None = None, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if worker is not None and worker.exited() is not None:
+            raise AssertionError(f"worker exited ({worker.exited()}) before {what}:\n"
+                                 f"{worker.output()[-3000:]}")
+        time.sleep(0.3)
+    tail = worker.output()[-3000:] if worker is not None else ""
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tail}")
+
+
+def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
