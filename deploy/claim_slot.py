@@ -63,12 +63,14 @@ def expand(command: list[str], store: Path, slot: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    ours, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else (argv, [])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], usage="%(prog)s ROOT [--max-slots N] -- COMMAND...")
     parser.add_argument("root", type=Path, help="the shared state volume")
     parser.add_argument("--max-slots", type=int, default=DEFAULT_MAX_SLOTS)
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args = parser.parse_args(ours)
     if not command:
         print("claim_slot: no command given (after --)", file=sys.stderr)
         return 2
