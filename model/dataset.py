@@ -34,6 +34,19 @@ class ExampleSet:
     def __len__(self) -> int:
         return len(self.event_index)
 
+    def subset(self, rows: np.ndarray | slice) -> ExampleSet:
+        """The examples ``rows`` (in that order), sharing this set's encoded events."""
+        return ExampleSet(
+            events=self.events,
+            contexts=self.contexts,
+            users=self.users,
+            hist_index=self.hist_index[rows],
+            event_index=self.event_index[rows],
+            labels=self.labels[rows],
+            user_ids=self.user_ids[rows],
+            timestamps=self.timestamps[rows],
+        )
+
 
 def build_examples(
     log: EventLog, featurizer: Featurizer, history_len: int, start: int = 0, stop: int | None = None

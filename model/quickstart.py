@@ -18,6 +18,7 @@ from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.dataset import build_examples
 from model.features import FeatureSpec, Featurizer
+from model.kinds import build_model, parameter_count
 from model.metrics import report
 from model.training import TrainConfig, fit, predict
 
@@ -29,8 +30,10 @@ def train_on_log(
     device: torch.device,
     train_fraction: float = 0.8,
     on_step: Callable[[int, int, float], None] | None = None,
+    kind: str = "unirec",
 ) -> tuple[UniRecModel, dict[str, Any]]:
-    """A model trained on ``log``'s first ``train_fraction``, and metadata for its checkpoint."""
+    """A model of ``kind`` (``model.kinds``) trained on ``log``'s first ``train_fraction``, and
+    metadata for its checkpoint."""
     split = time_split(log, train_fraction)
     if split == 0:
         raise ValueError(f"the training part of {log.name!r} is empty")
@@ -38,19 +41,20 @@ def train_on_log(
     torch.manual_seed(train_cfg.seed)
     spec = FeatureSpec.fit(train_log.interactions, log.profiles.values())
     featurizer = Featurizer(spec)
-    model = UniRecModel(model_cfg, spec).to(device)
+    model = build_model(kind, model_cfg, spec).to(device)
     examples = build_examples(train_log, featurizer, model_cfg.history_len)
     started = time.perf_counter()
     losses = fit(model, featurizer, examples, train_cfg, device, on_step)
     meta = {
         "dataset": log.name,
+        "model": kind,
         "train_fraction": train_fraction,
         "split_index": split,
         "train_examples": len(examples),
         "steps": len(losses),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "train_seconds": time.perf_counter() - started,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameter_count(model),
         "train_config": train_cfg.__dict__,
     }
     return model.eval(), meta

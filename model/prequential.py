@@ -1,0 +1,75 @@
+"""Prequential (test-then-train) evaluation over the test period, in time order.
+
+The test examples are cut into ``chunks`` consecutive chunks. Each chunk is first scored by
+the model as it stands, then learned from with ``train_step`` (the shared optimizer step), in
+mini-batches in time order, before the next chunk is scored. The users' GRU states and
+histories follow the stream in both arms: an example's history holds every earlier event of
+its user (test events included), and u_t is the GRU unrolled over it under the current
+weights (a stale state rebuilt under new weights, MODEL.md). So "frozen" and "fine-tuned"
+differ only in the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.dataset import ExampleSet, gather_batch
+from model.features import Featurizer
+from model.metrics import auc, report
+from model.training import TrainConfig, make_optimizer, predict, train_step
+
+
+@dataclass
+class PrequentialResult:
+    """Whole-period metrics of both arms and per-chunk AUC (chunk ``k`` ends at
+    ``chunk_end_ts[k]``)."""
+
+    frozen: dict[str, float]
+    fine_tuned: dict[str, float]
+    chunk_end_ts: list[float]
+    frozen_auc: list[float]
+    fine_tuned_auc: list[float]
+    online_steps: int
+
+
+def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` consecutive [begin, end) ranges covering range(n), sizes differing by <= 1."""
+    edges = np.linspace(0, n, min(chunks, n) + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+
+def prequential(model: nn.Module, featurizer: Featurizer, test: ExampleSet,
+                frozen_probabilities: np.ndarray, train_cfg: TrainConfig, chunks: int,
+                device: torch.device) -> PrequentialResult:
+    """Test-then-train a copy of ``model`` over ``test`` (time-ordered); ``model`` itself is
+    the frozen arm, whose probabilities on ``test`` are ``frozen_probabilities`` [N]."""
+    online = copy.deepcopy(model)
+    optimizer = make_optimizer(online, train_cfg)
+    tuned = np.empty(len(test), dtype=np.float64)
+    ends, frozen_auc, tuned_auc, steps = [], [], [], 0
+    for begin, end in chunk_bounds(len(test), chunks):
+        chunk = test.subset(slice(begin, end))
+        tuned[begin:end] = predict(online, featurizer, chunk, device)
+        for first in range(begin, end, train_cfg.batch_size):
+            rows = np.arange(first, min(first + train_cfg.batch_size, end))
+            user, cands = gather_batch(test, featurizer, rows, online.cfg.d_model)
+            labels = torch.from_numpy(test.labels[rows].astype(np.float32))
+            train_step(online, optimizer, user.to(device), cands.to(device), labels.to(device),
+                       train_cfg.task)
+            steps += 1
+        ends.append(float(test.timestamps[end - 1]))
+        frozen_auc.append(auc(chunk.labels, frozen_probabilities[begin:end]))
+        tuned_auc.append(auc(chunk.labels, tuned[begin:end]))
+    return PrequentialResult(
+        frozen=report(test.user_ids, test.labels, frozen_probabilities),
+        fine_tuned=report(test.user_ids, test.labels, tuned),
+        chunk_end_ts=ends,
+        frozen_auc=frozen_auc,
+        fine_tuned_auc=tuned_auc,
+        online_steps=steps,
+    )

@@ -1,0 +1,176 @@
+"""The suite's report: a Markdown table (mean +- std over seeds), a PNG and the JSON record.
+
+Claims are judged mechanically from the seeds: a difference counts as real when it exceeds
+twice its standard error (``SIGNIFICANCE``); otherwise it is "within noise".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+SIGNIFICANCE = 2.0
+METRICS = ("auc", "gauc", "logloss")
+
+# (claim, better row, worse row); "better" is what the papers predict.
+CLAIMS = (
+    ("unified interaction beats compress-first (SASRec + DCNv2)", "unirec", "sasrec-dcnv2"),
+    ("unified backbone beats target attention (DIN)", "unirec", "din"),
+    ("unified backbone beats no sequence (DeepFM)", "unirec", "deepfm"),
+    ("S<->F cross-source blocks help", "unirec", "unirec -S<->F"),
+    ("delayed compression beats compression at the input", "unirec", "unirec input-compression"),
+    ("the GRU user state helps", "unirec", "unirec -state"),
+    ("core-behaviour selection helps", "unirec", "unirec -core"),
+    ("learned-query compression beats the pyramid", "unirec", "unirec pyramid"),
+)
+KEEPS_QUALITY = ("UG-Sep keeps quality (vs U->G open)", "unirec", "unirec -UG-Sep")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """mean(a) - mean(b) and its standard error."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    return ma - mb, math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+
+
+def verdict(delta: float, se: float, keeps: bool = False) -> str:
+    if keeps:
+        return "held" if delta >= -SIGNIFICANCE * se else "did not hold"
+    if delta > SIGNIFICANCE * se:
+        return "held"
+    return "reversed" if delta < -SIGNIFICANCE * se else "within noise"
+
+
+def _auc(record: dict[str, Any], name: str) -> list[float] | None:
+    for row in record["variants"]:
+        if row["name"] == name:
+            return [run["auc"] for run in row["runs"]]
+    return None
+
+
+def claims(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each claim's AUC difference (predicted better - worse), standard error and verdict."""
+    out = []
+    for (claim, better, worse), keeps in [(c, False) for c in CLAIMS] + [(KEEPS_QUALITY, True)]:
+        a, b = _auc(record, better), _auc(record, worse)
+        if a and b:
+            delta, se = difference(a, b)
+            out.append({"claim": claim, "compare": f"{better} vs {worse}", "delta_auc": delta,
+                        "se": se, "verdict": verdict(delta, se, keeps)})
+    for name, runs in record["prequential"].items():
+        delta, se = difference([r["fine_tuned"]["auc"] for r in runs],
+                               [r["frozen"]["auc"] for r in runs])
+        out.append({"claim": f"online fine-tuning helps ({name})",
+                    "compare": "fine-tuned vs frozen", "delta_auc": delta, "se": se,
+                    "verdict": verdict(delta, se)})
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(record: dict[str, Any], png_name: str) -> str:
+    budget = record["budget"]
+    lines = [
+        f"# Evaluation suite: {record['dataset']}",
+        "",
+        f"Produced by `unirec eval-suite` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; device: "
+        f"{record['device']}; wall time {record['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"- events: {record['events']} (time-ordered split: train {record['split']['train']}, "
+        f"validation {record['split']['validation']}, test {record['split']['test']})",
+        f"- budget per run: {budget['steps']} AdamW steps of batch {budget['batch_size']}, "
+        f"history length {budget['history_len']}, UniRec d_model {budget['d_model']} "
+        f"(baselines' d_model matched on parameter count), {budget['seeds']} seeds (0..)",
+        f"- hyperparameters: {record['hyperparameters']}",
+        "",
+        "## Test metrics (mean ± std over seeds)",
+        "",
+        "| variant | what it tests | d | params (non-embedding) | steps | lr | dropout "
+        "| AUC | GAUC | LogLoss | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in record["variants"]:
+        runs = row["runs"]
+        cells = [_cell([r[m] for r in runs]) for m in METRICS]
+        non_embedding = row["parameters"] - row["embedding_parameters"]
+        seconds = np.mean([r["seconds"] for r in runs])
+        lines.append(
+            f"| {row['name']} | {row['claim'] or 'the model'} | {row['d_model']} | "
+            f"{row['parameters']:,} ({non_embedding:,}) | {row['steps']} | {row['lr']:g} | "
+            f"{row['dropout']:g} | {' | '.join(cells)} | {seconds:.0f} |"
+        )
+    lines += ["", "## Prequential (test-then-train) over the test period", "",
+              f"{budget['chunks']} chunks in time order; each is scored, then learned from "
+              "with `train_step`. Both arms see the same histories and GRU states; only the "
+              "weights differ.", "",
+              "| model | frozen AUC | fine-tuned AUC | frozen GAUC | fine-tuned GAUC "
+              "| online steps |", "|---|---|---|---|---|---|"]
+    for name, runs in record["prequential"].items():
+        cells = [_cell([r[arm][m] for r in runs]) for m in ("auc", "gauc")
+                 for arm in ("frozen", "fine_tuned")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} "
+                     f"| {runs[0]['online_steps']} |")
+    lines += ["", "## Claims (AUC difference, predicted-better minus predicted-worse)", "",
+              f"A difference counts when it exceeds {SIGNIFICANCE:g} standard errors.", "",
+              "| claim | comparison | Δ AUC | s.e. | verdict |", "|---|---|---|---|---|"]
+    for c in claims(record):
+        lines.append(f"| {c['claim']} | {c['compare']} | {c['delta_auc']:+.4f} | "
+                     f"{c['se']:.4f} | {c['verdict']} |")
+    lines += ["", f"![AUC per variant and prequential AUC over time]({png_name})", ""]
+    return "\n".join(lines)
+
+
+def _finite_mean(values: tuple[float, ...]) -> float:
+    """The mean of the finite values (a chunk with one class has no AUC), NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Left: test AUC per variant with std error bars. Right: prequential AUC per chunk."""
+    fig = Figure(figsize=(14, 5))
+    left, right = fig.subplots(1, 2)
+    names = [row["name"] for row in record["variants"]]
+    stats = [mean_std([r["auc"] for r in row["runs"]]) for row in record["variants"]]
+    left.barh(names, [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3)
+    bounds = [v for m, s in stats for v in (m - s, m + s) if math.isfinite(v)]
+    if bounds:
+        left.set_xlim(max(0.0, min(bounds) - 0.02), max(bounds) + 0.01)
+    left.invert_yaxis()
+    left.set_xlabel("test AUC (mean ± std over seeds)")
+    for name, runs in record["prequential"].items():
+        days = [datetime.fromtimestamp(t, UTC) for t in runs[0]["chunk_end_ts"]]
+        for arm, style in (("fine_tuned", "-"), ("frozen", "--")):
+            curve = [_finite_mean(values) for values in zip(*(r[f"{arm}_auc"] for r in runs),
+                                                            strict=True)]
+            right.plot(days, curve, style, marker="o", label=f"{name} {arm.replace('_', '-')}")
+    right.set_ylabel("AUC of the chunk")
+    right.set_title("prequential AUC over the test period")
+    right.legend(fontsize=7)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(record: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``<dataset>.md``, ``.png`` and ``.json`` under ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{record['dataset']}.{ext}" for ext in ("md", "png", "json")}
+    plot(record, paths["png"])
+    paths["md"].write_text(markdown(record, paths["png"].name))
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    return paths

@@ -1,0 +1,97 @@
+"""``unirec eval-suite``: the whole evaluation table of MODEL.md's protocol on one event log.
+
+For every variant (the four models and UniRec's ablations) and every seed: train under the
+matched budget on the training part, score the test part. For the four models, also run the
+prequential evaluation (frozen vs fine-tuned) over the test period. Hyperparameters come from
+the tuning file (``--tune`` reruns the grid first). Writes ``<out>/<log name>.md``,
+``.png`` and ``.json``; returns the JSON record.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eventlog.log import EventLog
+from model.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, matched_width, run_one
+from model.kinds import build_model, parameter_count
+from model.prequential import prequential
+from model.results_report import write_report
+from model.training import TrainConfig
+from model.tuning import GRID, load_tuning, save_tuning, tune
+
+Progress = Callable[[int, int, str], None]  # (runs done, runs in all, what just finished)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads)")
+
+
+def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device,
+              retune: bool = False, on_run: Progress | None = None) -> dict[str, Any]:
+    """Run the table (after the tuning grid when ``retune``) and write the report files."""
+    started = time.perf_counter()
+    splits = make_splits(log, budget)
+    spec = splits.featurizer.spec
+    target = parameter_count(build_model("unirec", budget.model_config(0.0), spec))
+    widths = {v.kind: matched_width(v.kind, budget, spec, target) for v in MODELS}
+    total = len(VARIANTS) * budget.seeds + (len(GRID) * len(MODELS) if retune else 0)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if on_run is not None:
+            on_run(done, total, label)
+
+    tuning_path = out_dir / f"{log.name}.tuning.json"
+    if retune:
+        save_tuning(tune(splits, budget, widths, device, step), tuning_path)
+    tuned = load_tuning(tuning_path)
+    hypers = tuned or {v.kind: Hyper() for v in MODELS}
+    rows, online = [], {}
+    for variant in VARIANTS:
+        hyper = hypers[variant.kind]
+        runs, preq = [], []
+        for seed in range(budget.seeds):
+            result = run_one(variant, hyper, seed, splits, budget, widths[variant.kind], device)
+            if variant in MODELS:
+                train_cfg = TrainConfig(lr=hyper.lr, batch_size=budget.batch_size, seed=seed)
+                preq.append(asdict(prequential(result.model, splits.featurizer, splits.test,
+                                               result.probabilities, train_cfg, budget.chunks,
+                                               device)))
+            runs.append({"seed": seed, **result.metrics, "seconds": result.seconds,
+                         "train_seconds": result.train_seconds})
+            step(f"{variant.name} seed {seed}")
+        rows.append({"name": variant.name, "kind": variant.kind, "claim": variant.claim,
+                     "overrides": {k: str(v) for k, v in variant.overrides.items()},
+                     "d_model": widths[variant.kind], "lr": hyper.lr, "dropout": hyper.dropout,
+                     "parameters": result.parameters,
+                     "embedding_parameters": result.embedding_parameters,
+                     "steps": result.steps, "runs": runs})
+        if preq:
+            online[variant.name] = preq
+    record = {
+        "dataset": log.name,
+        "events": len(log),
+        "split": {"train": len(splits.train), "validation": len(splits.val),
+                  "test": len(splits.test)},
+        "budget": asdict(budget),
+        "device": device_name(device),
+        "hyperparameters": "tuned: " + tuning_path.name if tuned else "untuned defaults",
+        "variants": rows,
+        "prequential": online,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_report(record, out_dir)
+    return record
