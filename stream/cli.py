@@ -2,6 +2,8 @@
 
     unirec train (--dataset movielens-100k | --events FILE) [--epochs N] [--max-steps N] ...
     unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
+    unirec eval-suite [--dataset NAME | --events FILE] [--json] [--tune] [--seeds N] [--steps N]
+                 the baselines, ablations and prequential table -> reports/<data set>.md/.png
     unirec demo  the offline quick-start: train, then evaluate, with a closing summary
     unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
                  [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
@@ -21,6 +23,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from eventlog.generic import GenericFormatError
@@ -28,6 +31,8 @@ from eventlog.loaders import DATASETS, EventLog, load_dataset, load_events
 from eventlog.movielens import DatasetUnavailable
 from model.checkpoint import CheckpointError, load, save
 from model.config import ModelConfig
+from model.experiment import Budget
+from model.kinds import MODEL_KINDS
 from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.config import Settings, SettingsError
@@ -66,6 +71,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
     parser.add_argument("--history-len", type=int, default=ModelConfig.history_len)
+    parser.add_argument("--model", choices=list(MODEL_KINDS), default="unirec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--device")
     demo.add_argument("--max-steps", type=int, default=None)
+    _add_suite_parser(commands)
     _add_produce_parser(commands)
     _add_worker_parser(commands)
     _add_state_parser(commands)
@@ -128,7 +135,8 @@ def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog) ->
     bar, on_step = _progress("training")
     with bar:
         model, meta = train_on_log(
-            event_log, model_cfg, train_cfg, settings.torch_device(), args.train_fraction, on_step
+            event_log, model_cfg, train_cfg, settings.torch_device(), args.train_fraction, on_step,
+            args.model,
         )
     path = args.checkpoint or settings.checkpoint_path(event_log.name)
     save(model, path, meta)
@@ -140,7 +148,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings, event_log: EventLog)
     path = args.checkpoint or settings.checkpoint_path(event_log.name)
     device = settings.torch_device()
     try:
-        model, meta = load(path, device)
+        model, meta = load(path, device, kind=None)
     except CheckpointError as exc:
         raise CliError(f"{exc} (run `unirec train` first or pass --checkpoint)") from exc
     if meta.get("dataset") not in (None, event_log.name):
@@ -183,6 +191,57 @@ def run_demo(args: argparse.Namespace) -> None:
     summary = _train(train_args, settings, event_log)
     metrics = _evaluate(train_args, settings, event_log)
     print(json.dumps({"train": summary, "test": metrics}, indent=2))
+
+
+def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = Budget()
+    suite = commands.add_parser("eval-suite", help="baselines, ablations, prequential: report")
+    source = suite.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=sorted(DATASETS), default="movielens-100k")
+    source.add_argument("--events", type=Path, help="an event file in the generic format")
+    suite.add_argument("--data-dir", type=Path, help="data cache (env UNIREC_DATA_DIR)")
+    suite.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
+    suite.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+    suite.add_argument("--json", action="store_true", help="print the record as JSON")
+    suite.add_argument("--tune", action="store_true", help="rerun the lr x dropout grid first")
+    suite.add_argument("--seeds", type=int, default=defaults.seeds)
+    suite.add_argument("--steps", type=int, default=defaults.steps)
+    suite.add_argument("--tune-steps", type=int, help="steps of a tuning run (default --steps)")
+    suite.add_argument("--d-model", type=int, default=defaults.d_model)
+    suite.add_argument("--history-len", type=int, default=defaults.history_len)
+    suite.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    suite.add_argument("--torch-threads", type=int, default=1)
+
+
+def run_eval_suite(args: argparse.Namespace) -> None:
+    from model.suite import run_suite  # matplotlib: loaded only for this command
+
+    if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
+        raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
+    settings = _settings(args)
+    event_log = _open_log(args, settings)
+    budget = Budget(d_model=args.d_model, history_len=args.history_len,
+                    core_k=min(Budget.core_k, args.history_len), steps=args.steps,
+                    batch_size=args.batch_size, seeds=args.seeds, tune_steps=args.tune_steps)
+    torch.set_num_threads(args.torch_threads)
+    bar = tqdm(desc="eval-suite", unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def on_run(done: int, total: int, label: str) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix_str(label, refresh=False)
+
+    with bar:
+        try:
+            record = run_suite(event_log, budget, args.out, settings.torch_device(), args.tune,
+                               on_run)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"wrote {args.out / event_log.name}.md/.png/.json "
+              f"in {record['wall_seconds'] / 60:.1f} min")
 
 
 def _add_produce_parser(commands: argparse._SubParsersAction) -> None:
@@ -339,8 +398,8 @@ def run_state(args: argparse.Namespace) -> None:
     print(json.dumps(snapshot, indent=2))
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "demo": run_demo, "produce": run_produce,
-            "worker": run_worker_command, "state": run_state}
+COMMANDS = {"train": run_train, "eval": run_eval, "eval-suite": run_eval_suite, "demo": run_demo,
+            "produce": run_produce, "worker": run_worker_command, "state": run_state}
 
 
 def main(argv: list[str] | None = None) -> int:
