@@ -122,15 +122,19 @@ def embedding_count(model: nn.Module) -> int:
 
 def matched_width(kind: str, budget: Budget, spec: FeatureSpec, target: int) -> int:
     """The ``d_model`` in ``WIDTHS`` whose ``kind`` model has the parameter count closest to
-    ``target``; the budget's own width for ``unirec``."""
+    ``target`` (counts grow with d: bisection); the budget's own width for ``unirec``."""
     if kind == "unirec":
         return budget.d_model
 
-    def gap(d: int) -> int:
-        cfg = budget.model_config(0.0, d_model=d)
-        return abs(parameter_count(build_model(kind, cfg, spec)) - target)
+    def count(d: int) -> int:
+        return parameter_count(build_model(kind, budget.model_config(0.0, d_model=d), spec))
 
-    return min(WIDTHS, key=gap)
+    low, high = 0, len(WIDTHS) - 1  # find the first width with count >= target
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if count(WIDTHS[middle]) < target else (low, middle)
+    near = {WIDTHS[i] for i in (low - 1, low) if i >= 0}
+    return min(near, key=lambda d: abs(count(d) - target))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""The evaluation harness: time splits that never leak, prequential test-then-train order, the
+claim verdicts, and ``unirec eval-suite`` end to end on a tiny generic event file (report,
+PNG, JSON; ``--tune`` writes the tuning file that later runs read). ``unirec train --model``
+and ``eval`` round-trip a baseline. Metric correctness (AUC/LogLoss vs scikit-learn, GAUC on a
+hand-made example) is pinned in ``test_model_metrics.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eventlog.loaders import load_events
+from model.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
+from model.prequential import chunk_bounds, prequential
+from model.results_report import verdict
+from model.training import TrainConfig
+from stream.cli import main
+from tests.model_fixtures import one_torch_thread
+from tests.test_cli import _write_events
+
+TINY_BUDGET = Budget(d_model=16, history_len=8, core_k=4, steps=3, batch_size=32, seeds=2,
+                     chunks=3)
+TINY_FLAGS = ["--seeds", "2", "--steps", "2", "--d-model", "16", "--history-len", "8",
+              "--batch-size", "32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def events_file(tmp_path_factory) -> Path:
+    return _write_events(tmp_path_factory.mktemp("suite") / "tiny.parquet", n_users=16,
+                         per_user=15)
+
+
+def test_the_time_split_never_leaks(events_file):
+    """Every validation event is later than every training event, every test event later
+    than every validation event, and each example's history holds only earlier events of
+    the same user."""
+    splits = make_splits(load_events(events_file), TINY_BUDGET)
+    train, val, test = splits.train, splits.val, splits.test
+    assert len(train) and len(val) and len(test)
+    assert train.timestamps.max() < val.timestamps.min()
+    assert val.timestamps.max() < test.timestamps.min()
+    interactions = splits.log.interactions
+    for part in (train, val, test):
+        for own, history in zip(part.event_index, part.hist_index, strict=True):
+            past = history[history >= 0]
+            assert (past < own).all()
+            assert all(interactions[i].user_id == interactions[own].user_id for i in past)
+            assert all(interactions[i].ts <= interactions[own].ts for i in past)
+
+
+def test_chunks_cover_the_test_period_in_order():
+    assert chunk_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert chunk_bounds(2, 5) == [(0, 1), (1, 2)]
+
+
+def test_prequential_scores_a_chunk_before_learning_from_it(events_file):
+    """The first chunk is scored by the untouched model (fine-tuned = frozen there); later
+    chunks by a model that has learned; the frozen model itself is never changed."""
+    splits = make_splits(load_events(events_file), TINY_BUDGET)
+    result = run_one(MODELS[0], Hyper(lr=1e-2), 0, splits, TINY_BUDGET, 16, torch.device("cpu"))
+    before = {k: v.clone() for k, v in result.model.state_dict().items()}
+    out = prequential(result.model, splits.featurizer, splits.test, result.probabilities,
+                      TrainConfig(lr=1e-2, batch_size=8), 3, torch.device("cpu"))
+    assert out.frozen_auc[0] == out.fine_tuned_auc[0] or np.isnan(out.frozen_auc[0])
+    assert out.online_steps == sum(-(-(e - b) // 8) for b, e in chunk_bounds(len(splits.test), 3))
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+
+
+def test_verdicts_need_two_standard_errors():
+    assert verdict(0.03, 0.01) == "held"
+    assert verdict(0.01, 0.01) == "within noise"
+    assert verdict(-0.03, 0.01) == "reversed"
+    assert verdict(-0.01, 0.01, keeps=True) == "held"
+    assert verdict(-0.03, 0.01, keeps=True) == "did not hold"
+
+
+def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path, capsys):
+    out = tmp_path / "reports"
+    argv = ["eval-suite", "--events", str(events_file), "--out", str(out), "--json"]
+    assert main([*argv, *TINY_FLAGS, "--tune", "--tune-steps", "1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    for ext in ("md", "png", "json"):
+        assert (out / f"tiny.{ext}").stat().st_size > 0
+    assert [row["name"] for row in record["variants"]] == [v.name for v in VARIANTS]
+    assert all(len(row["runs"]) == 2 and row["steps"] == 2 for row in record["variants"])
+    assert set(record["prequential"]) == {v.name for v in MODELS}
+    report = (out / "tiny.md").read_text()
+    assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
+    tuning = json.loads((out / "tiny.tuning.json").read_text())["models"]
+    assert main([*argv, "--seeds", "1", "--steps", "1", "--d-model", "16",
+                 "--history-len", "8"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["hyperparameters"] == "tuned: tiny.tuning.json"
+    for row in record["variants"]:
+        assert (row["lr"], row["dropout"]) == (tuning[row["kind"]]["lr"],
+                                               tuning[row["kind"]]["dropout"])
+
+
+def test_train_and_eval_a_baseline_from_the_cli(events_file, tmp_path, capsys):
+    checkpoint = tmp_path / "deepfm.pt"
+    common = ["--events", str(events_file), "--checkpoint", str(checkpoint)]
+    assert main(["train", *common, "--model", "deepfm", "--max-steps", "2", "--d-model", "16",
+                 "--history-len", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "deepfm"
+    assert main(["eval", *common, "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["auc"] <= 1.0
