@@ -419,6 +419,51 @@ class Featurizer:
             num_present=torch.from_numpy(np.ascontiguousarray(items.num_present)),
         )
 
+    def requests(
+        self,
+        impressions: Sequence[Impression],
+        histories: Sequence[Sequence[Interaction]],
+        profiles: Sequence[UserProfile | None],
+        states: np.ndarray,
+        history_len: int,
+    ) -> tuple[UserInputs, CandidateInputs]:
+        """B impressions with C candidates each to model inputs (B >= 1).
+
+        ``histories[b]``, ``profiles[b]`` and ``states[b]`` ([B, d] float) belong to
+        ``impressions[b]``; only the newest ``history_len`` events of each history are used
+        (left-padded to n = ``history_len``). Returns ``UserInputs`` of batch B and
+        ``CandidateInputs`` [B, C] in the order of each ``impression.candidates``; raises
+        ValueError unless every impression has the same candidate count C.
+        """
+        counts = {len(i.candidates) for i in impressions}
+        if len(counts) != 1:
+            raise ValueError(f"impressions must share one candidate count, got {sorted(counts)}")
+        recent = [list(h)[-history_len:] if history_len else [] for h in histories]
+        user = self.assemble_user(
+            self.events([e for events in recent for e in events]),
+            self._left_padded_index(list(map(len, recent)), history_len),
+            np.asarray([i.ts for i in impressions], dtype=np.float64),
+            self.users([i.user_id for i in impressions], profiles),
+            self.contexts([i.context for i in impressions]),
+            np.asarray(states, dtype=np.float32).reshape(len(impressions), -1),
+        )
+        items = self.items([c for i in impressions for c in i.candidates])
+        grid = (len(impressions), counts.pop())
+        batched = ItemArrays(*(a.reshape(*grid, *a.shape[1:]) for a in
+                               (items.item, items.cat, items.num, items.num_present)))
+        return user, self.assemble_candidates(batched)
+
+    @staticmethod
+    def _left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:
+        """[B, width] rows of B concatenated event runs of ``lengths`` (each <= width), newest
+        last, -1 where a row has fewer events (on the left)."""
+        index = np.full((len(lengths), width), -1, dtype=np.int64)
+        start = 0
+        for b, length in enumerate(lengths):
+            index[b, width - length :] = np.arange(start, start + length)
+            start += length
+        return index
+
     def request(
         self,
         impression: Impression,
@@ -427,20 +472,7 @@ class Featurizer:
         state: np.ndarray,
         history_len: int,
     ) -> tuple[UserInputs, CandidateInputs]:
-        """One impression to model inputs (B = 1): the newest ``history_len`` events are used."""
-        recent = list(history)[-history_len:] if history_len else []
-        encoded = self.events(recent)
-        pad = history_len - len(recent)
-        index = np.concatenate([np.full(pad, -1), np.arange(len(recent))])[None, :]
-        user = self.assemble_user(
-            encoded,
-            index,
-            np.asarray([impression.ts], dtype=np.float64),
-            self.users([impression.user_id], [profile]),
-            self.contexts([impression.context]),
-            np.asarray(state, dtype=np.float32).reshape(1, -1),
+        """One impression to model inputs: ``requests`` with B = 1 (``state`` is [d])."""
+        return self.requests(
+            [impression], [history], [profile], np.asarray(state)[None], history_len
         )
-        items = self.items(impression.candidates)
-        batched = ItemArrays(items.item[None], items.cat[None], items.num[None],
-                             items.num_present[None])
-        return user, self.assemble_candidates(batched)

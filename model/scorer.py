@@ -1,5 +1,7 @@
-"""Scoring one request: the user side once, all candidates against its cache in one batch.
+"""Scoring requests: the user side once, all candidates against its cache in one batch.
 
+``score_many`` scores B impressions per model call (those with the same candidate count C run
+together: ``encode_user`` over B users, then B x C candidates); ``score`` is its B = 1 case.
 Runs on CUDA with bf16 autocast when a GPU is present, on the CPU in fp32 otherwise: the same
 code either way. ``score_reference`` runs the full joint sequence per candidate (no reuse) and
 exists to check and to measure the cache.
@@ -21,19 +23,49 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Scorer:
-    """Click probabilities for the candidates of an impression.
+DEFAULT_MAX_BATCH = 64
 
-    ``state`` is the user's GRU state u_t ([d] float; zeros for a new user); ``history`` the
-    user's recent events, oldest first (only the newest ``history_len`` are read).
+
+class Scorer:
+    """Click probabilities for the candidates of impressions.
+
+    ``state`` is the user's GRU state u_t ([d] float; zeros for a new user or None); ``history``
+    the user's recent events, oldest first (only the newest ``history_len`` are read).
+    ``score_many`` runs impressions with the same candidate count together, at most
+    ``max_batch`` per model call.
     """
 
     def __init__(self, model: UniRecModel, device: torch.device | None = None,
-                 task: str = "click") -> None:
+                 task: str = "click", max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.featurizer = Featurizer(model.spec)
         self.task = task
+        self.max_batch = max_batch
+
+    def batch_inputs(
+        self,
+        impressions: Sequence[Impression],
+        histories: Sequence[Sequence[Interaction]],
+        profiles: Sequence[UserProfile | None],
+        states: Sequence[np.ndarray | None],
+    ) -> tuple[UserInputs, CandidateInputs]:
+        """Model inputs of B impressions with one candidate count C, on the scorer's device:
+        ``UserInputs`` of batch B and ``CandidateInputs`` [B, C]. A None state is zeros."""
+        d = self.model.cfg.d_model
+        stacked = np.zeros((len(impressions), d), dtype=np.float32)
+        for b, state in enumerate(states):
+            if state is None:
+                continue
+            if state.shape != (d,):
+                raise ValueError(f"state has shape {state.shape}, the model expects ({d},)")
+            stacked[b] = state
+        user, cands = self.featurizer.requests(
+            impressions, histories, profiles, stacked, self.model.cfg.history_len
+        )
+        return user.to(self.device), cands.to(self.device)
 
     def inputs(
         self,
@@ -42,21 +74,75 @@ class Scorer:
         profile: UserProfile | None,
         state: np.ndarray | None,
     ) -> tuple[UserInputs, CandidateInputs]:
-        d = self.model.cfg.d_model
-        state = np.zeros(d, dtype=np.float32) if state is None else state
-        if state.shape != (d,):
-            raise ValueError(f"state has shape {state.shape}, the model expects ({d},)")
-        user, cands = self.featurizer.request(
-            impression, history, profile, state, self.model.cfg.history_len
-        )
-        return user.to(self.device), cands.to(self.device)
+        """``batch_inputs`` of one impression (B = 1)."""
+        return self.batch_inputs([impression], [history], [profile], [state])
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         )
 
+    def batches(self, impressions: Sequence[Impression]) -> list[list[int]]:
+        """The model calls ``score_many`` makes: lists of indices into ``impressions``, each of
+        one candidate count and at most ``max_batch`` long. Every index appears once, in input
+        order within a batch; candidate counts come in the order they first appear."""
+        groups: dict[int, list[int]] = {}
+        for i, impression in enumerate(impressions):
+            groups.setdefault(len(impression.candidates), []).append(i)
+        return [
+            group[k : k + self.max_batch]
+            for group in groups.values()
+            for k in range(0, len(group), self.max_batch)
+        ]
+
     @torch.no_grad()
+    def score_batch(
+        self,
+        impressions: Sequence[Impression],
+        histories: Sequence[Sequence[Interaction]],
+        profiles: Sequence[UserProfile | None],
+        states: Sequence[np.ndarray | None],
+        reference: bool = False,
+    ) -> np.ndarray:
+        """[B, C] probabilities of B impressions with one candidate count C, in one model call.
+
+        The user sides run once (encode_user over B) and the B x C candidates read the cache
+        (under UG-Sep); with ``reference`` (or with UG-Sep off) every candidate runs the full
+        joint sequence. Row b is impression b, in the order of its candidates.
+        """
+        user, cands = self.batch_inputs(impressions, histories, profiles, states)
+        with self._autocast():
+            if self.model.cfg.ug_sep and not reference:
+                logits = self.model.score(self.model.encode_user(user), cands)
+            else:
+                logits = self.model.reference(user, cands)
+        return torch.sigmoid(logits[self.task].float()).cpu().numpy()
+
+    def score_many(
+        self,
+        impressions: Sequence[Impression],
+        histories: Sequence[Sequence[Interaction]],
+        profiles: Sequence[UserProfile | None],
+        states: Sequence[np.ndarray | None] | None = None,
+        reference: bool = False,
+    ) -> list[np.ndarray]:
+        """One [C_i] probability array per impression, in input order.
+
+        ``histories``, ``profiles`` and ``states`` (None: all zeros) are per impression.
+        One ``score_batch`` call per entry of ``batches`` (impressions grouped by candidate
+        count); each result equals scoring the impression alone, to float tolerance.
+        """
+        states = [None] * len(impressions) if states is None else states
+        out: list[np.ndarray] = [np.empty(0)] * len(impressions)
+        for batch in self.batches(impressions):
+            probs = self.score_batch(
+                [impressions[i] for i in batch], [histories[i] for i in batch],
+                [profiles[i] for i in batch], [states[i] for i in batch], reference,
+            )
+            for row, i in enumerate(batch):
+                out[i] = probs[row]
+        return out
+
     def score(
         self,
         impression: Impression,
@@ -65,18 +151,9 @@ class Scorer:
         state: np.ndarray | None = None,
         reference: bool = False,
     ) -> np.ndarray:
-        """[C] probabilities, in the order of ``impression.candidates``.
-
-        The user side runs once and the candidates read its cache (under UG-Sep); with
-        ``reference`` (or with UG-Sep off) every candidate runs the full joint sequence.
-        """
-        user, cands = self.inputs(impression, history, profile, state)
-        with self._autocast():
-            if self.model.cfg.ug_sep and not reference:
-                logits = self.model.score(self.model.encode_user(user), cands)
-            else:
-                logits = self.model.reference(user, cands)
-        return torch.sigmoid(logits[self.task][0].float()).cpu().numpy()
+        """[C] probabilities, in the order of ``impression.candidates``: ``score_many`` of one
+        impression."""
+        return self.score_many([impression], [history], [profile], [state], reference)[0]
 
     def score_reference(
         self,
