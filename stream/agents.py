@@ -1,4 +1,4 @@
-"""The worker's per-batch handlers, free of faust: each takes one micro-batch of records.
+"""The worker's per-batch handlers: each takes one micro-batch of records of one topic.
 
 ``WorkerServices`` holds what the handlers (and any HTTP view or metrics collector) share: the
 state store, the interactions applier, the impression scorer, the feedback window, the label
@@ -39,12 +39,14 @@ FLUSH_TIMEOUT_S = 30.0
 
 
 class Record(NamedTuple):
-    """One consumed record with its partition (what faust's event gives)."""
+    """One consumed record of a topic: its partition, offset, key, value and Kafka timestamp
+    (milliseconds; the worker orders topics by it, ``stream.gate``)."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes
+    timestamp: int = 0
 
 
 @dataclass
