@@ -328,7 +328,9 @@ def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--batch-size", type=int, default=256, help="events per micro-batch")
     worker.add_argument("--batch-within", type=float, default=0.05,
                         help="seconds to wait filling a micro-batch")
-    worker.add_argument("--web-port", type=int, default=6066, help="HTTP port on 127.0.0.1")
+    worker.add_argument("--web-port", type=int, default=6066, help="HTTP API port")
+    worker.add_argument("--web-bind", help="HTTP API address (env UNIREC_WEB_BIND, default "
+                        "127.0.0.1; 0.0.0.0 in a container)")
     worker.add_argument("--group-id", default="unirec-worker")
     worker.add_argument("--topic-prefix", default="", help="prefix of every topic name")
     worker.add_argument("--torch-threads", type=int, default=1)
@@ -338,7 +340,6 @@ def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_worker_command(args: argparse.Namespace) -> None:
-    from stream.http_api import views_hook
     from stream.metrics import WorkerMetrics
     from stream.worker import WorkerConfig, WorkerError, run_worker
 
@@ -357,7 +358,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         batch_within_s=args.batch_within,
         web_port=args.web_port,
-        web_bind="127.0.0.1",
+        web_bind=args.web_bind or os.environ.get("UNIREC_WEB_BIND") or "127.0.0.1",
         reset_on_new_log=args.reset_on_new_log,
         torch_threads=args.torch_threads,
         group_id=args.group_id,
@@ -366,7 +367,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
     )
     metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it
     try:
-        code = run_worker(config, hooks=[views_hook(metrics)], metrics=metrics)
+        code = run_worker(config, metrics=metrics)
     except (WorkerError, BrokerUnavailable, TopicError) as exc:
         raise CliError(str(exc).splitlines()[0]) from exc
     if code:

@@ -12,12 +12,12 @@ field), 404 (unknown path or user), 405 (wrong method), 413 (body too large), 50
 stored value, named; never a traceback), 503 (scoring not available).
 
 The handlers are plain functions of an ``ApiServices`` and a request, returning an
-``HttpResponse`` (status, headers, body), so they run without a server. Two thin adapters share
-them: ``register_views`` mounts them on a faust App's web server (the worker), and
-``ApiServer`` / ``serve`` run a standalone aiohttp server (the CLI, tests).
+``HttpResponse`` (status, headers, body), so they run without a server. ``ApiServer`` (a
+thread of its own: the worker's) and ``serve`` (the foreground) run them on aiohttp.
 
-The handlers run synchronously on the server's event loop, between the worker's batches: they
-never race the applier for the model or the store.
+The handlers run on the server's thread, beside the worker's consumer loop: store reads are
+RocksDB reads (thread-safe, each sees a consistent record), and ``POST /score`` runs the
+scorer's model in inference mode, which the loop's scoring does not modify.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -44,9 +44,6 @@ from state_store import StateStore, StateStoreError, UserRecord
 from stream.applier import decode_history
 from stream.metrics import WorkerMetrics
 from stream.serving import ImpressionScorer
-
-if TYPE_CHECKING:
-    import faust
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +203,14 @@ class Route(NamedTuple):
     pattern: re.Pattern[str]
     method: str
     handler: Callable[..., HttpResponse]  # (services, *path groups[, body])
-    faust_path: str  # the same path in faust's (aiohttp's) route syntax
 
 
 ROUTES = (
-    Route("healthz", re.compile(r"/healthz"), "GET", healthz, "/healthz"),
-    Route("metrics", re.compile(r"/metrics"), "GET", metrics, "/metrics"),
-    Route("user_state", re.compile(r"/users/([^/]*)/state"), "GET", user_state,
-          "/users/{user_id}/state"),
-    Route("score", re.compile(r"/score"), "POST", score, "/score"),
-    Route("drift", re.compile(r"/drift"), "GET", drift, "/drift"),
+    Route("healthz", re.compile(r"/healthz"), "GET", healthz),
+    Route("metrics", re.compile(r"/metrics"), "GET", metrics),
+    Route("user_state", re.compile(r"/users/([^/]*)/state"), "GET", user_state),
+    Route("score", re.compile(r"/score"), "POST", score),
+    Route("drift", re.compile(r"/drift"), "GET", drift),
 )
 
 
@@ -263,7 +258,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 async def handle_aiohttp(services: ApiServices, request: web.Request) -> web.Response:
-    """``handle`` for an aiohttp request (the standalone server and faust's aiohttp driver)."""
+    """``handle`` for an aiohttp request."""
     body = b""
     if request.method == "POST":
         read = await _read_body(request, services.max_body_bytes)
@@ -277,60 +272,6 @@ async def handle_aiohttp(services: ApiServices, request: web.Request) -> web.Res
 
 def _to_aiohttp(response: HttpResponse) -> web.Response:
     return web.Response(status=response.status, headers=response.headers, body=response.body)
-
-
-# ---------------------------------------------------------------------- faust mounting
-
-
-def register_views(app: faust.App, services: ApiServices) -> None:
-    """Mount the API on ``app``'s web server (call before the app starts).
-
-    Every route answers every method, so a wrong method gets the JSON 405 (faust would answer
-    a method a view does not define with its own error). Paths no route matches get faust's
-    (aiohttp's) own 404.
-    """
-    from faust.web import View
-
-    async def dispatch(view: View, request: Any) -> Any:
-        return await handle_aiohttp(services, request)
-
-    methods = ("get", "post", "put", "patch", "delete")
-    for route in ROUTES:
-        namespace = {m: _faust_method(dispatch) for m in methods}
-        view = type(f"UnirecApi_{route.name}", (View,), namespace)
-        app.page(route.faust_path, name=f"unirec_api_{route.name}")(view)
-
-
-def views_hook(
-    metrics: WorkerMetrics | None = None,
-    drift: Callable[[], Mapping[str, Any] | None] | None = None,
-    max_body_bytes: int = MAX_BODY_BYTES,
-) -> Callable[[faust.App, Any], ApiServices]:
-    """A ``stream.worker.run_worker`` hook: ``hook(app, worker_services)`` mounts the API over
-    the worker's store and scorer (anything with ``store`` and ``scorer`` attributes) and
-    returns the ``ApiServices``. The model version is read from the scorer at each request, so
-    a hot swap shows at once."""
-
-    def hook(app: faust.App, worker: Any) -> ApiServices:
-        services = ApiServices(
-            store=worker.store,
-            scorer=worker.scorer,
-            metrics=metrics if metrics is not None else WorkerMetrics(),
-            drift=drift,
-            model_version=lambda: worker.scorer.model_version,
-            max_body_bytes=max_body_bytes,
-        )
-        register_views(app, services)
-        return services
-
-    return hook
-
-
-def _faust_method(dispatch: Callable[..., Any]) -> Callable[..., Any]:
-    async def method(self: Any, request: Any, **_: Any) -> Any:
-        return await dispatch(self, request)
-
-    return method
 
 
 # -------------------------------------------------------------------- standalone server

@@ -1,53 +1,56 @@
-"""``unirec worker``: the faust-streaming app that consumes the topics.
+"""``unirec worker``: consumes ``interactions``, ``impressions`` and ``labels`` in micro-batches.
 
-Three agents, each over micro-batches (``stream.take_events(n, within)``):
+One kafka-python consumer, a member of the worker's group (``group_id``), is subscribed to
+the three topics; the range assignor gives a worker the same partition numbers of all three
+(co-partitioning: a user's impressions are scored where the user's state is). Its loop, on
+one thread, polls up to ``batch_size`` records at a time and:
 
-- ``interactions``: applied exactly once through ``InteractionApplier`` (``stream.agents``);
 - ``impressions``: scored (one multi-get per batch), ``Scores`` published to ``scores``;
-- ``labels``: joined with the scored impressions through the ``LabelBuffer``.
+- ``interactions``: applied exactly once through ``InteractionApplier`` (``stream.agents``);
+- ``labels``: joined with the scored impressions through the ``LabelBuffer``;
 
-Exactly once (SYSTEM.md, "State and the exactly-once effect"): faust's own offset commits are
-at-least-once and do not matter. Whenever faust seeks the consumer (to the group's committed
-offsets, after every assignment), the worker seeks each assigned ``interactions`` partition
-again, to one past the offset stored in the state store, after checking that the stored
-offsets belong to the current log (``StateStore.resume_offset`` with the log identity and the
-partition's end offset). If they do not, the worker stops with an error naming the partition,
-unless ``reset_on_new_log`` is set: then the partition's stored offset is forgotten and the
-new log is consumed from its start. Redelivered records are skipped by the applier anyway.
-The check runs before the group is joined (for every partition the store holds; a refusal
-is a ``WorkerError``, exit status 2 from the CLI) and again after every assignment (a refusal
-then ends the process with status 3: e.g. an embedded broker restarted under a running
-worker). A revoked partition is not applied until it is assigned and checked again. Residual
-window: records fetched from a new log between the broker's restart and the revocation are
-judged against the old log's offsets (at most one fetch; the rejoin follows within seconds).
+in that order, interactions and labels passing through an ``EventTimeGate`` (``stream.gate``)
+so that an impression is scored before the interaction it predicts is applied. A partition
+whose gate holds more than ``max_held`` records is paused until the gate drains.
 
-Each agent runs its batches on a thread of its own, in order, so that torch (the scorer, the
-GRU unroll) never blocks the event loop, the heartbeats or the other agents. A label may reach
-the ``labels`` agent before its impression was scored: it is counted as unmatched.
+Why not faust's agents: measured here (2 cores, embedded broker), a faust-streaming 0.15
+agent over ``take_events`` with a handler that does nothing delivers about 7,000 events/s
+(each event goes through several asyncio tasks), while a kafka-python consumer reads
+about 58,000/s. The 10,000 interactions/s the worker must apply cannot pass through faust.
 
-``WorkerServices`` (``stream.agents``) is the hook for HTTP views and metrics: ``run_worker``
-calls each function of ``hooks`` with the faust app and the services before starting.
-The handlers count into ``services.metrics`` (a ``WorkerMetrics``); a timer sets the consumer
-lag of each assigned ``interactions`` partition every ``lag_interval_s`` (the fetched high
-water minus the store's next offset; no broker round trip), and a revoked partition's gauges
-are dropped.
+Exactly once (SYSTEM.md, "State and the exactly-once effect"): the group's committed offsets
+(auto-committed, at least once) matter only for impressions and labels. Whenever
+``interactions`` partitions are assigned, the worker seeks each to one past the offset stored
+in the state store, after checking that the stored offsets belong to the current log
+(``StateStore.resume_offset`` with the log identity and the partition's end offset). If they
+do not, the worker stops with an error naming the partition, unless ``reset_on_new_log`` is
+set: then the partition's stored offset is forgotten and the new log is consumed from its
+start. Redelivered records are skipped by the applier anyway. The check runs before the group
+is joined (for every partition the store holds; a refusal is a ``WorkerError``, exit status 2
+from the CLI) and again after every assignment (a refusal then ends the process with status
+3: e.g. an embedded broker restarted under a running worker). A revoked partition is not
+applied until it is assigned and checked again, and what the gate held of it is dropped.
+
+The HTTP API (``stream.http_api``) is served on ``web_bind:web_port`` from a thread of its
+own; every ``lag_interval_s`` the loop sets the consumer lag of each assigned
+``interactions`` partition (the fetched high water minus the store's next offset).
+SIGTERM and SIGINT stop the loop after the batch in hand; the consumer, the producer, the
+server and the store are closed in that order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import faust
 import torch
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
 from model.checkpoint import CheckpointError, load
 from model.scorer import Scorer
@@ -60,6 +63,8 @@ from stream.agents import (
     handle_labels,
 )
 from stream.applier import InteractionApplier
+from stream.gate import EventTimeGate
+from stream.http_api import ApiServer, ApiServices
 from stream.metrics import WorkerMetrics
 from stream.producer import open_producer
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
@@ -95,12 +100,14 @@ class WorkerConfig:
     feedback_max: int = 100_000
     label_capacity: int = 100_000
     timeout_s: float = 10.0
-    # Group timings that work with the embedded Tansu broker (SYSTEM.md, "Parts chosen").
-    rebalance_timeout_s: float = 3.0
+    # Group timings: short ones suit the embedded broker and tests; Kafka's defaults (45 s
+    # session, 3 s heartbeats) suit production. The rebalance timeout is kafka-python's
+    # max_poll_interval: it must also exceed the time one polled batch takes.
+    rebalance_timeout_s: float = 60.0
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
-    extra: dict[str, Any] = field(default_factory=dict)  # more faust.App settings
+    max_held: int = 8192  # records the gate may hold per partition before it is paused
 
     @property
     def topics(self) -> TopicNames:
@@ -192,145 +199,166 @@ def plan_resume(services: WorkerServices, config: WorkerConfig,
     return plan
 
 
-def _records(events: Sequence[faust.EventT]) -> list[Record]:
-    return [
-        Record(e.message.partition, e.message.offset, e.message.key, e.message.value)
-        for e in events
-    ]
+class _Rebalance(ConsumerRebalanceListener):
+    """Runs inside ``poll`` on the loop's thread: checks and seeks assigned ``interactions``
+    partitions, forgets revoked ones. A refusal is kept in ``fatal`` (kafka-python logs and
+    swallows exceptions raised here); the loop ends the process with it."""
 
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self.loop = loop
+        self.fatal: str | None = None
 
-def _fatal(message: str) -> None:
-    """Log ``message`` and end the process at once with ``EXIT_LOG_CHANGED``: continuing would
-    apply events against the wrong offsets, and faust's crash path does not exit non-zero."""
-    log.critical("%s", message)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_LOG_CHANGED)
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.loop.forget(revoked)
 
-
-def _install_store_seek(app: faust.App, services: WorkerServices, config: WorkerConfig) -> None:
-    """After each of faust's seeks to committed offsets, seek the assigned ``interactions``
-    partitions to the store's offsets (see the module docstring)."""
-    consumer = app.consumer
-    seek_to_committed = consumer.perform_seek
-    topic = services.topics.interactions
-
-    async def perform_seek() -> None:
-        await seek_to_committed()
-        assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
-        loop = asyncio.get_running_loop()
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        loop = self.loop
+        topic = loop.topics.interactions
+        interactions = [tp for tp in assigned if tp.topic == topic]
+        loop.forget(assigned)  # anything held of them predates this assignment
         try:
-            plan = await loop.run_in_executor(
-                None, plan_resume, services, config, [tp.partition for tp in assigned]
-            )
+            plan = plan_resume(loop.services, loop.config, [tp.partition for tp in interactions])
         except WorkerError as exc:
-            _fatal(str(exc))
+            self.fatal = str(exc)
             return
-        for tp in assigned:
-            await consumer.seek(tp, plan[tp.partition])
+        for tp in interactions:
+            loop.consumer.seek(tp, plan[tp.partition])
+        loop.paused.clear()
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
-    async def forget_revoked(sender: faust.App, revoked: set[Any], **kwargs: Any) -> None:
-        """A revoked partition's log must be checked again before anything of it is applied
-        (after a broker restart, the same partition may come back from another log)."""
-        for tp in revoked:
-            if tp.topic == topic:
+
+class ConsumerLoop:
+    """The worker's consume-process loop (see the module docstring); ``run`` until ``stop``."""
+
+    def __init__(self, services: WorkerServices, config: WorkerConfig) -> None:
+        self.services = services
+        self.config = config
+        self.topics = config.topics
+        self.gate = EventTimeGate()
+        self.paused: set[TopicPartition] = set()
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers,
+            group_id=config.group_id,
+            client_id=f"{config.group_id}-worker",
+            enable_auto_commit=True,
+            auto_offset_reset="earliest",
+            max_poll_records=config.batch_size,
+            max_poll_interval_ms=int(config.rebalance_timeout_s * 1000),
+            session_timeout_ms=int(config.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+            request_timeout_ms=int(max(config.timeout_s, config.session_timeout_s + 5) * 1000),
+            fetch_max_bytes=64 << 20,
+        )
+        self.rebalance = _Rebalance(self)
+        topics = self.topics
+        self.consumer.subscribe([topics.interactions, topics.impressions, topics.labels],
+                                listener=self.rebalance)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        """Drop the log check, the lag gauge and what the gate held of ``tps``."""
+        topics, services = self.topics, self.services
+        for tp in tps:
+            if tp.topic == topics.interactions:
                 services.log_ids.pop(tp.partition, None)
-                services.metrics.forget_partition(topic, tp.partition)
+                services.metrics.forget_partition(tp.topic, tp.partition)
+                self.gate.forget("interactions", tp.partition)
+            elif tp.topic == topics.labels:
+                self.gate.forget("labels", tp.partition)
+            else:
+                self.gate.forget_impressions(tp.partition)
+            self.paused.discard(tp)
 
-    consumer.perform_seek = perform_seek  # type: ignore[method-assign]
-    app.on_partitions_revoked.connect(forget_revoked)
+    def run(self, stop: threading.Event) -> int:
+        """Poll and process until ``stop`` is set; returns the exit status (0, or
+        ``EXIT_LOG_CHANGED`` when an assignment's log check refused)."""
+        next_lag = time.monotonic()
+        timeout_ms = max(1, int(self.config.batch_within_s * 1000))
+        while not stop.is_set():
+            polled = self.consumer.poll(timeout_ms=timeout_ms)
+            if self.rebalance.fatal is not None:
+                log.critical("%s", self.rebalance.fatal)
+                return EXIT_LOG_CHANGED
+            self.process(polled)
+            if time.monotonic() >= next_lag:
+                self.report_lag()
+                next_lag = time.monotonic() + self.config.lag_interval_s
+        return 0
 
+    def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        """Score the polled impressions, then apply and join what the gate releases."""
+        topics, services, gate = self.topics, self.services, self.gate
+        by_topic: dict[str, list[Record]] = {}
+        for tp, records in polled.items():
+            by_topic.setdefault(tp.topic, []).extend(
+                Record(tp.partition, r.offset, r.key, r.value, r.timestamp) for r in records
+            )
+        impressions = by_topic.get(topics.impressions, [])
+        if impressions:
+            handle_impressions(services, impressions)
+            gate.saw_impressions(impressions)
+        gate.hold("interactions", by_topic.get(topics.interactions, []))
+        gate.hold("labels", by_topic.get(topics.labels, []))
+        released = gate.release(self.impressions_idle)
+        if released["interactions"]:
+            handle_interactions(services, released["interactions"])
+        if released["labels"]:
+            handle_labels(services, released["labels"])
+        self.pause_full()
 
-def _install_lag_timer(app: faust.App, services: WorkerServices, config: WorkerConfig) -> None:
-    """Every ``lag_interval_s``, set the consumer lag of each assigned ``interactions``
-    partition: its high water (as of the consumer's last fetch: no broker request) minus the
-    next offset to apply (the store's). Partitions not fetched yet are left out."""
-    topic = services.topics.interactions
-
-    @app.timer(config.lag_interval_s, name="unirec_consumer_lag")
-    async def consumer_lag() -> None:
-        consumer = app.consumer
+    def impressions_idle(self, partition: int) -> bool:
+        """Whether ``impressions[partition]`` was read up to its end (as of the last fetch)."""
+        tp = TopicPartition(self.topics.impressions, partition)
+        end = self.consumer.highwater(tp)
+        if end is None:
+            return False
         try:
-            assigned = consumer.assignment()
-        except Exception:  # the consumer is not started yet
-            return
-        for tp in assigned:
+            return self.consumer.position(tp, timeout_ms=0) >= end
+        except Exception:  # not assigned (rebalancing) or position unknown yet
+            return False
+
+    def pause_full(self) -> None:
+        """Pause the held topics' partitions whose gate is over ``max_held``; resume the rest."""
+        limit = self.config.max_held
+        for kind, topic in (("interactions", self.topics.interactions),
+                            ("labels", self.topics.labels)):
+            for tp in self.consumer.assignment():
+                if tp.topic != topic:
+                    continue
+                full = self.gate.held(kind, tp.partition) >= limit
+                if full and tp not in self.paused:
+                    self.consumer.pause(tp)
+                    self.paused.add(tp)
+                elif not full and tp in self.paused:
+                    self.consumer.resume(tp)
+                    self.paused.discard(tp)
+
+    def report_lag(self) -> None:
+        """Set the lag gauge of each assigned ``interactions`` partition already fetched."""
+        topic, store, metrics = self.topics.interactions, self.services.store, \
+            self.services.metrics
+        for tp in self.consumer.assignment():
             if tp.topic != topic:
                 continue
-            try:
-                end = consumer.highwater(tp)
-            except Exception:  # no fetch yet (or rebalancing): nothing to report
-                continue
+            end = self.consumer.highwater(tp)
             if end is None:
                 continue
-            stored = services.store.offset(topic, tp.partition)
-            services.metrics.set_lag(topic, tp.partition,
-                                     end - (0 if stored is None else stored.next_offset))
+            stored = store.offset(topic, tp.partition)
+            metrics.set_lag(topic, tp.partition,
+                            end - (0 if stored is None else stored.next_offset))
+
+    def close(self) -> None:
+        self.consumer.close(timeout_ms=int(self.config.timeout_s * 1000))
 
 
-def build_app(services: WorkerServices, config: WorkerConfig,
-              executors: list[ThreadPoolExecutor] | None = None) -> faust.App:
-    """The faust app with the three agents; each agent's thread is appended to ``executors``
-    (shut them down, waiting, before closing the store)."""
-    app = faust.App(
-        config.group_id,
-        broker=f"kafka://{config.bootstrap_servers}",
-        web_port=config.web_port,
-        web_bind=config.web_bind,
-        web_enabled=True,
-        datadir=str(config.store_dir.parent / f"{config.store_dir.name}-faust"),
-        consumer_auto_offset_reset="earliest",
-        broker_rebalance_timeout=config.rebalance_timeout_s,
-        broker_session_timeout=config.session_timeout_s,
-        broker_heartbeat_interval=config.heartbeat_interval_s,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        **config.extra,
-    )
-    names = services.topics
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-           "value_serializer": "raw"}
-    within = timedelta(seconds=config.batch_within_s)
-    n = config.batch_size
+def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
+               stop: threading.Event | None = None) -> int:
+    """Run the worker until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status.
 
-    def agent(topic: str, handle: Callable[[WorkerServices, list[Record]], object]) -> None:
-        """An agent over ``topic`` whose batches run, in order, on a thread of its own: the
-        event loop (heartbeats, fetches, the other agents) is never blocked by torch."""
-        executor = ThreadPoolExecutor(  # torch's thread count is per OpenMP thread: set it
-            max_workers=1, thread_name_prefix=f"agent-{topic}",
-            initializer=torch.set_num_threads, initargs=(config.torch_threads,),
-        )
-        if executors is not None:
-            executors.append(executor)
-
-        async def process(stream: faust.StreamT) -> None:
-            loop = asyncio.get_running_loop()
-            async for events in stream.take_events(n, within=within):
-                await loop.run_in_executor(executor, handle, services, _records(events))
-
-        app.agent(app.topic(topic, **raw), name=topic)(process)
-
-    agent(names.interactions, handle_interactions)
-    agent(names.impressions, handle_impressions)
-    agent(names.labels, handle_labels)
-    _install_store_seek(app, services, config)
-    _install_lag_timer(app, services, config)
-    return app
-
-
-Hook = Callable[[faust.App, WorkerServices], None]
-
-
-def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = (),
-               metrics: WorkerMetrics | None = None) -> int:
-    """Run the worker until SIGTERM/SIGINT; returns the exit status.
-
-    ``metrics``: what the handlers count into (default: a new one); pass the one a hook
-    serves (e.g. ``stream.http_api.views_hook(metrics)``).
+    ``metrics``: what the handlers count into and ``GET /metrics`` renders (default: new).
 
     Raises ``WorkerError`` when it cannot start (no checkpoint, a store of another model, a
-    partition whose stored offsets belong to another log without ``reset_on_new_log``).
+    partition whose stored offsets belong to another log without ``reset_on_new_log``, a web
+    port in use).
     """
     torch.set_num_threads(config.torch_threads)
     if not config.checkpoint.is_file():
@@ -341,25 +369,42 @@ def run_worker(config: WorkerConfig, hooks: Sequence[Hook] = (),
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
     services = build_services(config, metrics)
-    executors: list[ThreadPoolExecutor] = []
+    stop = stop if stop is not None else threading.Event()
+    loop: ConsumerLoop | None = None
+    server: ApiServer | None = None
     try:
         # Fail fast, before joining the group, on every partition this store has applied.
         stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
         plan_resume(services, config, stored)
-        app = build_app(services, config, executors)
-        for hook in hooks:
-            hook(app, services)
-        worker = faust.Worker(app, loglevel=logging.getLevelName(logging.root.level),
-                              quiet=True, redirect_stdouts=False)
+        api = ApiServices(store=services.store, scorer=services.scorer,
+                          metrics=services.metrics,
+                          model_version=lambda: services.scorer.model_version)
         try:
-            worker.execute_from_commandline()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 0
-            return code
-        return 0
+            server = ApiServer(api, config.web_bind, config.web_port).start()
+        except OSError as exc:
+            raise WorkerError(f"cannot serve HTTP on {config.web_bind}:{config.web_port}: "
+                              f"{exc.strerror or exc}") from exc
+        loop = ConsumerLoop(services, config)
+        _stop_on_signals(stop)
+        return loop.run(stop)
     finally:
-        for executor in executors:  # let a batch being applied finish before closing
-            executor.shutdown(wait=True, cancel_futures=True)
+        if loop is not None:
+            loop.close()
         log.info("worker stopping: %s", services.summary())
         services.producer.close(timeout=config.timeout_s)
+        if server is not None:
+            server.stop()
         services.store.close()
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (main thread only; elsewhere the caller stops it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        log.info("%s: stopping after the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,9 +1,8 @@
-"""The HTTP API through a real server on a free 127.0.0.1 port (started and stopped here), the
-same handlers mounted on a faust App, and ``unirec state``'s snapshot logic."""
+"""The HTTP API through a real server on a free 127.0.0.1 port (started and stopped here), and
+``unirec state``'s snapshot logic."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import tempfile
@@ -11,7 +10,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -45,7 +43,6 @@ from stream.http_api import (
     fetch_state,
     handle,
     state_snapshot,
-    views_hook,
 )
 from stream.metrics import WorkerMetrics
 from stream.serving import ImpressionScorer
@@ -278,54 +275,6 @@ def test_an_unexpected_error_is_a_json_500_without_traceback(store: StateStore) 
     response = handle(ApiServices(store, drift=broken), "GET", "/drift")
     assert response.status == 500
     assert response.json() == {"error": "internal error in drift: RuntimeError: the twin fell over"}
-
-
-def test_the_views_mounted_on_a_faust_app_share_the_handlers(services: ApiServices,
-                                                             store: StateStore) -> None:
-    import aiohttp
-    import faust
-    from aiohttp import web
-
-    apply_events(store, ["u2"])
-    app = faust.App("unirec-http-test", broker="kafka://127.0.0.1:1", web_bind="127.0.0.1")
-    # As run_worker calls its hooks: (app, the worker's services).
-    worker = SimpleNamespace(store=store, scorer=services.scorer, model_version=VERSION)
-    mounted = views_hook(services.metrics)(app, worker)
-    assert mounted.metrics is services.metrics
-
-    async def run() -> list[tuple[int, Any]]:
-        runner = web.AppRunner(app.web.web_app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        base = f"http://127.0.0.1:{port}"
-        replies = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                for method, path, body in (
-                    ("GET", "/healthz", None),
-                    ("GET", "/users/u2/state", None),
-                    ("GET", "/users/nobody/state", None),
-                    ("POST", "/score", json.dumps(impression_body("u2")).encode()),
-                    ("POST", "/score", b"{}"),
-                    ("PUT", "/drift", b""),
-                ):
-                    async with session.request(method, base + path, data=body) as reply:
-                        replies.append((reply.status, json.loads(await reply.read())))
-        finally:
-            await runner.cleanup()
-        return replies
-
-    replies = asyncio.run(run())
-    assert [status for status, _ in replies] == [200, 200, 404, 200, 400, 405]
-    assert replies[0][1] == {"status": "ok", "model_version": VERSION}
-    assert replies[1][1]["update_count"] == 1
-    assert replies[3][1]["user_id"] == "u2"
-    assert "request_id" in replies[4][1]["error"]
-    # A hot swap of the scorer's weights shows in /healthz at once.
-    services.scorer.model_version = VERSION + 1
-    assert handle(mounted, "GET", "/healthz").json()["model_version"] == VERSION + 1
 
 
 def test_state_snapshot_reads_a_store_a_writer_holds_open(store: StateStore, store_dir: Path
