@@ -64,7 +64,9 @@ class ScoredImpression:
     dynamic, static: [C] probabilities in the order of ``impression.candidates``; ``static``
         is None without a static twin.
     read_s: seconds of the multi-get it was read in (shared by a batch), history decoding and
-        any state rebuild included; score_s: seconds scoring this impression.
+        any state rebuild included; score_s: seconds scoring this impression: impressions
+        with the same candidate count are scored together (one model call each for the live
+        model and the static twin), and each gets an equal share of that batch's time.
     """
 
     impression: Impression
@@ -77,6 +79,17 @@ class ScoredImpression:
     scores: Scores
     read_s: float
     score_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class _Read:
+    """What the multi-get gave one impression: its user's history, state ([d] float32, rebuilt
+    if stale), whether it was rebuilt, and the seconds of the read."""
+
+    history: list[Interaction]
+    state: np.ndarray
+    rebuilt: bool
+    read_s: float
 
 
 class ImpressionScorer:
@@ -110,45 +123,80 @@ class ImpressionScorer:
         return self.score_many([impression])[0]
 
     def score_many(self, impressions: Sequence[Impression]) -> list[ScoredImpression]:
-        """Score several impressions, reading all of their users in ONE multi-get."""
+        """Score several impressions, reading all of their users in ONE multi-get, in input
+        order. Impressions with the same candidate count are scored together (``Scorer.batches``:
+        one model call for the live model and one for the static twin per batch)."""
         start = time.perf_counter()
         users = list(dict.fromkeys(i.user_id for i in impressions))
         records = self.store.get_many(users, history=True)
         histories = [decode_history(rows) for rows in records.histories]
         stale = (~records.is_new) & (records.model_versions != self.model_version)
-        states = records.states
-        if stale.any():
-            rebuild = np.flatnonzero(stale).tolist()
-            states = states.copy()
-            states[rebuild] = unroll_states(
-                self.scorer.model,
-                self.scorer.featurizer,
-                [users[u] for u in rebuild],
-                [histories[u] for u in rebuild],
-                np.zeros((len(rebuild), states.shape[1]), dtype=np.float32),
-            )
+        states = self._current_states(users, histories, records.states, stale)
         read_s = time.perf_counter() - start
         position = {user: u for u, user in enumerate(users)}
-        scored = []
-        for impression in impressions:
-            u = position[impression.user_id]
-            scored.append(
-                self._score_one(impression, histories[u], states[u], bool(stale[u]), read_s)
-            )
-        return scored
+        reads = [
+            _Read(histories[u], states[u], bool(stale[u]), read_s)
+            for u in (position[i.user_id] for i in impressions)
+        ]
+        scored: dict[int, ScoredImpression] = {}
+        for batch in self.scorer.batches(impressions):
+            results = self._score_batch([impressions[i] for i in batch], [reads[i] for i in batch])
+            scored.update(zip(batch, results, strict=True))
+        return [scored[i] for i in range(len(impressions))]
 
-    def _score_one(
+    def _current_states(
+        self, users: list[str], histories: list[list[Interaction]], states: np.ndarray,
+        stale: np.ndarray,
+    ) -> np.ndarray:
+        """[U, d] states of ``users``, the ``stale`` ones ([U] bool) rebuilt in one batched
+        unroll of their histories under the current weights."""
+        if not stale.any():
+            return states
+        rebuild = np.flatnonzero(stale).tolist()
+        states = states.copy()
+        states[rebuild] = unroll_states(
+            self.scorer.model,
+            self.scorer.featurizer,
+            [users[u] for u in rebuild],
+            [histories[u] for u in rebuild],
+            np.zeros((len(rebuild), states.shape[1]), dtype=np.float32),
+        )
+        return states
+
+    def _score_batch(
+        self, impressions: list[Impression], reads: list[_Read]
+    ) -> list[ScoredImpression]:
+        """Score B impressions with one candidate count: one live and one static model call.
+
+        Each impression's ``score_s`` is its share (1/B) of the time of those calls.
+        """
+        start = time.perf_counter()
+        profiles = [self.profiles.get(i.user_id) for i in impressions]
+        histories = [r.history for r in reads]
+        dynamic = self.scorer.score_batch(impressions, histories, profiles,
+                                          [r.state for r in reads])
+        static = None
+        if self.static is not None:
+            static = self.static.score_batch(impressions, histories, profiles,
+                                             [None] * len(impressions))
+        share = (time.perf_counter() - start) / len(impressions)
+        return [
+            self._result(impression, profiles[b], reads[b], dynamic[b],
+                         None if static is None else static[b], share)
+            for b, impression in enumerate(impressions)
+        ]
+
+    def _result(
         self,
         impression: Impression,
-        history: list[Interaction],
-        state: np.ndarray,
-        rebuilt: bool,
-        read_s: float,
+        profile: UserProfile | None,
+        read: _Read,
+        dynamic: np.ndarray,
+        static: np.ndarray | None,
+        score_s: float,
     ) -> ScoredImpression:
-        start = time.perf_counter()
-        profile = self.profiles.get(impression.user_id)
-        dynamic = self.scorer.score(impression, history, profile, state)
-        static = None if self.static is None else self.static.score(impression, history, profile)
+        """The scored impression: ``dynamic`` and ``static`` are its [C] probabilities, ranked
+        into the ``scores`` payload by ``dynamic``, highest first."""
         ranked = np.argsort(-dynamic, kind="stable").tolist()
         items = [
             ScoredItem(
@@ -162,14 +210,14 @@ class ImpressionScorer:
         return ScoredImpression(
             impression=impression,
             profile=profile,
-            history=history,
-            state=state,
-            state_rebuilt=rebuilt,
+            history=read.history,
+            state=read.state,
+            state_rebuilt=read.rebuilt,
             dynamic=dynamic,
             static=static,
             scores=scores,
-            read_s=read_s,
-            score_s=time.perf_counter() - start,
+            read_s=read.read_s,
+            score_s=score_s,
         )
 
 

@@ -147,7 +147,56 @@ def test_a_batch_of_impressions_is_read_in_one_multi_get(
     batched = scorer.score_many(requests)
     assert reads == [["u0", "u1", "new"]]
     for a, b in zip(one_by_one, batched, strict=True):
-        assert a.scores == b.scores and a.history == b.history
+        assert_scored_alike(a, b)
+
+
+def assert_scored_alike(a: ScoredImpression, b: ScoredImpression, atol: float = 1e-5) -> None:
+    """``a`` and ``b`` scored the same impression from the same read, their probabilities
+    within ``atol`` (batched scoring, and a stale state rebuilt with other users' states, may
+    round differently from scoring alone)."""
+    assert a.impression is b.impression and a.profile == b.profile
+    assert a.history == b.history and a.state_rebuilt == b.state_rebuilt
+    np.testing.assert_allclose(a.state, b.state, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.dynamic, b.dynamic, rtol=0, atol=atol)
+    assert (a.static is None) == (b.static is None)
+    if a.static is not None:
+        np.testing.assert_allclose(a.static, b.static, rtol=0, atol=atol)
+    assert msgspec.structs.replace(a.scores, items=[]) == msgspec.structs.replace(b.scores,
+                                                                                  items=[])
+    assert [i.item_id for i in a.scores.items] == [i.item_id for i in b.scores.items]
+
+
+def test_a_batch_scores_by_candidate_count_in_input_order(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """score_many over impressions with candidate counts 5, 3, 5, 7, 3, 5 (a new user among
+    them) makes one live and one static model call per count, returns the impressions in input
+    order, each as scored alone (probabilities within 1e-5), with fresh and with stale (rebuilt)
+    states; impressions scored together share that batch's time equally."""
+    apply_events(store, ["u0", "u1", "u0", "u2", "u1"])
+    requests = [impression("a", "u0", 5), impression("bb", "u1", 3), impression("ccc", "new", 5),
+                impression("dddd", "u2", 7), impression("eeeee", "u0", 3),
+                impression("ffffff", "u1", 5)]
+    calls: list[tuple[str, int]] = []
+    for name, model in (("live", SCORER), ("static", TWIN)):
+        batch = model.score_batch
+        monkeypatch.setattr(model, "score_batch", lambda impressions, *args, _n=name, _f=batch:
+                            calls.append((_n, len(impressions))) or _f(impressions, *args))
+    for version in (1, 2):  # at version 2 every stored state is stale
+        scorer = ImpressionScorer(store, SCORER, version, PROFILES, static=TWIN)
+        one_by_one = [scorer.score(r) for r in requests]
+        calls.clear()
+        batched = scorer.score_many(requests)
+        assert calls == [("live", 3), ("static", 3), ("live", 2), ("static", 2),
+                         ("live", 1), ("static", 1)]
+        assert [s.impression for s in batched] == requests
+        for a, b in zip(one_by_one, batched, strict=True):
+            assert_scored_alike(a, b)
+        assert [s.state_rebuilt for s in batched] == [
+            version == 2 and r.user_id != "new" for r in requests
+        ]
+        shares = [s.score_s for s in batched]
+        assert shares[0] == shares[2] == shares[5] > 0 and shares[1] == shares[4] > 0
 
 
 def test_a_stale_state_scores_as_rebuilt_from_the_history(store: StateStore) -> None:
