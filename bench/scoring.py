@@ -16,6 +16,12 @@ in the same run:
 - ``speedup_p50``: reference p50 / cached p50 (whole call), and ``max_abs_diff`` between the
   probabilities of the two paths (``max_abs_diff_logits`` on the model-only logits).
 
+With ``--batch B [B ...]`` it measures batched serving instead: for every (n, C) case and each
+B, one ``Scorer.score_many`` call over B impressions of different users (own histories,
+states, contexts; C candidates each), end to end; it reports impressions/s and candidates/s at
+the p50 latency, the speedup over B = 1, and ``max_abs_diff_vs_alone`` between the batched
+probabilities and ``Scorer.score`` on each impression alone.
+
 Every measurement runs under ``torch.no_grad`` in eval mode, after warm-up calls, then repeats
 until it has ``--min-reps`` samples and ``--budget`` seconds are spent (at most ``--max-reps``),
 so slow cases (the reference at C=512, n=256 takes seconds on a CPU) get fewer repetitions; each
@@ -27,6 +33,7 @@ Prints one JSON document on stdout; progress goes to stderr.
     python bench/scoring.py                   # full grid, a few minutes on a 2-core CPU
     python bench/scoring.py --quick           # n=64 only, 1 warm-up + 2 calls: a smoke test
     python bench/scoring.py --device cuda --n 256 --candidates 512 --out scoring.json
+    python bench/scoring.py --n 50 --candidates 10 --batch 1 16 64 --threads 1   # batched serving
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +359,83 @@ def run_case(scorer: Scorer, request: Request, settings: Settings) -> dict[str, 
     }
 
 
+def score_many_call(scorer: Scorer, requests: Sequence[Request]) -> Callable[[], Any]:
+    """One ``Scorer.score_many`` call over ``requests`` (arguments prepared once)."""
+    impressions, histories, profiles, states = (
+        list(column) for column in zip(*(r.args() for r in requests), strict=True)
+    )
+    return lambda: scorer.score_many(impressions, histories, profiles, states)
+
+
+def run_batched_case(
+    scorer: Scorer, requests: Sequence[Request], batches: Sequence[int], settings: Settings
+) -> list[dict[str, Any]]:
+    """One ``score_many`` call per batch size B over the first B of ``requests`` (one
+    candidate count C, at least max(batches) requests), timed interleaved; one row per B with
+    its latency, impressions/s and candidates/s at the p50, and its largest difference from
+    scoring each impression alone."""
+    n_cands = len(requests[0].impression.candidates)
+    calls = {b: score_many_call(scorer, requests[:b]) for b in batches}
+    timings = measure(calls, settings, synchronizer(scorer.device))
+    alone = [scorer.score(*r.args()) for r in requests[: max(batches)]]
+    smallest = min(batches)
+    base_p50 = timings[smallest].p50
+    rows = []
+    for b, timing in timings.items():
+        per_call_s = timing.p50 / 1e3
+        rows.append({
+            "batch": b,
+            **timing.summary(),
+            "impressions_per_s": round(b / per_call_s, 1),
+            "candidates_per_s": round(b * n_cands / per_call_s, 1),
+            # impressions/s relative to the smallest batch size's
+            "speedup_vs_smallest_batch": round(base_p50 * b / (timing.p50 * smallest), 2),
+            "max_abs_diff_vs_alone": max(
+                max_abs_diff(batched, single)
+                for batched, single in zip(timing.result, alone[:b], strict=True)
+            ),
+        })
+    return rows
+
+
+def run_batched(
+    device: torch.device,
+    ns: Sequence[int],
+    counts: Sequence[int],
+    batches: Sequence[int],
+    settings: Settings,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The batched-serving benchmark as one JSON-ready document."""
+    started, load_before = time.perf_counter(), os.getloadavg()
+    rng = np.random.default_rng(seed)
+    catalog = Catalog(rng)
+    spec = fit_spec(rng, catalog)
+    base = ModelConfig()
+    cases = []
+    for n in ns:
+        torch.manual_seed(seed)
+        scorer = Scorer(UniRecModel(replace(base, history_len=n), spec), device=device,
+                        max_batch=max(batches))
+        for n_cands in counts:
+            requests = [make_request(rng, catalog, n, n_cands, base.d_model)
+                        for _ in range(max(batches))]
+            for row in run_batched_case(scorer, requests, batches, settings):
+                log.info("n=%d C=%d B=%d: p50 %.2f ms, %.1f impressions/s, %.1f candidates/s",
+                         n, n_cands, row["batch"], row["p50_ms"], row["impressions_per_s"],
+                         row["candidates_per_s"])
+                cases.append({"n": n, "candidates": n_cands, **row})
+    return {
+        **environment(device),
+        "mode": "batched",
+        "config": {**base.to_dict(), "history_len": list(ns)},
+        "settings": {**asdict(settings), "seed": seed},
+        "cases": cases,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "load_avg_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
+    }
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -512,12 +596,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="torch.set_num_threads (default: torch's own choice)",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batched mode: impressions per score_many call (e.g. 1 16 64)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = list(QUICK_N if args.quick else HISTORY_LENGTHS)
-    if min(args.n) < 1 or min(args.candidates) < 1:
-        parser.error("--n and --candidates must be positive")
+    if min(args.n) < 1 or min(args.candidates) < 1 or min(args.batch or [1]) < 1:
+        parser.error("--n, --candidates and --batch must be positive")
     if args.min_reps < 1 or args.max_reps < args.min_reps:
         parser.error("need 1 <= --min-reps <= --max-reps")
     return args
@@ -535,7 +626,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     log.info("scoring benchmark on %s, n=%s, C=%s", device, args.n, args.candidates)
-    result = run(device, args.n, args.candidates, settings, args.seed)
+    if args.batch:
+        result = run_batched(device, args.n, args.candidates, sorted(set(args.batch)), settings,
+                             args.seed)
+    else:
+        result = run(device, args.n, args.candidates, settings, args.seed)
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")
