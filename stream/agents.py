@@ -10,7 +10,8 @@ place the worker counts anything: ``summary`` reads its totals back for the clos
   before the store write (at least once, never lost);
 - ``handle_impressions`` decodes, scores all valid impressions with ONE multi-get, publishes
   the ``Scores`` keyed by user id and adds each to the feedback window;
-- ``handle_labels`` decodes and joins the labels through the ``LabelBuffer``.
+- ``handle_labels`` decodes and joins the labels through the ``LabelBuffer``, and feeds the
+  joined examples to the ``DriftTracker`` when the worker has one (a static twin runs).
 
 The user-state norm histogram (``WorkerMetrics.observe_state_norms``) is not fed: an
 ``ApplyReport`` does not carry the states it wrote.
@@ -29,8 +30,9 @@ from eventlog.schema import Impression, Label
 from state_store import StateStore
 from stream.applier import ApplyReport, InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
+from stream.drift import DriftTracker
 from stream.metrics import WorkerMetrics
-from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
+from stream.serving import FeedbackWindow, ImpressionScorer, JoinedExample, LabelBuffer
 from stream.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class WorkerServices:
     checked, removed when it is revoked; records of a partition without one are not applied.
     ``last_reports`` keeps each partition's latest ``ApplyReport`` (latency, stages).
     ``metrics`` counts everything the handlers do (the HTTP API's ``/metrics`` renders it).
+    ``drift``: the live model against its static twin (None: no twin).
     """
 
     store: StateStore
@@ -69,6 +72,7 @@ class WorkerServices:
     topics: TopicNames
     model_version: int
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    drift: DriftTracker | None = None
     log_ids: dict[int, str] = field(default_factory=dict)
     last_reports: dict[int, ApplyReport] = field(default_factory=dict)
 
@@ -157,6 +161,7 @@ def handle_impressions(services: WorkerServices, records: Sequence[Record]) -> i
     metrics = services.metrics
     if scored:
         metrics.observe_store_read(scored[0].read_s)  # the batch's one multi-get
+    metrics.count_stale_rebuilt("score", sum(item.state_rebuilt for item in scored))
     for item in scored:
         metrics.observe_scoring(len(item.impression.candidates), item.score_s)
         services.producer.send(
@@ -170,16 +175,20 @@ def handle_impressions(services: WorkerServices, records: Sequence[Record]) -> i
 def handle_labels(services: WorkerServices, records: Sequence[Record]) -> int:
     """Join one micro-batch of ``labels`` with the scored impressions; returns joined count."""
     topic = services.topics.labels
-    joined = unmatched = 0
+    joined: list[JoinedExample] = []
+    unmatched = 0
     for partition, consumed in by_partition(records).items():
         valid, dead = decode_records(Label, topic, partition, consumed)
         if dead:
             services.reject(topic, dead)
         for _, label in valid:
-            if services.labels.offer(label) is None:
+            example = services.labels.offer(label)
+            if example is None:
                 unmatched += 1
             else:
-                joined += 1
+                joined.append(example)
+    if services.drift is not None:
+        services.drift.update(joined)
     services.metrics.count_consumed(topic, len(records))
-    services.metrics.observe_labels(joined, unmatched)
-    return joined
+    services.metrics.observe_labels(len(joined), unmatched)
+    return len(joined)

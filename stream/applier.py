@@ -170,6 +170,13 @@ class InteractionApplier:
         self.model_version = model_version
         self.featurizer = Featurizer(model.spec)
 
+    def swap(self, model: UniRecModel, model_version: int) -> None:
+        """Apply with ``model`` as ``model_version`` from the next batch on (call between
+        batches, from the thread that calls ``apply``)."""
+        check_state_dim(self.store, model)
+        self.model, self.model_version = model, model_version
+        self.featurizer = Featurizer(model.spec)
+
     def apply(
         self,
         topic: str,

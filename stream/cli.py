@@ -10,6 +10,8 @@
     unirec worker [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--store DIR]
                  [--partitions P] [--batch-size N] [--batch-within S] [--web-port PORT]
                  [--reset-on-new-log]       (serves the HTTP API on 127.0.0.1:PORT)
+                 [--no-train] [--versions-dir DIR] [--checkpoint-every N]
+                 [--static-checkpoint PATH] [--drift-threshold D]
     unirec state USER_ID [--api URL | --store DIR]   a user's state snapshot as JSON
 """
 
@@ -33,6 +35,7 @@ from model.checkpoint import CheckpointError, load, save
 from model.config import ModelConfig
 from model.experiment import Budget
 from model.kinds import MODEL_KINDS
+from model.online import OnlineConfig
 from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.config import Settings, SettingsError
@@ -337,6 +340,43 @@ def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
     worker.add_argument("--reset-on-new-log", action="store_true",
                         help="consume a changed log (new broker, recreated topic) from its start")
+    worker.add_argument("--no-train", action="store_true",
+                        help="do not fine-tune here (another process publishes versions)")
+    _add_learning_flags(worker)
+
+
+def _add_learning_flags(parser: argparse.ArgumentParser) -> None:
+    """Online learning and drift flags shared by ``worker`` and ``trainer``."""
+    online = OnlineConfig()
+    parser.add_argument("--versions-dir", type=Path,
+                        help="model versions directory (default: <store>-versions)")
+    parser.add_argument("--checkpoint-every", type=int, default=online.checkpoint_every,
+                        help="accepted online steps between two published model versions")
+    parser.add_argument("--train-batch-size", type=int, default=online.batch_size)
+    parser.add_argument("--train-lr", type=float, default=online.lr)
+    parser.add_argument("--no-student", action="store_true",
+                        help="do not train the static student (no imitation loss)")
+    parser.add_argument("--static-checkpoint", type=Path,
+                        help="the static twin's checkpoint (default: the --checkpoint model)")
+    parser.add_argument("--drift-threshold", type=float,
+                        help="alert when the surrogate distance D_1000 exceeds this")
+
+
+def _learning_config(args: argparse.Namespace) -> dict:
+    """The ``WorkerConfig`` fields of ``_add_learning_flags``."""
+    from stream.drift import DriftConfig
+    from stream.learner import LearnerConfig
+
+    if args.checkpoint_every < 1 or args.train_batch_size < 1 or args.train_lr <= 0:
+        raise CliError("--checkpoint-every, --train-batch-size and --train-lr must be positive")
+    online = OnlineConfig(lr=args.train_lr, batch_size=args.train_batch_size,
+                          checkpoint_every=args.checkpoint_every)
+    return {
+        "versions_dir": args.versions_dir,
+        "static_checkpoint": args.static_checkpoint,
+        "learner": LearnerConfig(online=online, student=not args.no_student),
+        "drift": DriftConfig(threshold=args.drift_threshold),
+    }
 
 
 def run_worker_command(args: argparse.Namespace) -> None:
@@ -364,6 +404,8 @@ def run_worker_command(args: argparse.Namespace) -> None:
         group_id=args.group_id,
         topic_prefix=args.topic_prefix,
         timeout_s=args.timeout,
+        train=not args.no_train,
+        **_learning_config(args),
     )
     metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it
     try:

@@ -42,6 +42,17 @@ def candidate_bucket(n_candidates: int) -> str:
     return ">512"
 
 
+def refusal_class(reason: str) -> str:
+    """The ``reason`` label of a refused training step: the reason's words before any figure
+    (``non-finite loss``, ``non-finite gradient``, ``exploding loss``)."""
+    words = []
+    for word in reason.split():
+        if any(ch.isdigit() for ch in word):
+            break
+        words.append(word)
+    return " ".join(words) or "other"
+
+
 def reason_class(reason: str) -> str:
     """The ``reason`` label of a dead letter: ``schema`` (does not decode or validate),
     ``key`` (its record key is not its user id) or ``other``."""
@@ -146,6 +157,48 @@ class WorkerMetrics:
             "Surrogate distance between the live model and the static twin.", ["window"],
             registry=r,
         )
+        self.train_refused = Counter(
+            "unirec_train_refused", "Online trainer updates refused (weights kept), by reason.",
+            ["reason"], registry=r,
+        )
+        self.versions_skipped = Counter(
+            "unirec_model_versions_skipped",
+            "Announced model versions not loaded (unreadable or corrupt).", registry=r,
+        )
+        self.stale_states_rebuilt = Counter(
+            "unirec_stale_states_rebuilt",
+            "User states of an older model version rebuilt from history, by path "
+            "(apply: rebuilt and stored; score: rebuilt in memory to score).",
+            ["path"], registry=r,
+        )
+        self.online_logloss = Gauge(
+            "unirec_online_logloss", "Online LogLoss over labelled impressions.", ["model"],
+            registry=r,
+        )
+        self.score_abs_diff = Gauge(
+            "unirec_score_abs_diff",
+            "Mean |p_dynamic - p_static| over the window's predictions.", ["window"], registry=r,
+        )
+        self.score_psi = Gauge(
+            "unirec_score_psi",
+            "Population stability index between the live and static score distributions.",
+            ["window"], registry=r,
+        )
+        self.score_js = Gauge(
+            "unirec_score_js",
+            "Jensen-Shannon divergence between the live and static score distributions.",
+            ["window"], registry=r,
+        )
+        self.student_imitation_loss = Gauge(
+            "unirec_student_imitation_loss",
+            "Static student's imitation loss (symmetric KL to the live model): an upper "
+            "bound on the surrogate distance's infimum over static predictors.", ["window"],
+            registry=r,
+        )
+        self.drift_alert = Gauge(
+            "unirec_drift_alert", "1 while the surrogate distance is above the alert threshold.",
+            registry=r,
+        )
         self.labels_joined = Counter(
             "unirec_labels_joined", "Labels joined with a scored impression.", registry=r
         )
@@ -174,6 +227,7 @@ class WorkerMetrics:
             self.apply_stage_duration.labels(stage).observe(seconds)
         self.store_read_duration.observe(stages.read_s)
         self.store_write_duration.observe(stages.write_s)
+        self.count_stale_rebuilt("apply", report.rebuilt)
         if report.last_offset >= 0:
             self.applied_offset.labels(topic, str(partition)).set(report.last_offset)
 
@@ -233,6 +287,36 @@ class WorkerMetrics:
         """``steps`` optimizer steps taken, the last one's loss ``loss``."""
         self.train_steps.inc(steps)
         self.train_loss.set(loss)
+
+    def count_refused(self, reason: str) -> None:
+        """One refused training step (``reason`` as the trainer gave it)."""
+        self.train_refused.labels(refusal_class(reason)).inc()
+
+    def count_stale_rebuilt(self, path: str, n: int) -> None:
+        """``n`` stale states rebuilt on ``path`` (``apply`` or ``score``)."""
+        if n:
+            self.stale_states_rebuilt.labels(path).inc(n)
+
+    def set_drift(self, report: dict, imitation: dict[int, float | None]) -> None:
+        """Export a ``DriftMonitor.report()``: per window D_T, mean |diff|, PSI and JS; online
+        AUC and LogLoss of both models over the largest window; the alert; and the student's
+        imitation loss per window (``imitation``). None figures are left unset."""
+        windows = report["windows"]
+        for window, figures in windows.items():
+            for gauge, key in ((self.surrogate_distance, "distance"),
+                               (self.score_abs_diff, "mean_abs_diff"),
+                               (self.score_psi, "psi"), (self.score_js, "js")):
+                if figures[key] is not None:
+                    gauge.labels(str(window)).set(figures[key])
+        largest = windows[max(windows)]
+        self.set_online_auc(largest["auc_dynamic"], largest["auc_static"])
+        for model in ("dynamic", "static"):
+            if largest[f"logloss_{model}"] is not None:
+                self.online_logloss.labels(model).set(largest[f"logloss_{model}"])
+        self.drift_alert.set(1 if report["alert"] else 0)
+        for window, loss in imitation.items():
+            if loss is not None:
+                self.student_imitation_loss.labels(str(window)).set(loss)
 
     def set_online_auc(self, dynamic: float | None, static: float | None = None) -> None:
         """The online AUC of the live model and of the static twin (None: not known yet)."""

@@ -101,6 +101,10 @@ class ImpressionScorer:
     the static twin: it scores every impression in shadow with the same history and no user
     state (a zero state), standing for MODEL.md's frozen model. ``profiles`` maps user ids to
     profiles (a user without one scores with missing profile fields).
+
+    ``swap(scorer, version)`` replaces the live model from any thread: the (scorer, version)
+    pair is one reference, read once per ``score_many``, so a call scores (and stamps) every
+    impression with one version, never a mix; weights are never changed in place.
     """
 
     def __init__(
@@ -113,10 +117,22 @@ class ImpressionScorer:
     ) -> None:
         check_state_dim(store, scorer.model)
         self.store = store
-        self.scorer = scorer
-        self.model_version = model_version
+        self._live = (scorer, model_version)
         self.profiles: Mapping[str, UserProfile] = profiles if profiles is not None else {}
         self.static = static
+
+    @property
+    def scorer(self) -> Scorer:
+        return self._live[0]
+
+    @property
+    def model_version(self) -> int:
+        return self._live[1]
+
+    def swap(self, scorer: Scorer, model_version: int) -> None:
+        """Serve ``scorer``'s model as ``model_version`` from the next ``score_many`` on."""
+        check_state_dim(self.store, scorer.model)
+        self._live = (scorer, model_version)
 
     def score(self, impression: Impression) -> ScoredImpression:
         """Score one impression (one multi-get)."""
@@ -127,11 +143,12 @@ class ImpressionScorer:
         order. Impressions with the same candidate count are scored together (``Scorer.batches``:
         one model call for the live model and one for the static twin per batch)."""
         start = time.perf_counter()
+        scorer, version = self._live
         users = list(dict.fromkeys(i.user_id for i in impressions))
         records = self.store.get_many(users, history=True)
         histories = [decode_history(rows) for rows in records.histories]
-        stale = (~records.is_new) & (records.model_versions != self.model_version)
-        states = self._current_states(users, histories, records.states, stale)
+        stale = (~records.is_new) & (records.model_versions != version)
+        states = self._current_states(scorer, users, histories, records.states, stale)
         read_s = time.perf_counter() - start
         position = {user: u for u, user in enumerate(users)}
         reads = [
@@ -139,14 +156,16 @@ class ImpressionScorer:
             for u in (position[i.user_id] for i in impressions)
         ]
         scored: dict[int, ScoredImpression] = {}
-        for batch in self.scorer.batches(impressions):
-            results = self._score_batch([impressions[i] for i in batch], [reads[i] for i in batch])
+        for batch in scorer.batches(impressions):
+            results = self._score_batch(scorer, version, [impressions[i] for i in batch],
+                                        [reads[i] for i in batch])
             scored.update(zip(batch, results, strict=True))
         return [scored[i] for i in range(len(impressions))]
 
+    @staticmethod
     def _current_states(
-        self, users: list[str], histories: list[list[Interaction]], states: np.ndarray,
-        stale: np.ndarray,
+        scorer: Scorer, users: list[str], histories: list[list[Interaction]],
+        states: np.ndarray, stale: np.ndarray,
     ) -> np.ndarray:
         """[U, d] states of ``users``, the ``stale`` ones ([U] bool) rebuilt in one batched
         unroll of their histories under the current weights."""
@@ -155,8 +174,8 @@ class ImpressionScorer:
         rebuild = np.flatnonzero(stale).tolist()
         states = states.copy()
         states[rebuild] = unroll_states(
-            self.scorer.model,
-            self.scorer.featurizer,
+            scorer.model,
+            scorer.featurizer,
             [users[u] for u in rebuild],
             [histories[u] for u in rebuild],
             np.zeros((len(rebuild), states.shape[1]), dtype=np.float32),
@@ -164,7 +183,7 @@ class ImpressionScorer:
         return states
 
     def _score_batch(
-        self, impressions: list[Impression], reads: list[_Read]
+        self, scorer: Scorer, version: int, impressions: list[Impression], reads: list[_Read]
     ) -> list[ScoredImpression]:
         """Score B impressions with one candidate count: one live and one static model call.
 
@@ -173,7 +192,7 @@ class ImpressionScorer:
         start = time.perf_counter()
         profiles = [self.profiles.get(i.user_id) for i in impressions]
         histories = [r.history for r in reads]
-        dynamic = self.scorer.score_batch(impressions, histories, profiles,
+        dynamic = scorer.score_batch(impressions, histories, profiles,
                                           [r.state for r in reads])
         static = None
         if self.static is not None:
@@ -181,13 +200,14 @@ class ImpressionScorer:
                                              [None] * len(impressions))
         share = (time.perf_counter() - start) / len(impressions)
         return [
-            self._result(impression, profiles[b], reads[b], dynamic[b],
+            self._result(version, impression, profiles[b], reads[b], dynamic[b],
                          None if static is None else static[b], share)
             for b, impression in enumerate(impressions)
         ]
 
+    @staticmethod
     def _result(
-        self,
+        version: int,
         impression: Impression,
         profile: UserProfile | None,
         read: _Read,
@@ -206,7 +226,7 @@ class ImpressionScorer:
             )
             for c in ranked
         ]
-        scores = Scores(impression.request_id, impression.user_id, self.model_version, items)
+        scores = Scores(impression.request_id, impression.user_id, version, items)
         return ScoredImpression(
             impression=impression,
             profile=profile,

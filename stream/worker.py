@@ -31,6 +31,18 @@ from the CLI) and again after every assignment (a refusal then ends the process 
 3: e.g. an embedded broker restarted under a running worker). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
+Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift``): unless
+``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
+labels and publishes versions to ``versions_dir``, announced on ``model-updates`` (one
+publisher per directory: of several workers sharing one, at most one trains). Every
+worker reads ``model-updates`` outside its group and swaps an announced version in between two
+batches. At start it serves the newest readable version of ``versions_dir`` (a training worker
+with an empty directory publishes its checkpoint there as the first version). The static twin,
+the ``--checkpoint`` model (or ``static_checkpoint``) frozen at start, scores every impression
+in shadow with a zero user state (MODEL.md's "or none": a per-user snapshot of every state at
+deploy time would cost a copy of the store, and users first seen later have none); the joined
+labels feed the ``DriftTracker`` behind ``GET /drift`` and the drift metrics.
+
 The HTTP API (``stream.http_api``) is served on ``web_bind:web_port`` from a thread of its
 own; every ``lag_interval_s`` the loop sets the consumer lag of each assigned
 ``interactions`` partition (the fetched high water minus the store's next offset).
@@ -40,12 +52,13 @@ server and the store are closed in that order.
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +67,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
 from model.checkpoint import CheckpointError, load
 from model.scorer import Scorer
+from model.versions import VersionStore
 from state_store import LogMismatchError, StateStore, StoreConfig
 from stream.agents import (
     Record,
@@ -63,9 +77,12 @@ from stream.agents import (
     handle_labels,
 )
 from stream.applier import InteractionApplier
+from stream.drift import DriftConfig, DriftTracker
 from stream.gate import EventTimeGate
 from stream.http_api import ApiServer, ApiServices
+from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
+from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.producer import open_producer
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
@@ -109,9 +126,24 @@ class WorkerConfig:
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
     max_held: int = 8192  # records the gate may hold per partition before it is paused
 
+    train: bool = True  # run the online learner in this worker
+    versions_dir: Path | None = None  # default: versions_dir_of(store_dir)
+    static_checkpoint: Path | None = None  # the static twin (default: the checkpoint)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+
     @property
     def topics(self) -> TopicNames:
         return TopicNames.with_prefix(self.topic_prefix)
+
+    @property
+    def versions(self) -> Path:
+        return self.versions_dir or versions_dir_of(self.store_dir)
+
+
+def versions_dir_of(store_dir: Path) -> Path:
+    """The default model versions directory: ``<store>-versions``, next to the store."""
+    return store_dir.with_name(f"{store_dir.name}-versions")
 
 
 def model_version_of(meta: dict[str, Any]) -> int:
@@ -135,6 +167,14 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     except CheckpointError as exc:
         raise WorkerError(f"{exc} (train a model first, e.g. `unirec train`)") from exc
     version = model_version_of(meta)
+    try:
+        static = load(config.static_checkpoint, device)[0] if config.static_checkpoint \
+            else copy.deepcopy(model)
+        model, version = starting_model(VersionStore(config.versions, config.learner.keep_versions),
+                                        model, version, device, publish=config.train)
+    except CheckpointError as exc:
+        raise WorkerError(f"cannot load the static twin or the latest model version: {exc}"
+                          ) from exc
     store_config = StoreConfig(state_dim=model.cfg.d_model, history_len=model.cfg.history_len)
     try:
         store = StateStore.open(config.store_dir, store_config)
@@ -153,13 +193,15 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     return WorkerServices(
         store=store,
         applier=InteractionApplier(store, model, version),
-        scorer=ImpressionScorer(store, Scorer(model, device), version),
+        scorer=ImpressionScorer(store, Scorer(model, device), version,
+                               static=Scorer(static, device)),
         window=window,
         labels=LabelBuffer(window, config.label_capacity),
         producer=producer,
         topics=config.topics,
         model_version=version,
         metrics=metrics,
+        drift=DriftTracker(metrics, config.drift),
     )
 
 
@@ -230,9 +272,11 @@ class _Rebalance(ConsumerRebalanceListener):
 class ConsumerLoop:
     """The worker's consume-process loop (see the module docstring); ``run`` until ``stop``."""
 
-    def __init__(self, services: WorkerServices, config: WorkerConfig) -> None:
+    def __init__(self, services: WorkerServices, config: WorkerConfig,
+                 between_batches: Callable[[], None] | None = None) -> None:
         self.services = services
         self.config = config
+        self.between_batches = between_batches
         self.topics = config.topics
         self.gate = EventTimeGate()
         self.paused: set[TopicPartition] = set()
@@ -279,6 +323,8 @@ class ConsumerLoop:
                 log.critical("%s", self.rebalance.fatal)
                 return EXIT_LOG_CHANGED
             self.process(polled)
+            if self.between_batches is not None:
+                self.between_batches()
             if time.monotonic() >= next_lag:
                 self.report_lag()
                 next_lag = time.monotonic() + self.config.lag_interval_s
@@ -372,24 +418,44 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
     stop = stop if stop is not None else threading.Event()
     loop: ConsumerLoop | None = None
     server: ApiServer | None = None
+    listener: UpdateListener | None = None
+    learner_thread: threading.Thread | None = None
     try:
         # Fail fast, before joining the group, on every partition this store has applied.
         stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
         plan_resume(services, config, stored)
+        drift = services.drift
         api = ApiServices(store=services.store, scorer=services.scorer,
-                          metrics=services.metrics,
+                          metrics=services.metrics, drift=None if drift is None else drift.report,
                           model_version=lambda: services.scorer.model_version)
         try:
             server = ApiServer(api, config.web_bind, config.web_port).start()
         except OSError as exc:
             raise WorkerError(f"cannot serve HTTP on {config.web_bind}:{config.web_port}: "
                               f"{exc.strerror or exc}") from exc
-        loop = ConsumerLoop(services, config)
+        versions = VersionStore(config.versions, config.learner.keep_versions)
+        listener = UpdateListener(config.bootstrap_servers, topics.model_updates,
+                                  config.timeout_s)
+        hot_swap = HotSwap(services, versions, torch.device(config.device))
+        if config.train:
+            learner = OnlineLearner(
+                services.scorer.scorer.model, services.labels, versions,
+                lambda update: announce(services.producer, topics.model_updates, update),
+                services.metrics, config.learner, services.drift,
+            )
+            learner_thread = learner.start(stop)
+        poll_updates = listener.poll
+        loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()))
         _stop_on_signals(stop)
         return loop.run(stop)
     finally:
+        stop.set()
+        if learner_thread is not None:
+            learner_thread.join(timeout=config.timeout_s)
         if loop is not None:
             loop.close()
+        if listener is not None:
+            listener.close()
         log.info("worker stopping: %s", services.summary())
         services.producer.close(timeout=config.timeout_s)
         if server is not None:

@@ -92,7 +92,7 @@ class Worker:
             "--store", str(store), "--partitions", str(PARTITIONS),
             "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
             "--web-port", str(self.web_port), "--batch-size", "64", "--batch-within", "0.05",
-            *extra,
+            "--no-train", *extra,
         ]
         self.log_path = log_path
         self._log = log_path.open("ab")

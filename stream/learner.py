@@ -1,0 +1,146 @@
+"""The online learner: fine-tunes a private copy of the model on joined labels and publishes
+model versions.
+
+``OnlineLearner`` runs on a thread of its own. Each round it takes up to ``take_max`` joined
+examples from the ``LabelBuffer``, adds them to its ``OnlineTrainer`` (``model.online``: replay,
+clipping, the guard that refuses NaN/inf/exploding updates) and takes every step that is
+ready; the static student (``model.student``) distils the live scores of the same examples.
+Every ``checkpoint_every`` accepted steps the trained copy is published as the next version
+(``VersionStore.publish``: write, fsync, rename) and announced through ``announce`` (the
+worker sends it to ``model-updates``; scorers swap it in,
+``stream.model_updates``). The learner trains its own deep copy: no scorer ever reads the
+object being trained.
+
+Metrics: steps and last loss (``unirec_train_steps_total``, ``unirec_train_loss``), refusals
+by reason (``unirec_train_refused_total``); the student's imitation loss goes to the
+``DriftTracker``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from model.backbone import UniRecModel
+from model.online import OnlineConfig, OnlineExample, OnlineTrainer
+from model.student import StaticStudent
+from model.versions import VersionStore
+from stream.drift import DriftTracker
+from stream.metrics import WorkerMetrics
+from stream.model_updates import ModelUpdate
+from stream.serving import JoinedExample, LabelBuffer
+
+log = logging.getLogger(__name__)
+
+
+def online_example(joined: JoinedExample) -> OnlineExample:
+    """The training example of a joined label (target: the label)."""
+    return OnlineExample(joined.impression, joined.candidate, joined.history, joined.profile,
+                         float(joined.label.label))
+
+
+def student_example(joined: JoinedExample) -> OnlineExample:
+    """The student's example of a joined label (target: the live model's served score)."""
+    return OnlineExample(joined.impression, joined.candidate, joined.history, joined.profile,
+                         joined.score)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The trainer's hyperparameters (``online``; its ``checkpoint_every`` sets the version
+    cadence), whether a static student is trained, the most examples taken per round, the
+    seconds to wait when no label is waiting, and the versions kept on disk."""
+
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    student: bool = True
+    take_max: int = 1024
+    idle_s: float = 0.05
+    keep_versions: int = 5
+
+
+class OnlineLearner:
+    """Fine-tunes a copy of ``model`` on ``labels`` and publishes versions (module docstring).
+
+    Readable state: ``trainer`` (steps, refusals, pending), ``version`` (the last published,
+    or None), ``examples`` (joined examples taken so far).
+    """
+
+    def __init__(
+        self,
+        model: UniRecModel,
+        labels: LabelBuffer,
+        versions: VersionStore,
+        announce: Callable[[ModelUpdate], None],
+        metrics: WorkerMetrics,
+        cfg: LearnerConfig | None = None,
+        drift: DriftTracker | None = None,
+    ) -> None:
+        self.cfg = cfg = cfg or LearnerConfig()
+        self.model = copy.deepcopy(model)
+        self.labels = labels
+        self.versions = versions
+        self.announce = announce
+        self.metrics = metrics
+        self.drift = drift
+        self.trainer = OnlineTrainer(self.model, cfg.online)
+        self.student = StaticStudent(model, cfg.online, drift.cfg.windows) \
+            if cfg.student and drift is not None else None
+        self.version: int | None = None
+        self.examples = 0
+
+    def round(self) -> int:
+        """Take waiting examples, train on them, publish when due; returns examples taken."""
+        joined = self.labels.take(self.cfg.take_max)
+        if joined:
+            self.examples += len(joined)
+            self.trainer.add(online_example(j) for j in joined)
+            self._distil(joined)
+        while (report := self.trainer.step()) is not None:
+            if report.accepted:
+                self.metrics.observe_train_step(report.loss)
+            else:
+                self.metrics.count_refused(report.refused or "")
+            if report.version_due:
+                self.publish()
+        return len(joined)
+
+    def _distil(self, joined: Sequence[JoinedExample]) -> None:
+        if self.student is None or self.drift is None:
+            return
+        self.student.update([student_example(j) for j in joined])
+        self.drift.set_imitation({t: self.student.imitation_loss(t)
+                                  for t in self.drift.cfg.windows})
+
+    def publish(self) -> ModelUpdate:
+        """Publish the trained copy as the next version and announce it."""
+        steps = self.trainer.steps
+        version = self.versions.publish(self.model, {"online_steps": steps})
+        update = ModelUpdate(version, str(self.versions.path(version)), steps, time.time())
+        self.version = version
+        self.announce(update)
+        log.info("published model version %d after %d online steps (%d examples)",
+                 version, steps, self.examples)
+        return update
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds until ``stop`` is set; waits ``idle_s`` when nothing was waiting."""
+        while not stop.is_set():
+            if not self.round():
+                stop.wait(self.cfg.idle_s)
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        """Run on a daemon thread named ``online-learner``; an exception there is logged."""
+
+        def target() -> None:
+            try:
+                self.run(stop)
+            except Exception:
+                log.exception("online learner stopped")
+
+        thread = threading.Thread(target=target, name="online-learner", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,275 @@
+"""Online learning in the worker: the learner fine-tunes a copy and publishes versions, the
+scorer hot-swaps them (scores carry the version), a NaN batch is refused while the old weights
+keep serving, and after a planted preference shift the fine-tuned model's online AUC beats the
+static twin's while the surrogate distance rises (in-process objects, no broker). A worker
+subprocess on the embedded broker: versions rise during a replay, POST /score hammered from
+threads while versions swap answers every request 200, /drift and /metrics carry the drift
+figures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from model_fixtures import PROFILES, SPEC, T0, USERS, config, context, one_torch_thread
+from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
+
+from eventlog.schema import Candidate, Impression, Label
+from model.backbone import UniRecModel
+from model.online import OnlineConfig, OnlineExample, OnlineTrainer
+from model.scorer import Scorer
+from model.versions import VersionStore
+from state_store import StateStore, StoreConfig
+from stream import learner as learner_module
+from stream.agents import WorkerServices
+from stream.applier import InteractionApplier
+from stream.broker import EmbeddedBroker
+from stream.drift import DriftConfig, DriftTracker
+from stream.learner import LearnerConfig, OnlineLearner
+from stream.metrics import WorkerMetrics
+from stream.model_updates import HotSwap, ModelUpdate
+from stream.producer import replay_events, synthetic_events
+from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer, ScoredImpression
+from stream.topics import TopicNames, ensure_topics
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
+
+def tiny_model(seed: int = 3) -> UniRecModel:
+    torch.manual_seed(seed)
+    return UniRecModel(config(d_model=16, n_heads=2, n_layers=2, layer_widths=(1.0, 0.5),
+                              history_len=8), SPEC).eval()
+
+
+def preference_stream(seed: int, n: int, favourite: str) -> list[tuple[Impression, int]]:
+    """``n`` one-candidate impressions of an action or comedy item; clicked with probability
+    0.85 if its genre is ``favourite`` (every user alike), else 0.15."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        genre = "action" if rng.random() < 0.5 else "comedy"
+        candidate = Candidate(f"{genre[0]}{int(rng.integers(10))}",
+                              {"genre": [genre], "price": float(rng.uniform(1, 60))})
+        impression = Impression(f"r{seed}-{k}", USERS[k % len(USERS)], T0 + 60.0 * k,
+                                [candidate], context(rng))
+        out.append((impression, int(rng.random() < (0.85 if genre == favourite else 0.15))))
+    return out
+
+
+class InProcessWorker:
+    """The worker's scoring, joining, drift, learner and hot swap, driven by hand."""
+
+    def __init__(self, tmp: Path, model: UniRecModel, online: OnlineConfig) -> None:
+        self.store = StateStore.open(tmp / "store", StoreConfig(state_dim=16, history_len=8))
+        self.metrics = WorkerMetrics()
+        window = FeedbackWindow(1e9, 100_000)
+        self.labels = LabelBuffer(window, 100_000)
+        self.drift = DriftTracker(self.metrics, DriftConfig(windows=(256,)))
+        scorer = ImpressionScorer(self.store, Scorer(model, CPU), 1, PROFILES,
+                                  static=Scorer(copy.deepcopy(model), CPU))
+        self.services = WorkerServices(
+            store=self.store, applier=InteractionApplier(self.store, model, 1), scorer=scorer,
+            window=window, labels=self.labels, producer=None,  # type: ignore[arg-type]
+            topics=TopicNames(), model_version=1, metrics=self.metrics, drift=self.drift)
+        self.versions = VersionStore(tmp / "versions")
+        self.updates: list[ModelUpdate] = []
+        self.learner = OnlineLearner(model, self.labels, self.versions, self.updates.append,
+                                     self.metrics, LearnerConfig(online=online), self.drift)
+        self.hot_swap = HotSwap(self.services, self.versions, CPU)
+        self.scored: list[ScoredImpression] = []
+
+    def feed(self, chunk: list[tuple[Impression, int]]) -> None:
+        """Score, join the labels, feed drift, one learner round, swap what was announced."""
+        scored = self.services.scorer.score_many([i for i, _ in chunk])
+        self.scored += scored
+        joined = []
+        for item, (impression, label) in zip(scored, chunk, strict=True):
+            self.services.window.add(item)
+            joined.append(self.labels.offer(Label(impression.request_id, impression.user_id,
+                                                  impression.candidates[0].item_id, label,
+                                                  impression.ts)))
+        self.drift.update([j for j in joined if j is not None])
+        self.learner.round()
+        self.hot_swap.offer(self.updates)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+def pretrained_on_action() -> UniRecModel:
+    """The deployed model: fine-tuned on an "action" stream, so the shift to "comedy" hurts."""
+    trainer = OnlineTrainer(tiny_model(), OnlineConfig(batch_size=16, replay_fraction=0.25,
+                                                       replay_capacity=256, lr=3e-3))
+    trainer.add(OnlineExample(i, i.candidates[0], [], PROFILES[i.user_id], float(y))
+                for i, y in preference_stream(7, 16 * 50, "action"))
+    while trainer.step() is not None:
+        pass
+    return trainer.model.eval()
+
+
+def test_preference_shift_fine_tuned_beats_the_twin_versions_rise_and_distance_rises(
+        tmp_path: Path) -> None:
+    """After deploy every user prefers comedy: the served (hot-swapped) model's online AUC
+    beats the frozen twin's, D_T rises from 0, versions rise and each score carries the
+    version that served it; the student's imitation loss is exported."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.25, replay_capacity=256, lr=3e-3,
+                          checkpoint_every=4)
+    worker = InProcessWorker(tmp_path, pretrained_on_action(), online)
+    stream = preference_stream(9, 768, "comedy")
+    worker.feed(stream[:32])
+    assert worker.drift.monitor.distance(256) == 0.0  # the twin is the served model
+    for begin in range(32, len(stream), 32):
+        worker.feed(stream[begin : begin + 32])
+    report = worker.drift.report()["windows"]["256"]
+    assert report["auc_dynamic"] > report["auc_static"] + 0.2, report
+    assert report["distance"] > 0.1, report
+    versions = [s.scores.model_version for s in worker.scored]
+    assert versions == sorted(versions) and versions[-1] > 4, versions[-40:]
+    assert worker.services.scorer.model_version == versions[-1] == worker.learner.version
+    assert worker.services.applier.model_version == versions[-1]
+    assert worker.sample("unirec_model_version") == versions[-1]
+    assert worker.sample("unirec_train_steps_total") == worker.learner.trainer.steps
+    assert worker.sample("unirec_online_auc", model="dynamic") == report["auc_dynamic"]
+    assert worker.sample("unirec_surrogate_distance", window="256") == report["distance"]
+    assert worker.sample("unirec_student_imitation_loss", window="256") is not None
+    assert worker.sample("unirec_score_psi", window="256") == report["psi"]
+
+
+def test_a_nan_batch_is_refused_and_the_old_weights_keep_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Examples whose targets are NaN make a NaN loss: the step is refused and counted by
+    reason, no version is published, and the scorer keeps the same model and weights."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.0, checkpoint_every=1)
+    model = tiny_model()
+    worker = InProcessWorker(tmp_path, model, online)
+    serving = worker.services.scorer.scorer.model
+    before = {k: v.clone() for k, v in serving.state_dict().items()}
+
+    def poisoned(joined):  # what a NaN-producing example batch gives the trainer
+        e = learner_module.student_example(joined)
+        return OnlineExample(e.impression, e.candidate, e.history, e.profile, float("nan"))
+
+    monkeypatch.setattr(learner_module, "online_example", poisoned)
+    worker.feed(preference_stream(3, 32, "comedy"))
+    assert worker.learner.trainer.refused == 2 and worker.learner.trainer.steps == 0
+    assert worker.sample("unirec_train_refused_total", reason="non-finite loss") == 2
+    assert worker.updates == [] and worker.versions.versions() == []
+    assert worker.services.scorer.scorer.model is serving
+    assert worker.services.scorer.model_version == 1
+    assert all(torch.equal(v, before[k]) for k, v in serving.state_dict().items())
+    scored = worker.services.scorer.score(preference_stream(4, 1, "comedy")[0][0])
+    assert scored.scores.model_version == 1 and np.isfinite(scored.dynamic).all()
+
+
+def test_a_corrupt_version_is_skipped_and_the_old_model_keeps_serving(tmp_path: Path) -> None:
+    model = tiny_model()
+    worker = InProcessWorker(tmp_path, model, OnlineConfig())
+    serving = worker.services.scorer.scorer
+    worker.versions.path(2).write_bytes(b"not a checkpoint")
+    assert worker.hot_swap.offer([ModelUpdate(2, "v2", 10, 0.0)]) is None
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
+    assert worker.sample("unirec_model_versions_skipped_total") == 1
+
+
+# ------------------------------------------------------------------- a worker subprocess
+
+
+def post_json(url: str, body: bytes) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            reply.read()
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def score_versions(bootstrap: str, topic: str) -> set[int]:
+    """The model versions found in ``topic`` (the scores) so far."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    try:
+        return {json.loads(r.value)["model_version"] for r in consumer}
+    finally:
+        consumer.close()
+
+
+def test_worker_learns_swaps_under_load_and_serves_drift(tmp_path: Path) -> None:
+    """A training worker over a replay: its version rises (in /healthz, the scores topic and
+    /users/{id}/state), every POST /score sent from four threads meanwhile is answered 200,
+    and /drift and /metrics carry the drift figures."""
+    from kafka import KafkaConsumer
+
+    checkpoint = tiny_checkpoint(tmp_path / "model.pt")
+    prefix, topics = "onl-", TopicNames.with_prefix("onl-")
+    with EmbeddedBroker(log_dir=tmp_path / "broker") as broker:
+        bootstrap = broker.bootstrap_servers
+        ensure_topics(bootstrap, 2, topics=topics)
+        worker = WorkerProcess(bootstrap, checkpoint, tmp_path / "store", tmp_path / "w.log",
+                               prefix=prefix, extra=("--checkpoint-every", "3",
+                                                     "--train-batch-size", "16"))
+        codes: list[int] = []
+        stop = threading.Event()
+        try:
+            wait_for(lambda: http_get(worker.url + "/healthz")[0] == 200, 60, worker, "up")
+            start = json.loads(http_get(worker.url + "/healthz")[1])["model_version"]
+            events = list(synthetic_events(600, seed=5))
+            replay_events(events[:50], bootstrap, topics, negatives=3, seed=5)
+            consumer = KafkaConsumer(topics.impressions, bootstrap_servers=bootstrap,
+                                     group_id=None, auto_offset_reset="earliest")
+            body = next(iter(consumer.poll(timeout_ms=10_000).values()))[0].value
+            consumer.close()
+
+            def hammer() -> None:
+                while not stop.is_set():
+                    codes.append(post_json(worker.url + "/score", body))
+
+            threads = [threading.Thread(target=hammer) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            replay_events(events[50:500], bootstrap, topics, negatives=3, seed=5)
+
+            def version() -> int:
+                status, reply = http_get(worker.url + "/healthz")
+                return json.loads(reply)["model_version"] if status == 200 else -1
+
+            wait_for(lambda: version() >= start + 2, 120, worker, "two hot swaps")
+            stop.set()
+            for thread in threads:
+                thread.join()
+            replay_events(events[500:], bootstrap, topics, negatives=3, seed=5)
+            wait_for(lambda: max(score_versions(bootstrap, topics.scores)) > start, 60, worker,
+                     "a score of a swapped-in version")
+            drift = json.loads(http_get(worker.url + "/drift")[1])
+            metrics = http_get(worker.url + "/metrics")[1].decode()
+            user = json.loads(body)["user_id"]
+            state = json.loads(http_get(f"{worker.url}/users/{user}/state")[1])
+        finally:
+            stop.set()
+            worker.stop()
+        seen = score_versions(bootstrap, topics.scores)
+    assert len(codes) > 20 and set(codes) == {200}, sorted(set(codes))
+    assert len(seen) >= 2 and max(seen) > start, seen
+    assert state["model_version"] >= start
+    assert drift["configured"] is True and drift["windows"]["1000"]["n"] > 0, drift
+    for name in ("unirec_surrogate_distance{window=\"1000\"}", "unirec_online_auc{",
+                 "unirec_score_psi{", "unirec_drift_alert ", "unirec_train_steps_total "):
+        assert name in metrics, name
