@@ -137,6 +137,8 @@ class ApplyReport:
     skipped: records at or below the partition's stored offset (applied or rejected before).
     dead_letters: rejected records, to publish to ``dead-letters``.
     users: users whose record was written.
+    new_users: of those, users stored for the first time.
+    state_norms: [users] L2 norms of the states written.
     rebuilt: users whose stale state was rebuilt from their stored history.
     last_offset: the partition's stored offset after the call.
     latency_s: the whole call, in seconds; ``stages`` splits it.
@@ -146,6 +148,8 @@ class ApplyReport:
     skipped: int
     dead_letters: list[DeadLetter]
     users: int
+    new_users: int
+    state_norms: np.ndarray
     rebuilt: int
     last_offset: int
     latency_s: float
@@ -235,6 +239,8 @@ class InteractionApplier:
             skipped=len(records) - len(fresh) + result.skipped,
             dead_letters=dead,
             users=result.users,
+            new_users=int(before.is_new.sum()) if result.users else 0,
+            state_norms=np.linalg.norm(states, axis=1) if result.users else np.zeros(0),
             rebuilt=int(stale.sum()),
             last_offset=result.last_offset,
             latency_s=end - start,

@@ -14,9 +14,14 @@ as a stream processor joining co-partitioned topics does:
   was read: e.g. a deployment that produces no impressions);
 - within a topic and partition, release keeps offset order.
 
+The gate holds at most ``max_held`` records per topic and partition: past that, the oldest
+are released anyway (impressions far behind, or none at all for a while) and counted in
+``released_early``, so memory stays bounded and the stream never stalls. (Pausing the
+partition instead was tried: kafka-python 3.0 did not fetch a resumed partition again from
+the embedded broker.)
+
 The gate only buffers; the caller scores the impressions it polled before it applies what
-``release`` returns, pauses a partition whose ``held`` count grows too large, and calls
-``forget`` when a partition is revoked or sought.
+``release`` returns, and calls ``forget`` when a partition is revoked or sought.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ HELD_KINDS = ("interactions", "labels")
 class EventTimeGate:
     """Buffers of held interactions and labels per partition, released by impression time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_held: int = 8192) -> None:
+        if max_held < 1:
+            raise ValueError(f"max_held must be positive, got {max_held}")
+        self.max_held = max_held
+        self.released_early: dict[str, int] = dict.fromkeys(HELD_KINDS, 0)
         self._held: dict[str, dict[int, deque[Record]]] = {kind: {} for kind in HELD_KINDS}
         self._newest_impression: dict[int, int] = {}
 
@@ -65,6 +74,9 @@ class EventTimeGate:
                 newest = self._newest_impression.get(partition, -1)
                 while queue and queue[0].timestamp < newest:
                     out[kind].append(queue.popleft())
+                while len(queue) > self.max_held:
+                    out[kind].append(queue.popleft())
+                    self.released_early[kind] += 1
         return out
 
     def held(self, kind: str, partition: int) -> int:

@@ -127,6 +127,11 @@ class WorkerMetrics:
             buckets=NORM_BUCKETS, registry=r,
         )
         self.users = Gauge("unirec_users", "Users with a stored state.", registry=r)
+        self.released_early = Counter(
+            "unirec_gate_released_early",
+            "Records released before an impression of their partition with a later timestamp "
+            "was seen (the event-time gate was full).", ["topic"], registry=r,
+        )
 
         # Serving.
         self.scoring_duration = Histogram(
@@ -228,6 +233,8 @@ class WorkerMetrics:
         self.store_read_duration.observe(stages.read_s)
         self.store_write_duration.observe(stages.write_s)
         self.count_stale_rebuilt("apply", report.rebuilt)
+        self.users.inc(report.new_users)
+        self.observe_state_norms(report.state_norms)
         if report.last_offset >= 0:
             self.applied_offset.labels(topic, str(partition)).set(report.last_offset)
 

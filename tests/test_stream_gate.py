@@ -57,3 +57,11 @@ def test_forget_drops_held_records_and_impression_time() -> None:
     assert gate.held("interactions", 0) == 0
     gate.hold("interactions", [rec(0, 1, 10)])
     assert gate.release(never_idle)["interactions"] == []
+
+
+def test_a_full_gate_releases_its_oldest_records_and_counts_them() -> None:
+    gate = EventTimeGate(max_held=2)
+    gate.hold("interactions", [rec(0, o, 100 + o) for o in range(5)])
+    assert [r.offset for r in gate.release(never_idle)["interactions"]] == [0, 1, 2]
+    assert gate.released_early == {"interactions": 3, "labels": 0}
+    assert gate.held("interactions", 0) == 2

@@ -36,7 +36,8 @@ def report(applied: int = 3, skipped: int = 1, dead: int = 2, offset: int = 9) -
         DeadLetter("interactions", 0, 6, b"x", b"{}", "record key 'x' differs from 'y'"),
     ][:dead]
     return ApplyReport(
-        applied=applied, skipped=skipped, dead_letters=letters, users=2, rebuilt=0,
+        applied=applied, skipped=skipped, dead_letters=letters, users=2, new_users=1,
+        state_norms=np.array([0.5, 1.5]), rebuilt=0,
         last_offset=offset, latency_s=0.03, stages=StageTimes(0.001, 0.002, 0.02, 0.007),
     )
 
@@ -105,6 +106,10 @@ def test_observe_apply_counts_events_dead_letters_and_times_each_stage() -> None
     )
     stages = samples(metrics, "unirec_apply_stage_duration_seconds_count")
     assert stages == {(("stage", s),): 2.0 for s in ("decode", "read", "compute", "write")}
+    # Each report wrote two states (norms 0.5 and 1.5), one of them a new user's.
+    assert samples(metrics, "unirec_users") == {(): 2.0}
+    assert samples(metrics, "unirec_state_l2_norm_count") == {(): 4.0}
+    assert samples(metrics, "unirec_state_l2_norm_sum") == {(): pytest.approx(4.0)}
     compute = samples(metrics, "unirec_apply_stage_duration_seconds_sum")[(("stage", "compute"),)]
     assert compute == pytest.approx(0.04)
     assert samples(metrics, "unirec_state_store_read_duration_seconds_count") == {(): 2.0}
