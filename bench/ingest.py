@@ -45,13 +45,12 @@ from kafka import KafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eventlog.schema import encode
 from model.backbone import UniRecModel
 from model.checkpoint import save
 from model.config import ModelConfig
 from model.features import FeatureSpec
 from stream.broker import EmbeddedBroker, free_port
-from stream.producer import SyntheticConfig, open_producer, synthetic_events
+from stream.producer import SyntheticConfig, open_producer, send_interactions, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("bench.ingest")
@@ -67,21 +66,13 @@ def make_checkpoint(path: Path, d_model: int, history_len: int, events: list) ->
     save(UniRecModel(cfg, FeatureSpec.fit(events)).eval(), path, {"model_version": 1})
 
 
-def produce(bootstrap: str, topic: str, events: list, rate: float | None = None,
-            sample_every: int = 0, on_sample=None) -> float:
-    """Send interactions to ``topic`` (at ``rate`` per second if given); returns seconds."""
+def produce(bootstrap: str, topics: TopicNames, events: list, rate: float | None = None,
+            on_sent=None) -> float:
+    """Send interactions (at ``rate`` per second if given); returns the seconds it took."""
     producer = open_producer(bootstrap)
     start = time.perf_counter()
     try:
-        for n, event in enumerate(events):
-            if rate is not None:
-                delay = start + n / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            producer.send(topic, key=event.user_id.encode(), value=encode(event))
-            if sample_every and n % sample_every == 0:
-                on_sample(event, time.perf_counter())
-        producer.flush()
+        send_interactions(events, producer, topics, rate, on_sent)
     finally:
         producer.close()
     return time.perf_counter() - start
@@ -145,7 +136,7 @@ def wait_applied(api: str, topic: str, n: int, timeout_s: float, worker: subproc
     raise TimeoutError(f"worker applied {applied(api, topic)} of {n} in {timeout_s} s")
 
 
-def measure_latency(api: str, bootstrap: str, topic: str, events: list, rate: float,
+def measure_latency(api: str, bootstrap: str, topics: TopicNames, events: list, rate: float,
                     sample_every: int) -> list[float]:
     """Produce ``events`` at ``rate``; seconds from send to visibility of every sampled one."""
     latencies: list[float] = []
@@ -164,8 +155,13 @@ def measure_latency(api: str, bootstrap: str, topic: str, events: list, rate: fl
             time.sleep(0.002)
         log.warning("event %s not visible after 30 s", event.event_id)
 
-    produce(bootstrap, topic, events, rate, sample_every,
-            lambda event, sent: pool.submit(watch, event, sent))
+    counter = iter(range(len(events)))
+
+    def on_sent(event, sent: float) -> None:
+        if next(counter) % sample_every == 0:
+            pool.submit(watch, event, sent)
+
+    produce(bootstrap, topics, events, rate, on_sent)
     pool.shutdown(wait=True)
     return latencies
 
@@ -207,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_checkpoint(checkpoint, args.d_model, args.history_len, events[:5000])
 
         log.info("producing %d interactions", n)
-        produce_s = produce(bootstrap, topics.interactions, events)
+        produce_s = produce(bootstrap, topics, events)
         log.info("raw consumer")
         raw_s = raw_consume(bootstrap, topics.interactions, n)
 
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                 first_s, done_s, first_count = wait_applied(
                     api, topics.interactions, n, args.timeout, worker)
                 log.info("latency at %.0f events/s for %.0f s", args.rate, latency_s)
-                latencies = measure_latency(api, bootstrap, topics.interactions, live,
+                latencies = measure_latency(api, bootstrap, topics, live,
                                             args.rate, args.sample_every)
             finally:
                 worker.terminate()

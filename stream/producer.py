@@ -282,15 +282,19 @@ def replay_events(
     seed: int = 0,
     progress: Progress | None = None,
     producer: KafkaProducer | None = None,
+    seen: Iterable[Interaction] = (),
 ) -> ReplayStats:
     """Send (interaction, label) pairs given in time order, as described in the module
-    docstring. A ``producer`` passed in is flushed but not closed; otherwise one is opened
-    (``BrokerUnavailable`` if none answers) and closed. Raises ``ProduceError`` if any
-    message is not acknowledged."""
+    docstring; negatives may also come from the items of ``seen`` (events before these, e.g.
+    sent by ``send_interactions``). A ``producer`` passed in is flushed but not closed;
+    otherwise one is opened (``BrokerUnavailable`` if none answers) and closed. Raises
+    ``ProduceError`` if any message is not acknowledged."""
     own = producer is None
     producer = producer or open_producer(bootstrap)
     try:
         sampler = CandidateSampler(negatives, random.Random(seed))
+        for event in seen:
+            sampler.observe(event)
         replayer = _Replayer(_Sender(producer), topics or TopicNames(), sampler, rate,
                              label_delay, progress)
         stats = replayer.run(events, limit)
@@ -301,6 +305,37 @@ def replay_events(
              stats.interactions, stats.impressions, stats.labels, stats.bytes / 1e6,
              stats.elapsed_s)
     return stats
+
+
+def send_interactions(
+    events: Iterable[Interaction],
+    producer: KafkaProducer,
+    topics: TopicNames | None = None,
+    rate: float | None = None,
+    on_sent: Callable[[Interaction, float], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Send ``events`` to ``interactions`` only (no impressions, no labels: a history to load,
+    or an ingestion load), at ``rate`` per second (None: as fast as possible), until ``stop``
+    is set. ``on_sent(event, perf_counter time)`` is called after each send. Flushes; returns
+    the number sent. Raises ``ProduceError`` if any message is not acknowledged."""
+    topic = (topics or TopicNames()).interactions
+    sender = _Sender(producer)
+    started = time.perf_counter()
+    sent = 0
+    for event in events:
+        if stop is not None and stop.is_set():
+            break
+        if rate is not None:
+            delay = started + sent / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        sender.send(topic, event.user_id.encode(), encode(event))
+        sent += 1
+        if on_sent is not None:
+            on_sent(event, time.perf_counter())
+    sender.flush()
+    return sent
 
 
 def replay(

@@ -10,8 +10,8 @@ one thread, polls up to ``batch_size`` records at a time and:
 - ``labels``: joined with the scored impressions through the ``LabelBuffer``;
 
 in that order, interactions and labels passing through an ``EventTimeGate`` (``stream.gate``)
-so that an impression is scored before the interaction it predicts is applied. A partition
-whose gate holds more than ``max_held`` records is paused until the gate drains.
+so that an impression is scored before the interaction it predicts is applied (the gate holds
+at most ``max_held`` records per partition).
 
 Why not faust's agents: measured here (2 cores, embedded broker), a faust-streaming 0.15
 agent over ``take_events`` with a handler that does nothing delivers about 7,000 events/s
@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
 from model.scorer import Scorer
 from model.versions import VersionStore
@@ -113,7 +114,7 @@ class WorkerConfig:
     torch_threads: int = 1
     group_id: str = "unirec-worker"
     topic_prefix: str = ""
-    feedback_window_s: float = 3600.0
+    feedback_window_s: float = 3600.0  # event time an impression waits for its labels
     feedback_max: int = 100_000
     label_capacity: int = 100_000
     timeout_s: float = 10.0
@@ -124,7 +125,9 @@ class WorkerConfig:
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
-    max_held: int = 8192  # records the gate may hold per partition before it is paused
+    max_held: int = 8192  # records the gate may hold per partition (stream.gate)
+    profiles_dataset: str | None = None  # a data set whose user profiles the scorer reads
+    data_dir: Path | None = None  # where that data set is cached
 
     train: bool = True  # run the online learner in this worker
     versions_dir: Path | None = None  # default: versions_dir_of(store_dir)
@@ -185,15 +188,26 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     except Exception:
         store.close()
         raise
+    profiles = {}
+    if config.profiles_dataset is not None:
+        try:
+            profiles = load_dataset(config.profiles_dataset, config.data_dir).profiles
+        except (KeyError, DatasetUnavailable) as exc:
+            store.close()
+            producer.close()
+            raise WorkerError(f"cannot load the profiles of {config.profiles_dataset}: "
+                              f"{exc}") from exc
+        log.info("%d user profiles from %s", len(profiles), config.profiles_dataset)
     window = FeedbackWindow(config.feedback_window_s, config.feedback_max)
     log.info("model %s: version %d, d_model %d, on %s", config.checkpoint, version,
              model.cfg.d_model, device)
     metrics = metrics if metrics is not None else WorkerMetrics()
     metrics.set_model_version(version)
+    metrics.set_users(sum(1 for _ in store.iter_users()))
     return WorkerServices(
         store=store,
         applier=InteractionApplier(store, model, version),
-        scorer=ImpressionScorer(store, Scorer(model, device), version,
+        scorer=ImpressionScorer(store, Scorer(model, device), version, profiles,
                                static=Scorer(static, device)),
         window=window,
         labels=LabelBuffer(window, config.label_capacity),
@@ -265,7 +279,6 @@ class _Rebalance(ConsumerRebalanceListener):
             return
         for tp in interactions:
             loop.consumer.seek(tp, plan[tp.partition])
-        loop.paused.clear()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
@@ -278,8 +291,8 @@ class ConsumerLoop:
         self.config = config
         self.between_batches = between_batches
         self.topics = config.topics
-        self.gate = EventTimeGate()
-        self.paused: set[TopicPartition] = set()
+        self.gate = EventTimeGate(config.max_held)
+        self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.group_id,
@@ -310,7 +323,7 @@ class ConsumerLoop:
                 self.gate.forget("labels", tp.partition)
             else:
                 self.gate.forget_impressions(tp.partition)
-            self.paused.discard(tp)
+            self.next_offsets.pop(tp, None)
 
     def run(self, stop: threading.Event) -> int:
         """Poll and process until ``stop`` is set; returns the exit status (0, or
@@ -338,18 +351,24 @@ class ConsumerLoop:
             by_topic.setdefault(tp.topic, []).extend(
                 Record(tp.partition, r.offset, r.key, r.value, r.timestamp) for r in records
             )
+            if records:
+                self.next_offsets[tp] = records[-1].offset + 1
         impressions = by_topic.get(topics.impressions, [])
         if impressions:
             handle_impressions(services, impressions)
             gate.saw_impressions(impressions)
         gate.hold("interactions", by_topic.get(topics.interactions, []))
         gate.hold("labels", by_topic.get(topics.labels, []))
+        early = dict(gate.released_early)
         released = gate.release(self.impressions_idle)
+        for kind, topic in (("interactions", topics.interactions), ("labels", topics.labels)):
+            if gate.released_early[kind] > early[kind]:
+                services.metrics.released_early.labels(topic).inc(
+                    gate.released_early[kind] - early[kind])
         if released["interactions"]:
             handle_interactions(services, released["interactions"])
         if released["labels"]:
             handle_labels(services, released["labels"])
-        self.pause_full()
 
     def impressions_idle(self, partition: int) -> bool:
         """Whether ``impressions[partition]`` was read up to its end (as of the last fetch)."""
@@ -357,26 +376,16 @@ class ConsumerLoop:
         end = self.consumer.highwater(tp)
         if end is None:
             return False
-        try:
-            return self.consumer.position(tp, timeout_ms=0) >= end
-        except Exception:  # not assigned (rebalancing) or position unknown yet
-            return False
-
-    def pause_full(self) -> None:
-        """Pause the held topics' partitions whose gate is over ``max_held``; resume the rest."""
-        limit = self.config.max_held
-        for kind, topic in (("interactions", self.topics.interactions),
-                            ("labels", self.topics.labels)):
-            for tp in self.consumer.assignment():
-                if tp.topic != topic:
-                    continue
-                full = self.gate.held(kind, tp.partition) >= limit
-                if full and tp not in self.paused:
-                    self.consumer.pause(tp)
-                    self.paused.add(tp)
-                elif not full and tp in self.paused:
-                    self.consumer.resume(tp)
-                    self.paused.discard(tp)
+        position = self.next_offsets.get(tp)
+        if position is None:  # nothing polled from it yet since its assignment
+            try:
+                position = self.consumer.position(tp, timeout_ms=200)
+            except Exception:  # not assigned (rebalancing), or not known yet
+                return False
+            if position is None:
+                return False
+            self.next_offsets[tp] = position
+        return position >= end
 
     def report_lag(self) -> None:
         """Set the lag gauge of each assigned ``interactions`` partition already fetched."""
