@@ -89,10 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="AUC, GAUC and LogLoss on the later part")
     _add_data_flags(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    demo = commands.add_parser("demo", help="train and evaluate on MovieLens-100K")
-    demo.add_argument("--data-dir", type=Path)
-    demo.add_argument("--device")
-    demo.add_argument("--max-steps", type=int, default=None)
+    demo = commands.add_parser(
+        "demo", help="the whole loop on one machine: embedded broker, worker, MovieLens replay")
+    demo.add_argument("--events", type=int, help="held-out events to replay (default: all)")
+    demo.add_argument("--rate", type=float, help="events/s of the replay (default: max)")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--train-steps", type=int, default=300,
+                      help="steps of the training run when there is no model yet")
+    demo.add_argument("--retrain", action="store_true", help="train even if a model exists")
+    demo.add_argument("--partitions", type=int, default=4)
+    demo.add_argument("--web-port", type=int, default=0, help="HTTP API port (default: free)")
+    demo.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
+    demo.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
     _add_suite_parser(commands)
     _add_produce_parser(commands)
     _add_worker_parser(commands)
@@ -179,21 +187,35 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    parser = build_parser()
-    argv = ["train", "--dataset", "movielens-100k"]
-    if args.max_steps:
-        argv += ["--max-steps", str(args.max_steps)]
+    from stream.broker import BrokerStartError
+    from stream.demo import DemoConfig, DemoError
+    from stream.demo import run_demo as run
+
+    if (args.events is not None and args.events < 1) or (args.rate is not None and args.rate <= 0):
+        raise CliError("--events and --rate must be positive")
+    argv = ["train", "--dataset", "movielens-100k", "--max-steps", str(args.train_steps)]
     for flag in ("data_dir", "device"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    train_args = parser.parse_args(argv)
+    train_args = build_parser().parse_args(argv)
     settings = _settings(train_args)
     event_log = _open_log(train_args, settings)
-    print(f"unirec demo: {event_log.name}, {len(event_log)} events, training on the first 80%",
-          file=sys.stderr)
-    summary = _train(train_args, settings, event_log)
-    metrics = _evaluate(train_args, settings, event_log)
-    print(json.dumps({"train": summary, "test": metrics}, indent=2))
+    checkpoint = settings.checkpoint_path(event_log.name)
+    if args.retrain or not checkpoint.is_file():
+        print(f"unirec demo: no model at {checkpoint}; training on the first 80% of "
+              f"{event_log.name} ({args.train_steps} steps)", file=sys.stderr)
+        _train(train_args, settings, event_log)
+    config = DemoConfig(
+        run_dir=settings.run_dir, checkpoint=checkpoint, data_dir=settings.data_dir,
+        events=args.events, rate=args.rate, partitions=args.partitions,
+        web_port=args.web_port, device=settings.torch_device().type,
+    )
+    try:
+        code = run(config, event_log, args.json)
+    except (DemoError, BrokerStartError, BrokerUnavailable, TopicError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+    if code:
+        sys.exit(code)
 
 
 def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
@@ -338,6 +360,10 @@ def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--topic-prefix", default="", help="prefix of every topic name")
     worker.add_argument("--torch-threads", type=int, default=1)
     worker.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
+    worker.add_argument("--feedback-window", type=float, default=3600.0,
+                        help="seconds of event time an impression waits for its labels")
+    worker.add_argument("--profiles", choices=sorted(DATASETS),
+                        help="score with the user profiles of this data set")
     worker.add_argument("--reset-on-new-log", action="store_true",
                         help="consume a changed log (new broker, recreated topic) from its start")
     worker.add_argument("--no-train", action="store_true",
@@ -386,8 +412,10 @@ def run_worker_command(args: argparse.Namespace) -> None:
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
-    if args.batch_size < 1 or args.batch_within <= 0 or args.partitions < 1:
-        raise CliError("--batch-size, --batch-within and --partitions must be positive")
+    if (args.batch_size < 1 or args.batch_within <= 0 or args.partitions < 1
+            or args.feedback_window <= 0):
+        raise CliError("--batch-size, --batch-within, --partitions and --feedback-window "
+                       "must be positive")
     settings = _settings(args)
     config = WorkerConfig(
         bootstrap_servers=bootstrap,
@@ -406,6 +434,9 @@ def run_worker_command(args: argparse.Namespace) -> None:
         timeout_s=args.timeout,
         train=not args.no_train,
         **_learning_config(args),
+        profiles_dataset=args.profiles,
+        data_dir=settings.data_dir,
+        feedback_window_s=args.feedback_window,
     )
     metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it
     try:

@@ -1,0 +1,428 @@
+"""``unirec demo``: the whole loop on one machine, no Docker (SYSTEM.md, "Embedded default").
+
+1. A model: the checkpoint in the run directory, or one trained now on the time-ordered
+   first 80% of MovieLens-100K (``train_steps`` steps).
+2. An embedded Tansu broker on a free loopback port, and ``unirec worker`` as a subprocess
+   (a fresh state store under ``<run dir>/demo``, the HTTP API on ``web_port``).
+3. A producer replaying the log: the training period as interactions only (the users'
+   histories and GRU states, as a live system would have them), then the held-out period
+   (or its first ``events``) as impression, interaction and label per event, at ``rate``.
+4. Live progress on stderr every second, from the worker's ``/metrics``.
+5. Once every message is consumed: the worker's scores are read back from ``scores`` and
+   joined with the labels sent, giving the online AUC / GAUC of the streamed scores (each
+   computed before its interaction was applied); the worker is stopped and the summary
+   returned (``DemoSummary.as_dict``).
+
+Ctrl-C (or ``stop``) stops the producer, the worker and the broker, and returns the summary
+of what was done, marked ``interrupted``. No process outlives the demo: the worker is
+terminated (then killed) and the broker dies with its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventlog.loaders import DATASETS
+from eventlog.log import EventLog, time_split
+from eventlog.schema import Interaction
+from model.metrics import auc, gauc
+from stream.broker import EmbeddedBroker, free_port
+from stream.producer import open_producer, replay_events, send_interactions
+from stream.serving import Scores
+from stream.topics import TopicNames, ensure_topics
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run or went wrong; the message says why (one line)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What one demo run does."""
+
+    run_dir: Path  # checkpoints; the demo's store and logs go under run_dir / "demo"
+    checkpoint: Path
+    data_dir: Path | None = None
+    events: int | None = None  # held-out events to replay scored (None: all of them)
+    rate: float | None = None  # interactions/s of the scored replay (None: as fast as possible)
+    partitions: int = 4
+    negatives: int = 9
+    web_port: int = 0  # 0: a free port
+    device: str = "cpu"
+    batch_size: int = 512
+    timeout_s: float = 600.0  # for the worker to consume everything after the producer ends
+    progress_every_s: float = 1.0
+
+
+@dataclass
+class DemoSummary:
+    """What the demo did and measured."""
+
+    dataset: str
+    checkpoint: str
+    api: str = ""
+    history_interactions: int = 0
+    scored_events: int = 0
+    interactions_applied: int = 0
+    impressions_scored: int = 0
+    labels_joined: int = 0
+    dead_letters: int = 0
+    users: int = 0
+    model_version: int | None = None
+    online: dict[str, Any] = field(default_factory=dict)
+    latency_ms: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        online = self.online
+        lines = [
+            f"unirec demo on {self.dataset}: {self.seconds:.1f} s"
+            + ("  (interrupted)" if self.interrupted else ""),
+            f"  interactions applied   {self.interactions_applied:,} "
+            f"({self.history_interactions:,} history + {self.scored_events:,} replayed)",
+            f"  impressions scored     {self.impressions_scored:,}"
+            f"   labels joined {self.labels_joined:,}   dead letters {self.dead_letters:,}",
+            f"  users                  {self.users:,}   model version {self.model_version}",
+        ]
+        if online.get("auc") is not None:
+            lines.append(f"  online AUC             {online['auc']:.4f}   GAUC "
+                         f"{online['gauc']:.4f}   on {online['n']:,} labelled impressions")
+        if online.get("static_auc") is not None:
+            lines.append(f"  static twin AUC        {online['static_auc']:.4f}")
+        for name, q in self.latency_ms.items():
+            lines.append(f"  {name:<22} p50 {q['p50']:.1f} ms   p99 {q['p99']:.1f} ms")
+        lines.append(f"  HTTP API (while it ran) {self.api}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ worker metrics
+
+
+def scrape(api: str, timeout_s: float = 5.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """``{sample name: [(labels, value)]}`` of the worker's ``/metrics``; {} if unreachable."""
+    try:
+        with urllib.request.urlopen(f"{api}/metrics", timeout=timeout_s) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for lab, v in samples.get(name, ()) if labels.items() <= lab.items())
+
+
+def histogram_quantile(q: float, samples: dict, name: str) -> float | None:
+    """The ``q`` quantile of histogram ``name`` (all label sets merged), interpolated within
+    its bucket as PromQL's ``histogram_quantile`` does; None without observations."""
+    buckets: dict[float, float] = {}
+    for labels, value in samples.get(f"{name}_bucket", ()):
+        le = float(labels["le"])
+        buckets[le] = buckets.get(le, 0.0) + value
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] == 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, buckets[le]
+    return lower
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class Demo:
+    """One run of the demo (see the module docstring); ``run()`` returns the summary."""
+
+    def __init__(self, config: DemoConfig, event_log: EventLog,
+                 out: IO[str] = sys.stderr, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.log = event_log
+        self.out = out
+        self.stop = stop if stop is not None else threading.Event()
+        self.topics = TopicNames()
+        self.home = config.run_dir / "demo"
+        split = time_split(event_log, 0.8)
+        end = len(event_log) if config.events is None else min(len(event_log),
+                                                               split + config.events)
+        self.history = event_log.interactions[:split]
+        self.replayed = list(zip(event_log.interactions[split:end],
+                                 event_log.labels[split:end].tolist(), strict=True))
+        self.summary = DemoSummary(event_log.name, str(config.checkpoint),
+                                   history_interactions=len(self.history),
+                                   scored_events=len(self.replayed))
+        self.produced = threading.Event()
+        self.producer_error: BaseException | None = None
+
+    def run(self) -> DemoSummary:
+        started = time.perf_counter()
+        if self.home.exists():
+            shutil.rmtree(self.home)
+        self.home.mkdir(parents=True)
+        with EmbeddedBroker(log_dir=self.home) as broker:
+            bootstrap = broker.bootstrap_servers
+            ensure_topics(bootstrap, self.config.partitions, topics=self.topics)
+            port = self.config.web_port or free_port()
+            self.summary.api = f"http://127.0.0.1:{port}"
+            worker = self._start_worker(bootstrap, port)
+            try:
+                self._wait_ready(worker)
+                self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
+                producer = threading.Thread(target=self._produce, args=(bootstrap,),
+                                            name="demo-producer", daemon=True)
+                producer.start()
+                self._follow(worker)
+                producer.join(timeout=30)
+                if self.producer_error is not None:
+                    raise DemoError(f"the producer failed: {self.producer_error}")
+                self._finish(self._metrics())
+                if not self.stop.is_set():
+                    self.summary.online = self._online_auc(bootstrap)
+            finally:
+                self._stop_worker(worker)
+        self.summary.interrupted = self.stop.is_set()
+        self.summary.seconds = round(time.perf_counter() - started, 1)
+        return self.summary
+
+    # -------------------------------------------------------------------------- parts
+
+    def _start_worker(self, bootstrap: str, port: int) -> subprocess.Popen:
+        c = self.config
+        argv = [
+            sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
+            "--checkpoint", str(c.checkpoint), "--store", str(self.home / "state"),
+            "--partitions", str(c.partitions), "--web-port", str(port),
+            "--batch-size", str(c.batch_size), "--device", c.device,
+            "--group-id", "unirec-demo",
+            # The replay runs months of log time in minutes: wait for labels by count
+            # (the window's size bound), not by an hour of event time.
+            "--feedback-window", str(365 * 86400.0),
+        ]
+        if self.log.profiles and self.log.name in DATASETS:
+            argv += ["--profiles", self.log.name]
+        if c.data_dir is not None:
+            argv += ["--data-dir", str(c.data_dir)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        self.worker_log = (self.home / "worker.log").open("ab")
+        # Its own process group: a Ctrl-C in the terminal reaches the demo only, which stops
+        # the worker in order (SIGTERM, then the wait) instead of racing it.
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.worker_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_ready(self, worker: subprocess.Popen, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            self._check_alive(worker)
+            if scrape(self.summary.api, timeout_s=1.0):
+                return
+            time.sleep(0.2)
+        if not self.stop.is_set():
+            raise DemoError(f"the worker did not serve {self.summary.api} within {timeout_s} s "
+                            f"(see {self.home / 'worker.log'})")
+
+    def _produce(self, bootstrap: str) -> None:
+        try:
+            producer = open_producer(bootstrap)
+            try:
+                send_interactions(self.history, producer, self.topics, stop=self.stop)
+                replay_events(self._until_stopped(self.replayed), bootstrap, self.topics,
+                              rate=self.config.rate, negatives=self.config.negatives,
+                              producer=producer, seen=self.history)
+            finally:
+                producer.close()
+        except BaseException as exc:  # reported by run(); the thread must not die silently
+            self.producer_error = exc
+        finally:
+            self.produced.set()
+
+    def _until_stopped(self, pairs: list[tuple[Interaction, int]]
+                       ) -> Iterator[tuple[Interaction, int]]:
+        for pair in pairs:
+            if self.stop.is_set():
+                return
+            yield pair
+
+    def _metrics(self) -> dict:
+        return scrape(self.summary.api)
+
+    def _follow(self, worker: subprocess.Popen) -> None:
+        """Print progress until everything sent is consumed (or stop, or a timeout)."""
+        want = len(self.history) + len(self.replayed)
+        last_applied, last_time = 0.0, time.monotonic()
+        deadline: float | None = None
+        while not self.stop.wait(self.config.progress_every_s):
+            self._check_alive(worker)
+            samples = self._metrics()
+            applied = total(samples, "unirec_events_applied_total")
+            now = time.monotonic()
+            rate = (applied - last_applied) / max(now - last_time, 1e-9)
+            last_applied, last_time = applied, now
+            p99 = histogram_quantile(0.99, samples, "unirec_scoring_duration_seconds")
+            self._say(
+                f"applied {applied:>9,.0f}/{want:,} ({rate:>6,.0f}/s)  "
+                f"lag {total(samples, 'unirec_consumer_lag_messages'):>7,.0f}  "
+                f"users {total(samples, 'unirec_users'):>5,.0f}  "
+                f"scored {total(samples, 'unirec_scoring_duration_seconds_count'):>7,.0f}  "
+                f"joined {total(samples, 'unirec_labels_joined_total'):>7,.0f}  "
+                f"p99 scoring {'-' if p99 is None else f'{p99 * 1000:.0f} ms'}"
+            )
+            if not self.produced.is_set():
+                continue
+            if self.producer_error is not None or self._consumed_all(samples):
+                return
+            deadline = deadline or now + self.config.timeout_s
+            if now > deadline:
+                raise DemoError(f"the worker did not consume everything within "
+                                f"{self.config.timeout_s} s (see {self.home / 'worker.log'})")
+
+    def _consumed_all(self, samples: dict) -> bool:
+        t = self.topics
+        n = len(self.replayed)
+        return (total(samples, "unirec_events_applied_total", topic=t.interactions)
+                + total(samples, "unirec_events_rejected_total", topic=t.interactions)
+                >= len(self.history) + n
+                and total(samples, "unirec_events_consumed_total", topic=t.impressions) >= n
+                and total(samples, "unirec_events_consumed_total", topic=t.labels) >= n)
+
+    def _finish(self, samples: dict) -> None:
+        s, t = self.summary, self.topics
+        s.interactions_applied = int(total(samples, "unirec_events_applied_total",
+                                           topic=t.interactions))
+        s.impressions_scored = int(total(samples, "unirec_scoring_duration_seconds_count"))
+        s.labels_joined = int(total(samples, "unirec_labels_joined_total"))
+        s.dead_letters = int(total(samples, "unirec_dead_letters_total"))
+        s.users = int(total(samples, "unirec_users"))
+        version = samples.get("unirec_model_version")
+        s.model_version = int(version[0][1]) if version else None
+        for name, metric in (("scoring", "unirec_scoring_duration_seconds"),
+                             ("apply batch", "unirec_apply_batch_duration_seconds")):
+            p50 = histogram_quantile(0.5, samples, metric)
+            p99 = histogram_quantile(0.99, samples, metric)
+            if p50 is not None and p99 is not None:
+                s.latency_ms[name] = {"p50": round(p50 * 1000, 2), "p99": round(p99 * 1000, 2)}
+
+    def _online_auc(self, bootstrap: str) -> dict[str, Any]:
+        """AUC/GAUC of the real item's streamed score against its label."""
+        wanted = {f"req-{e.event_id}": (e.user_id, e.item_id, y) for e, y in self.replayed}
+        users, labels, scores, static = [], [], [], []
+        for message in _read_all(bootstrap, self.topics.scores, len(wanted)):
+            request = wanted.pop(message.request_id, None)
+            if request is None:
+                continue
+            user, item, label = request
+            scored = next((i for i in message.items if i.item_id == item), None)
+            if scored is not None:
+                users.append(user)
+                labels.append(label)
+                scores.append(scored.score)
+                static.append(scored.static_score)
+        result: dict[str, Any] = {"auc": None, "gauc": None, "n": len(scores),
+                                  "missing": len(wanted)}
+        if not scores or len(set(labels)) < 2:
+            return result
+        y, u = np.asarray(labels), np.asarray(users, dtype=object)
+        result["auc"] = round(float(auc(y, np.asarray(scores))), 4)
+        result["gauc"] = round(float(gauc(u, y, np.asarray(scores))), 4)
+        if all(v is not None for v in static):
+            result["static_auc"] = round(float(auc(y, np.asarray(static))), 4)
+        return result
+
+    def _stop_worker(self, worker: subprocess.Popen) -> None:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.worker_log.close()
+
+    def _check_alive(self, worker: subprocess.Popen) -> None:
+        if worker.poll() is not None:
+            tail = (self.home / "worker.log").read_text(errors="replace").strip()
+            last = tail.splitlines()[-1] if tail else ""
+            raise DemoError(f"the worker exited with status {worker.returncode}: {last} "
+                            f"(see {self.home / 'worker.log'})")
+
+    def _say(self, line: str) -> None:
+        elapsed = time.strftime("%H:%M:%S")
+        print(f"[{elapsed}] {line}", file=self.out, flush=True)
+
+
+def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> Iterator[Scores]:
+    """Up to ``n`` ``Scores`` of ``topic``, from its start."""
+    import msgspec
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             max_poll_records=5000)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        seen, deadline = 0, time.monotonic() + timeout_s
+        while seen < n and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    seen += 1
+                    yield msgspec.json.decode(r.value, type=Scores)
+    finally:
+        consumer.close()
+
+
+def run_demo(config: DemoConfig, event_log: EventLog, as_json: bool) -> int:
+    """Run the demo with Ctrl-C handled (exit status 130 when interrupted); prints the
+    summary on stdout, as text or JSON."""
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum: int, frame: object) -> None:
+        print("\nstopping (Ctrl-C)...", file=sys.stderr, flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        summary = Demo(config, event_log, stop=stop).run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(json.dumps(summary.as_dict(), indent=2) if as_json else summary.text())
+    return 130 if summary.interrupted else 0
