@@ -91,7 +91,9 @@ class DemoSummary:
     dead_letters: int = 0
     users: int = 0
     model_version: int | None = None
+    train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
@@ -108,13 +110,17 @@ class DemoSummary:
             f"({self.history_interactions:,} history + {self.scored_events:,} replayed)",
             f"  impressions scored     {self.impressions_scored:,}"
             f"   labels joined {self.labels_joined:,}   dead letters {self.dead_letters:,}",
-            f"  users                  {self.users:,}   model version {self.model_version}",
+            f"  users                  {self.users:,}   model version {self.model_version}"
+            f"   train steps {self.train_steps:,}",
         ]
         if online.get("auc") is not None:
             lines.append(f"  online AUC             {online['auc']:.4f}   GAUC "
                          f"{online['gauc']:.4f}   on {online['n']:,} labelled impressions")
         if online.get("static_auc") is not None:
-            lines.append(f"  static twin AUC        {online['static_auc']:.4f}")
+            lines.append(f"  static twin AUC        {online['static_auc']:.4f}   (frozen model, "
+                         f"no user state)")
+        for window, distance in sorted(self.drift.get("surrogate_distance", {}).items()):
+            lines.append(f"  surrogate distance     {distance:.4f}   (last {window} predictions)")
         for name, q in self.latency_ms.items():
             lines.append(f"  {name:<22} p50 {q['p50']:.1f} ms   p99 {q['p99']:.1f} ms")
         lines.append(f"  HTTP API (while it ran) {self.api}")
@@ -296,13 +302,21 @@ class Demo:
             rate = (applied - last_applied) / max(now - last_time, 1e-9)
             last_applied, last_time = applied, now
             p99 = histogram_quantile(0.99, samples, "unirec_scoring_duration_seconds")
+            version = samples.get("unirec_model_version")
+            aucs = {lab.get("model"): v for lab, v in samples.get("unirec_online_auc", ())}
+            distance = max((v for _, v in samples.get("unirec_surrogate_distance", ())),
+                           default=None)
             self._say(
                 f"applied {applied:>9,.0f}/{want:,} ({rate:>6,.0f}/s)  "
                 f"lag {total(samples, 'unirec_consumer_lag_messages'):>7,.0f}  "
                 f"users {total(samples, 'unirec_users'):>5,.0f}  "
                 f"scored {total(samples, 'unirec_scoring_duration_seconds_count'):>7,.0f}  "
                 f"joined {total(samples, 'unirec_labels_joined_total'):>7,.0f}  "
-                f"p99 scoring {'-' if p99 is None else f'{p99 * 1000:.0f} ms'}"
+                f"p99 scoring {'-' if p99 is None else f'{p99 * 1000:.0f} ms'}  "
+                f"v{int(version[0][1]) if version else '?'} "
+                f"steps {total(samples, 'unirec_train_steps_total'):,.0f}  "
+                f"AUC {_fmt(aucs.get('dynamic'))}/{_fmt(aucs.get('static'))}  "
+                f"D {_fmt(distance)}"
             )
             if not self.produced.is_set():
                 continue
@@ -332,6 +346,13 @@ class Demo:
         s.users = int(total(samples, "unirec_users"))
         version = samples.get("unirec_model_version")
         s.model_version = int(version[0][1]) if version else None
+        s.train_steps = int(total(samples, "unirec_train_steps_total"))
+        s.drift = {
+            "surrogate_distance": {lab["window"]: round(v, 5) for lab, v
+                                   in samples.get("unirec_surrogate_distance", ())},
+            "worker_online_auc": {lab["model"]: round(v, 4) for lab, v
+                                  in samples.get("unirec_online_auc", ())},
+        }
         for name, metric in (("scoring", "unirec_scoring_duration_seconds"),
                              ("apply batch", "unirec_apply_batch_duration_seconds")):
             p50 = histogram_quantile(0.5, samples, metric)
@@ -385,6 +406,10 @@ class Demo:
     def _say(self, line: str) -> None:
         elapsed = time.strftime("%H:%M:%S")
         print(f"[{elapsed}] {line}", file=self.out, flush=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> Iterator[Scores]:

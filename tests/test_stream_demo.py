@@ -1,0 +1,99 @@
+"""``unirec demo`` end to end on MovieLens-100K (skipped where the data cannot be had): it
+trains a model when there is none, streams the log through an embedded broker and a worker,
+and ends with a summary whose counts match what was replayed; Ctrl-C stops it cleanly, with
+no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eventlog.log import EventLog, time_split
+from eventlog.movielens import DatasetUnavailable, default_data_dir, load_movielens_100k
+
+REPO = Path(__file__).resolve().parents[1]
+EVENTS = 200
+
+
+@pytest.fixture(scope="module")
+def movielens() -> EventLog:
+    try:
+        return load_movielens_100k(default_data_dir())
+    except DatasetUnavailable as exc:
+        pytest.skip(f"MovieLens-100K not available here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory: the first demo trains the model, the second reuses it."""
+    return tmp_path_factory.mktemp("demo-runs")
+
+
+def demo(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_RUN_DIR": str(run_dir),
+           "UNIREC_DEVICE": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "demo", "--train-steps", "2", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Command lines of live processes started for this run (its worker, its broker)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(run_dir) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_demo_streams_the_held_out_events_and_summarises_them(movielens: EventLog,
+                                                              run_dir: Path) -> None:
+    run = demo(run_dir, "--events", str(EVENTS), "--json")
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    history = time_split(movielens, 0.8)
+    assert summary["history_interactions"] == history
+    assert summary["scored_events"] == EVENTS
+    assert summary["interactions_applied"] == history + EVENTS
+    assert summary["impressions_scored"] == EVENTS
+    assert summary["labels_joined"] == EVENTS
+    assert summary["dead_letters"] == 0
+    assert summary["users"] == len({e.user_id for e in movielens.interactions[:history + EVENTS]})
+    assert summary["online"]["n"] == EVENTS and summary["online"]["missing"] == 0
+    assert 0.0 <= summary["online"]["auc"] <= 1.0
+    assert summary["latency_ms"]["scoring"]["p99"] >= summary["latency_ms"]["scoring"]["p50"]
+    assert summary["interrupted"] is False
+    assert "applied" in err  # the live progress went to stderr
+    assert (run_dir / "movielens-100k" / "model.pt").is_file()  # trained, since none existed
+    assert leftovers(run_dir) == []
+
+
+def test_ctrl_c_stops_the_demo_and_everything_it_started(movielens: EventLog,
+                                                         run_dir: Path) -> None:
+    run = demo(run_dir, "--rate", "50")
+    deadline = time.monotonic() + 300
+    progress = ""
+    while "applied" not in progress:  # wait for the first live progress line
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+        progress = run.stderr.readline()
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    assert "(interrupted)" in out
+    assert leftovers(run_dir) == []
