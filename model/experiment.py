@@ -91,8 +91,6 @@ class Splits:
     train: ExampleSet
     val: ExampleSet
     test: ExampleSet
-    val_start: int
-    test_start: int
 
 
 def make_splits(log: EventLog, budget: Budget) -> Splits:
@@ -110,8 +108,6 @@ def make_splits(log: EventLog, budget: Budget) -> Splits:
         train=examples.subset(slice(0, val_start)),
         val=examples.subset(slice(val_start, test_start)),
         test=examples.subset(slice(test_start, len(log))),
-        val_start=val_start,
-        test_start=test_start,
     )
 
 
