@@ -20,13 +20,13 @@ The user-state norm histogram (``WorkerMetrics.observe_state_norms``) is not fed
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kafka import KafkaProducer
 
-from eventlog.schema import Impression, Label
+from eventlog.schema import Impression, Interaction, Label, SchemaError, decode
 from state_store import StateStore
 from stream.applier import ApplyReport, InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
@@ -145,19 +145,33 @@ def handle_interactions(services: WorkerServices, records: Sequence[Record]) -> 
     return reports
 
 
-def handle_impressions(services: WorkerServices, records: Sequence[Record]) -> int:
-    """Score one micro-batch of ``impressions``; returns the number of scores published."""
+def handle_impressions(
+    services: WorkerServices,
+    records: Sequence[Record],
+    preceding: Mapping[tuple[int, int], Sequence[Record]] | None = None,
+) -> int:
+    """Score one micro-batch of ``impressions``; returns the number of scores published.
+
+    ``preceding[(partition, offset)]``: the ``interactions`` records of the impression's user
+    that come before it but are applied after this batch (``stream.gate``); the impression
+    is scored as if they were applied (undecodable ones are left out: the applier rejects
+    them).
+    """
     topic = services.topics.impressions
     impressions: list[Impression] = []
+    pending: list[list[Interaction]] = []
     for partition, consumed in by_partition(records).items():
         valid, dead = decode_records(Impression, topic, partition, consumed)
-        impressions.extend(message for _, message in valid)
+        for offset, message in valid:
+            impressions.append(message)
+            before = (preceding or {}).get((partition, offset), ())
+            pending.append(_decodable(before))
         if dead:
             services.reject(topic, dead)
     services.metrics.count_consumed(topic, len(records))
     if not impressions:
         return 0
-    scored = services.scorer.score_many(impressions)
+    scored = services.scorer.score_many(impressions, pending)
     metrics = services.metrics
     if scored:
         metrics.observe_store_read(scored[0].read_s)  # the batch's one multi-get
@@ -170,6 +184,16 @@ def handle_impressions(services: WorkerServices, records: Sequence[Record]) -> i
         services.window.add(item)
     services.producer.flush(timeout=FLUSH_TIMEOUT_S)
     return len(scored)
+
+
+def _decodable(records: Sequence[Record]) -> list[Interaction]:
+    events = []
+    for r in records:
+        try:
+            events.append(decode(Interaction, r.value))
+        except SchemaError:
+            continue
+    return events
 
 
 def handle_labels(services: WorkerServices, records: Sequence[Record]) -> int:

@@ -1,27 +1,26 @@
-"""``EventTimeGate``: score an impression before the interaction it predicts is applied.
+"""``EventTimeGate``: merge a partition's impressions, interactions and labels in time order.
 
 Impressions, interactions and labels of one user live in the same partition number of three
 topics, fetched independently: under a backlog one fetch can bring a thousand interactions of
-partition p and none of p's impressions. Applied first, an interaction would put the very
-item the impression asks about into the user's state and history before it is scored (a
-leak that inflates online AUC). The gate orders the three by the records' Kafka timestamps,
-as a stream processor joining co-partitioned topics does:
+partition p and none of p's impressions, or the reverse. Processed as fetched, an impression
+could be scored before the interactions that precede it were applied (a history missing its
+newest events), or after the interaction it predicts was applied (a leak that inflates
+online AUC). The gate orders the three by the records' Kafka timestamps, as a stream
+processor joining co-partitioned topics does. Order of one millisecond's records across
+topics: impression, then interaction, then label (an impression never sees an interaction of
+its own millisecond; a label always follows its impression).
 
-- impressions are never held;
-- an interaction or label of partition p is released once an impression of p with a later
-  timestamp has been seen (strictly later: records of one millisecond are not ordered by
-  their timestamps), or once p's impressions are idle (everything up to the partition's end
-  was read: e.g. a deployment that produces no impressions);
-- within a topic and partition, release keeps offset order.
+A held record of partition p is released once every other topic's partition p has shown a
+record at or after it in that order, or is idle (read up to its end, e.g. a deployment that
+produces no impressions): the record can no longer be overtaken. Release keeps offset order
+within a topic and partition. The caller processes what one ``release`` returns in time
+order, as ``merge_order`` gives it.
 
 The gate holds at most ``max_held`` records per topic and partition: past that, the oldest
-are released anyway (impressions far behind, or none at all for a while) and counted in
+are released anyway (one topic far behind, or silent for a while) and counted in
 ``released_early``, so memory stays bounded and the stream never stalls. (Pausing the
 partition instead was tried: kafka-python 3.0 did not fetch a resumed partition again from
 the embedded broker.)
-
-The gate only buffers; the caller scores the impressions it polled before it applies what
-``release`` returns, and calls ``forget`` when a partition is revoked or sought.
 """
 
 from __future__ import annotations
@@ -31,62 +30,85 @@ from collections.abc import Callable, Iterable
 
 from stream.agents import Record
 
-HELD_KINDS = ("interactions", "labels")
+KINDS = ("impressions", "interactions", "labels")  # the order of one millisecond's records
+_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
+
+
+def order_key(kind: str, record: Record) -> tuple[int, int, int]:
+    """Sort key of a record in time order: timestamp, then kind (``KINDS``), then offset."""
+    return record.timestamp, _RANK[kind], record.offset
 
 
 class EventTimeGate:
-    """Buffers of held interactions and labels per partition, released by impression time."""
+    """Per topic kind and partition: held records and the newest order key seen."""
 
     def __init__(self, max_held: int = 8192) -> None:
         if max_held < 1:
             raise ValueError(f"max_held must be positive, got {max_held}")
         self.max_held = max_held
-        self.released_early: dict[str, int] = dict.fromkeys(HELD_KINDS, 0)
-        self._held: dict[str, dict[int, deque[Record]]] = {kind: {} for kind in HELD_KINDS}
-        self._newest_impression: dict[int, int] = {}
-
-    def saw_impressions(self, records: Iterable[Record]) -> None:
-        """Note the newest impression timestamp of each partition in ``records``."""
-        for r in records:
-            if r.timestamp > self._newest_impression.get(r.partition, -1):
-                self._newest_impression[r.partition] = r.timestamp
+        self.released_early: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._held: dict[str, dict[int, deque[Record]]] = {kind: {} for kind in KINDS}
+        self._newest: dict[str, dict[int, tuple[int, int, int]]] = {kind: {} for kind in KINDS}
 
     def hold(self, kind: str, records: Iterable[Record]) -> None:
-        """Buffer ``records`` of ``kind`` (``"interactions"`` or ``"labels"``), in order."""
-        held = self._held[kind]
+        """Buffer ``records`` of ``kind`` (one of ``KINDS``), given in offset order."""
+        held, newest = self._held[kind], self._newest[kind]
         for r in records:
             held.setdefault(r.partition, deque()).append(r)
+            newest[r.partition] = order_key(kind, r)
 
-    def release(self, idle: Callable[[int], bool]) -> dict[str, list[Record]]:
-        """``{kind: records}`` that may be processed now, per partition in offset order.
+    def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[Record]]:
+        """``{kind: records}`` that can no longer be overtaken, in offset order per partition.
 
-        ``idle(p)``: whether partition p's impressions have nothing more to read.
+        ``idle(kind, p)``: whether partition p of that kind's topic has nothing more to read.
         """
-        out: dict[str, list[Record]] = {kind: [] for kind in HELD_KINDS}
+        out: dict[str, list[Record]] = {kind: [] for kind in KINDS}
         for kind, held in self._held.items():
+            others = [k for k in KINDS if k != kind]
             for partition, queue in held.items():
                 if not queue:
                     continue
-                if idle(partition):
-                    out[kind].extend(queue)
-                    queue.clear()
-                    continue
-                newest = self._newest_impression.get(partition, -1)
-                while queue and queue[0].timestamp < newest:
+                bound = min(self._bound(k, partition, idle) for k in others)
+                while queue and order_key(kind, queue[0]) < bound:
                     out[kind].append(queue.popleft())
                 while len(queue) > self.max_held:
                     out[kind].append(queue.popleft())
                     self.released_early[kind] += 1
         return out
 
+    def _bound(self, kind: str, partition: int, idle: Callable[[str, int], bool]
+               ) -> tuple[float, int, int]:
+        """Records ordered before this key cannot be overtaken by ``kind``'s partition."""
+        if idle(kind, partition):
+            return (float("inf"), 0, 0)
+        return self._newest[kind].get(partition, (-1, 0, 0))
+
     def held(self, kind: str, partition: int) -> int:
         """How many records of ``kind`` partition ``partition`` holds."""
         return len(self._held[kind].get(partition, ()))
 
     def forget(self, kind: str, partition: int) -> None:
-        """Drop what is held of ``kind``'s ``partition`` (revoked, or sought elsewhere)."""
+        """Drop what is held and known of ``kind``'s ``partition`` (revoked, or sought)."""
         self._held[kind].pop(partition, None)
+        self._newest[kind].pop(partition, None)
 
-    def forget_impressions(self, partition: int) -> None:
-        """Forget the impression time of ``partition`` (its impressions were revoked)."""
-        self._newest_impression.pop(partition, None)
+
+def preceding_interactions(impressions: Iterable[Record], interactions: Iterable[Record]
+                           ) -> dict[tuple[int, int], list[Record]]:
+    """For each impression (``(partition, offset)``): the interactions of one release with
+    its key (user) ordered before it (``order_key``), oldest first. The caller applies those
+    interactions after scoring the batch, so the impression is scored against its user's
+    stored state and history advanced by them (``ImpressionScorer.score_many(pending=...)``).
+    """
+    merged = sorted([(order_key("impressions", r), "impressions", r) for r in impressions]
+                    + [(order_key("interactions", r), "interactions", r) for r in interactions],
+                    key=lambda item: (item[2].partition, item[0]))
+    pending: dict[tuple[int, bytes | None], list[Record]] = {}
+    out: dict[tuple[int, int], list[Record]] = {}
+    for _, kind, r in merged:
+        user = (r.partition, r.key)
+        if kind == "interactions":
+            pending.setdefault(user, []).append(r)
+        else:
+            out[(r.partition, r.offset)] = list(pending.get(user, ()))
+    return out

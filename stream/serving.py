@@ -138,10 +138,20 @@ class ImpressionScorer:
         """Score one impression (one multi-get)."""
         return self.score_many([impression])[0]
 
-    def score_many(self, impressions: Sequence[Impression]) -> list[ScoredImpression]:
+    def score_many(
+        self,
+        impressions: Sequence[Impression],
+        pending: Sequence[Sequence[Interaction]] | None = None,
+    ) -> list[ScoredImpression]:
         """Score several impressions, reading all of their users in ONE multi-get, in input
         order. Impressions with the same candidate count are scored together (``Scorer.batches``:
-        one model call for the live model and one for the static twin per batch)."""
+        one model call for the live model and one for the static twin per batch).
+
+        ``pending[i]``: interactions of impression i's user not yet in the store that precede
+        it (oldest first; the worker applies them after this batch): impression i is scored
+        with its stored history extended by them and its stored state advanced by them (one
+        batched GRU unroll for all such impressions), as if they were applied.
+        """
         start = time.perf_counter()
         scorer, version = self._live
         users = list(dict.fromkeys(i.user_id for i in impressions))
@@ -155,12 +165,30 @@ class ImpressionScorer:
             _Read(histories[u], states[u], bool(stale[u]), read_s)
             for u in (position[i.user_id] for i in impressions)
         ]
+        if pending is not None and any(pending):
+            reads = self._advanced(scorer, impressions, reads, pending)
         scored: dict[int, ScoredImpression] = {}
         for batch in scorer.batches(impressions):
             results = self._score_batch(scorer, version, [impressions[i] for i in batch],
                                         [reads[i] for i in batch])
             scored.update(zip(batch, results, strict=True))
         return [scored[i] for i in range(len(impressions))]
+
+    @staticmethod
+    def _advanced(scorer: Scorer, impressions: Sequence[Impression], reads: list[_Read],
+                  pending: Sequence[Sequence[Interaction]]) -> list[_Read]:
+        """``reads`` with each impression's ``pending`` events appended to its history and
+        folded into its state."""
+        ahead = [i for i, events in enumerate(pending) if events]
+        states = unroll_states(
+            scorer.model, scorer.featurizer, [impressions[i].user_id for i in ahead],
+            [pending[i] for i in ahead], np.stack([reads[i].state for i in ahead]),
+        )
+        out = list(reads)
+        for row, i in enumerate(ahead):
+            r = reads[i]
+            out[i] = _Read(r.history + list(pending[i]), states[row], r.rebuilt, r.read_s)
+        return out
 
     @staticmethod
     def _current_states(

@@ -79,7 +79,7 @@ from stream.agents import (
 )
 from stream.applier import InteractionApplier
 from stream.drift import DriftConfig, DriftTracker
-from stream.gate import EventTimeGate
+from stream.gate import KINDS, EventTimeGate, preceding_interactions
 from stream.http_api import ApiServer, ApiServices
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
@@ -292,6 +292,9 @@ class ConsumerLoop:
         self.between_batches = between_batches
         self.topics = config.topics
         self.gate = EventTimeGate(config.max_held)
+        topics = self.topics
+        self.kind_of = {topics.impressions: "impressions", topics.interactions: "interactions",
+                        topics.labels: "labels"}
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
@@ -318,11 +321,7 @@ class ConsumerLoop:
             if tp.topic == topics.interactions:
                 services.log_ids.pop(tp.partition, None)
                 services.metrics.forget_partition(tp.topic, tp.partition)
-                self.gate.forget("interactions", tp.partition)
-            elif tp.topic == topics.labels:
-                self.gate.forget("labels", tp.partition)
-            else:
-                self.gate.forget_impressions(tp.partition)
+            self.gate.forget(self.kind_of[tp.topic], tp.partition)
             self.next_offsets.pop(tp, None)
 
     def run(self, stop: threading.Event) -> int:
@@ -353,27 +352,33 @@ class ConsumerLoop:
             )
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1
-        impressions = by_topic.get(topics.impressions, [])
-        if impressions:
-            handle_impressions(services, impressions)
-            gate.saw_impressions(impressions)
-        gate.hold("interactions", by_topic.get(topics.interactions, []))
-        gate.hold("labels", by_topic.get(topics.labels, []))
+        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
+                               strict=True):
+            gate.hold(kind, by_topic.get(topic, []))
         early = dict(gate.released_early)
-        released = gate.release(self.impressions_idle)
-        for kind, topic in (("interactions", topics.interactions), ("labels", topics.labels)):
+        released = gate.release(self.idle)
+        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
+                               strict=True):
             if gate.released_early[kind] > early[kind]:
                 services.metrics.released_early.labels(topic).inc(
                     gate.released_early[kind] - early[kind])
-        if released["interactions"]:
-            handle_interactions(services, released["interactions"])
+        impressions, interactions = released["impressions"], released["interactions"]
+        if impressions:
+            handle_impressions(services, impressions,
+                               preceding_interactions(impressions, interactions))
+        if interactions:
+            handle_interactions(services, interactions)
         if released["labels"]:
             handle_labels(services, released["labels"])
 
-    def impressions_idle(self, partition: int) -> bool:
-        """Whether ``impressions[partition]`` was read up to its end (as of the last fetch)."""
-        tp = TopicPartition(self.topics.impressions, partition)
-        end = self.consumer.highwater(tp)
+    def idle(self, kind: str, partition: int) -> bool:
+        """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
+        the last fetch)."""
+        tp = TopicPartition(getattr(self.topics, kind), partition)
+        try:
+            end = self.consumer.highwater(tp)
+        except Exception:  # not assigned (rebalancing)
+            return False
         if end is None:
             return False
         position = self.next_offsets.get(tp)

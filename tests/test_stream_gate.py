@@ -1,42 +1,69 @@
-"""``EventTimeGate``: an interaction or label is released only after an impression of its
-partition with a later timestamp was seen, or once that partition's impressions are idle."""
+"""``EventTimeGate``: a partition's impressions, interactions and labels are released in time
+order (timestamp, then impression < interaction < label), only once no other topic of the
+partition can still bring an earlier record; ``preceding_interactions`` gives each impression
+the interactions of its user ordered before it."""
 
 from __future__ import annotations
 
 from stream.agents import Record
-from stream.gate import EventTimeGate
+from stream.gate import EventTimeGate, preceding_interactions
 
 
-def rec(partition: int, offset: int, ts: int) -> Record:
-    return Record(partition, offset, b"u", b"{}", ts)
+def rec(partition: int, offset: int, ts: int, user: bytes = b"u") -> Record:
+    return Record(partition, offset, user, b"{}", ts)
 
 
-def never_idle(partition: int) -> bool:
+def never_idle(kind: str, partition: int) -> bool:
     return False
 
 
-def test_an_interaction_waits_for_a_strictly_later_impression_of_its_partition() -> None:
+def offsets(records: list[Record]) -> list[int]:
+    return [r.offset for r in records]
+
+
+def test_an_interaction_waits_until_the_impressions_and_labels_have_passed_it() -> None:
     gate = EventTimeGate()
     gate.hold("interactions", [rec(0, 0, 100), rec(0, 1, 101)])
+    gate.hold("labels", [rec(0, 0, 150)])
     assert gate.release(never_idle)["interactions"] == []
-    gate.saw_impressions([rec(0, 5, 100)])  # same millisecond: not ordered, still held
-    assert gate.release(never_idle)["interactions"] == []
-    gate.saw_impressions([rec(0, 6, 101)])
-    assert [r.offset for r in gate.release(never_idle)["interactions"]] == [0]
+    gate.hold("impressions", [rec(0, 0, 100)])  # same millisecond: the impression comes first
+    released = gate.release(never_idle)
+    assert offsets(released["impressions"]) == [0]  # interactions and labels are past it
+    assert released["interactions"] == []
+    gate.hold("impressions", [rec(0, 1, 101)])
+    released = gate.release(never_idle)
+    assert offsets(released["interactions"]) == [0]
+    assert offsets(released["impressions"]) == [1]
     assert gate.held("interactions", 0) == 1
 
 
-def test_impressions_of_another_partition_release_nothing() -> None:
+def test_an_impression_waits_for_the_interactions_before_it() -> None:
+    gate = EventTimeGate()
+    gate.hold("impressions", [rec(1, 0, 200)])
+    gate.hold("labels", [rec(1, 0, 300)])
+    assert gate.release(never_idle)["impressions"] == []
+    gate.hold("interactions", [rec(1, 0, 150)])
+    assert gate.release(never_idle)["impressions"] == []  # an interaction at 180 may follow
+    gate.hold("interactions", [rec(1, 1, 200)])
+    assert offsets(gate.release(never_idle)["impressions"]) == [0]
+
+
+def test_records_of_another_partition_release_nothing() -> None:
     gate = EventTimeGate()
     gate.hold("labels", [rec(1, 0, 100)])
-    gate.saw_impressions([rec(0, 0, 500)])
+    gate.hold("impressions", [rec(0, 0, 500)])
+    gate.hold("interactions", [rec(0, 0, 500)])
     assert gate.release(never_idle)["labels"] == []
 
 
-def test_idle_impressions_release_everything_in_offset_order() -> None:
+def test_idle_topics_do_not_hold_anything_back() -> None:
     gate = EventTimeGate()
     gate.hold("interactions", [rec(2, 0, 300), rec(2, 1, 100), rec(3, 0, 50)])
-    released = gate.release(lambda p: p == 2)["interactions"]
+
+    def idle(kind: str, partition: int) -> bool:
+        return partition == 2 and kind in ("impressions", "labels")
+
+    released = gate.release(idle)["interactions"]
     assert [(r.partition, r.offset) for r in released] == [(2, 0), (2, 1)]
     assert gate.held("interactions", 3) == 1
 
@@ -44,16 +71,18 @@ def test_idle_impressions_release_everything_in_offset_order() -> None:
 def test_release_stops_at_the_first_record_not_yet_due_keeping_offset_order() -> None:
     gate = EventTimeGate()
     gate.hold("interactions", [rec(0, 0, 10), rec(0, 1, 30), rec(0, 2, 20)])
-    gate.saw_impressions([rec(0, 0, 25)])
-    assert [r.offset for r in gate.release(never_idle)["interactions"]] == [0]
+    gate.hold("impressions", [rec(0, 0, 25)])
+    gate.hold("labels", [rec(0, 0, 99)])
+    assert offsets(gate.release(never_idle)["interactions"]) == [0]
 
 
-def test_forget_drops_held_records_and_impression_time() -> None:
+def test_forget_drops_held_records_and_what_was_seen() -> None:
     gate = EventTimeGate()
     gate.hold("interactions", [rec(0, 0, 10)])
-    gate.saw_impressions([rec(0, 0, 50)])
+    gate.hold("impressions", [rec(0, 0, 50)])
+    gate.hold("labels", [rec(0, 0, 50)])
     gate.forget("interactions", 0)
-    gate.forget_impressions(0)
+    gate.forget("impressions", 0)
     assert gate.held("interactions", 0) == 0
     gate.hold("interactions", [rec(0, 1, 10)])
     assert gate.release(never_idle)["interactions"] == []
@@ -62,6 +91,18 @@ def test_forget_drops_held_records_and_impression_time() -> None:
 def test_a_full_gate_releases_its_oldest_records_and_counts_them() -> None:
     gate = EventTimeGate(max_held=2)
     gate.hold("interactions", [rec(0, o, 100 + o) for o in range(5)])
-    assert [r.offset for r in gate.release(never_idle)["interactions"]] == [0, 1, 2]
-    assert gate.released_early == {"interactions": 3, "labels": 0}
+    assert offsets(gate.release(never_idle)["interactions"]) == [0, 1, 2]
+    assert gate.released_early == {"impressions": 0, "interactions": 3, "labels": 0}
     assert gate.held("interactions", 0) == 2
+
+
+def test_each_impression_gets_its_users_earlier_interactions_of_the_release() -> None:
+    interactions = [rec(0, 0, 10, b"a"), rec(0, 1, 20, b"b"), rec(0, 2, 30, b"a"),
+                    rec(1, 0, 5, b"a")]
+    impressions = [rec(0, 7, 30, b"a"), rec(0, 8, 31, b"a"), rec(0, 9, 31, b"c"),
+                   rec(1, 3, 1, b"a")]
+    before = preceding_interactions(impressions, interactions)
+    assert offsets(before[(0, 7)]) == [0]  # the interaction of its own millisecond is later
+    assert offsets(before[(0, 8)]) == [0, 2]
+    assert before[(0, 9)] == []
+    assert before[(1, 3)] == []  # another partition's, and later

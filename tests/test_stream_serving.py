@@ -150,6 +150,27 @@ def test_a_batch_of_impressions_is_read_in_one_multi_get(
         assert_scored_alike(a, b)
 
 
+def test_pending_interactions_score_as_if_they_were_applied(store: StateStore) -> None:
+    apply_events(store, ["u0", "u1"])
+    requests = [impression("ra", "u0"), impression("rbb", "u1"), impression("rccc", "new")]
+    rng = np.random.default_rng(7)
+    pending = [[event(rng, "u0", T0 + 5000.0, 90), event(rng, "u0", T0 + 5060.0, 91)], [],
+               [event(rng, "new", T0 + 5100.0, 92)]]
+    scorer = ImpressionScorer(store, SCORER, 1, PROFILES, static=TWIN)
+    ahead = scorer.score_many(requests, pending)
+    first = store.offset("interactions", 0).next_offset
+    records = [ConsumedRecord(first + k, None, encode(e))
+               for k, e in enumerate([*pending[0], *pending[2]])]
+    InteractionApplier(store, SCORER.model, 1).apply("interactions", 0, "log", records,
+                                                     records[-1].offset)
+    applied = scorer.score_many(requests)
+    for a, b in zip(ahead, applied, strict=True):
+        assert a.history == b.history
+        np.testing.assert_allclose(a.state, b.state, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.dynamic, b.dynamic, rtol=0, atol=1e-5)
+    assert len(ahead[0].history) == 3 and len(ahead[2].history) == 1
+
+
 def assert_scored_alike(a: ScoredImpression, b: ScoredImpression, atol: float = 1e-5) -> None:
     """``a`` and ``b`` scored the same impression from the same read, their probabilities
     within ``atol`` (batched scoring, and a stale state rebuilt with other users' states, may
