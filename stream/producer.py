@@ -176,9 +176,10 @@ class _Sender:
         self.first_error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, timestamp_ms: int | None = None
+             ) -> None:
         try:
-            future = self.producer.send(topic, key=key, value=value)
+            future = self.producer.send(topic, key=key, value=value, timestamp_ms=timestamp_ms)
         except KafkaError as exc:
             raise ProduceError(f"cannot send to {topic!r}: {exc}") from exc
         future.add_errback(self._failed)
@@ -211,7 +212,9 @@ class _Replayer:
         self.sender, self.topics, self.sampler = sender, topics, sampler
         self.rate, self.label_delay, self.progress = rate, label_delay, progress
         self.stats = ReplayStats()
-        self._labels: list[tuple[float, int, bytes, bytes]] = []  # (due, seq, key, value)
+        # (due, seq, key, value, the event's record timestamp)
+        self._labels: list[tuple[float, int, bytes, bytes, int]] = []
+        self._last_ms: dict[str, int] = {}  # each user's last record timestamp
         self._started = 0.0
         self._last_progress = 0.0
 
@@ -234,19 +237,26 @@ class _Replayer:
         request_id = f"req-{event.event_id}"
         impression = Impression(request_id, event.user_id, event.ts,
                                 self.sampler.candidates(event), dict(event.context))
-        self.sender.send(self.topics.impressions, key, encode(impression))
-        self.sender.send(self.topics.interactions, key, encode(event))
+        # Record timestamps order a user's messages across topics (stream.gate: within one
+        # millisecond an impression comes before an interaction): this impression must get a
+        # later millisecond than the user's previous interaction, whatever the send rate.
+        user = event.user_id
+        stamp = max(int(time.time() * 1000), self._last_ms.get(user, -1) + 1)
+        self._last_ms[user] = stamp
+        self.sender.send(self.topics.impressions, key, encode(impression), stamp)
+        self.sender.send(self.topics.interactions, key, encode(event), stamp)
         self.sampler.observe(event)
         self.stats.impressions += 1
         self.stats.interactions += 1
         value = encode(Label(request_id, event.user_id, event.item_id, int(label), event.ts))
         due = time.perf_counter() + self.label_delay
-        heapq.heappush(self._labels, (due, self.stats.interactions, key, value))
+        heapq.heappush(self._labels, (due, self.stats.interactions, key, value, stamp))
 
     def _send_due_labels(self, now: float) -> None:
         while self._labels and self._labels[0][0] <= now:
-            _, _, key, value = heapq.heappop(self._labels)
-            self.sender.send(self.topics.labels, key, value)
+            _, _, key, value, stamp = heapq.heappop(self._labels)
+            self.sender.send(self.topics.labels, key, value,
+                             max(int(time.time() * 1000), stamp))
             self.stats.labels += 1
 
     def _wait_turn(self, n: int) -> None:

@@ -142,13 +142,16 @@ def test_candidates_are_deterministic_in_the_seed_and_shuffled() -> None:
 
 
 class RecordingProducer:
-    """Stands in for KafkaProducer: records (wall time, topic, value) of each send."""
+    """Stands in for KafkaProducer: records (wall time, topic, value) of each send, and each
+    send's record timestamp in ``stamps``."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[float, str, bytes]] = []
+        self.stamps: list[int | None] = []
 
-    def send(self, topic: str, key: bytes, value: bytes):
+    def send(self, topic: str, key: bytes, value: bytes, timestamp_ms: int | None = None):
         self.sent.append((time.perf_counter(), topic, value))
+        self.stamps.append(timestamp_ms)
         return self
 
     def add_errback(self, _callback) -> None:
@@ -187,6 +190,29 @@ def test_labels_wait_for_the_label_delay() -> None:
         pending_at_end = interaction_at > last_interaction - delay
         assert at - interaction_at >= delay * 0.99 or pending_at_end
     assert sum(at - sent_at[lab.request_id[4:]] >= delay * 0.99 for at, lab in labels) > 10
+
+
+def test_record_timestamps_order_each_users_messages_across_topics() -> None:
+    """Sent as fast as possible (many messages per millisecond): a user's impression gets a
+    later record timestamp than that user's previous interaction, the interaction the same
+    one as its impression, and the label no earlier one (``stream.gate`` orders by them)."""
+    log = small_log(60)
+    producer = RecordingProducer()
+    replay(log, "unused:0", TopicNames(), producer=producer)  # type: ignore[arg-type]
+    last_interaction: dict[str, int] = {}
+    impression_stamp: dict[str, int] = {}
+    for (_, topic, value), stamp in zip(producer.sent, producer.stamps, strict=True):
+        assert stamp is not None
+        if topic == "impressions":
+            message = decode(Impression, value)
+            assert stamp > last_interaction.get(message.user_id, -1)
+            impression_stamp[message.request_id] = stamp
+        elif topic == "interactions":
+            message = decode(Interaction, value)
+            assert stamp == impression_stamp[f"req-{message.event_id}"]
+            last_interaction[message.user_id] = stamp
+        else:
+            assert stamp >= impression_stamp[decode(Label, value).request_id]
 
 
 def test_synthetic_events_are_deterministic_ordered_and_skewed() -> None:
