@@ -31,6 +31,21 @@ from the CLI) and again after every assignment (a refusal then ends the process 
 3: e.g. an embedded broker restarted under a running worker). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
+Partition ownership (issue #7): each worker keeps, in its own store, the state of the
+``interactions`` partitions it is assigned. One its store has never applied is rebuilt from
+the topic's retained events: with no stored offset the worker seeks to offset 0 and replays
+the GRU over every event of the partition (one it owned before resumes where its store
+stopped: those states are exactly the log's prefix up to there). A worker that loses a
+partition stops writing it (above); its store keeps the stale states until the partition
+comes back. The trade-off, chosen over restoring a ``StateStore.checkpoint`` from shared
+storage: no shared storage, and the rebuilt states equal an uninterrupted run's
+(``tests/test_stream_rebalance.py``); but a takeover takes time proportional to the
+partition's whole history, and the ``interactions`` topic must retain every event
+(``retention.ms=-1``; compaction will not do, every event counts): a partition whose oldest
+events were deleted would be rebuilt from what is left, without an error. A checkpoint on
+shared storage would bound the takeover time, at the cost of that storage and of handling its
+staleness (the events after it must still come from the topic).
+
 Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift``): unless
 ``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
 labels and publishes versions to ``versions_dir``, announced on ``model-updates`` (one
