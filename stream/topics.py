@@ -118,8 +118,9 @@ def ensure_topics(
     partition count, ``{name: partitions}``.
 
     New keyed topics get ``partitions`` partitions (``model-updates`` one, see
-    ``TopicNames.partitions``). Existing topics are left as they are, even with another
-    partition count (a warning says so). Idempotent, and safe against a concurrent creator.
+    ``TopicNames.partitions``); ``interactions`` is created with ``retention.ms=-1``.
+    Existing topics are left as they are, even with another partition count (a warning says
+    so). Idempotent, and safe against a concurrent creator.
     Raises ``BrokerUnavailable`` or ``TopicError``.
     """
     if partitions < 1 or replication < 1:
@@ -131,7 +132,10 @@ def ensure_topics(
         existing = _partition_counts(admin, list(wanted))
         missing = {name: n for name, n in wanted.items() if name not in existing}
         if missing:
-            _create(admin, missing, replication, timeout_s)
+            # Every interaction is kept: a worker taking over a partition it has no state for
+            # rebuilds the states by replaying the partition from its start (stream.worker).
+            _create(admin, missing, replication, timeout_s,
+                    {topics.interactions: {"retention.ms": "-1"}})
         counts = _partition_counts(admin, list(wanted))
     for name, n in wanted.items():
         if name not in counts:
@@ -143,8 +147,9 @@ def ensure_topics(
 
 
 def _create(admin: KafkaAdminClient, missing: dict[str, int], replication: int,
-            timeout_s: float) -> None:
-    request = {name: {"num_partitions": n, "replication_factor": replication}
+            timeout_s: float, configs: dict[str, dict[str, str]]) -> None:
+    request = {name: {"num_partitions": n, "replication_factor": replication,
+                      "configs": configs.get(name, {})}
                for name, n in missing.items()}
     try:
         result = admin.create_topics(request, timeout_ms=int(timeout_s * 1000),

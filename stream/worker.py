@@ -19,7 +19,9 @@ agent over ``take_events`` with a handler that does nothing delivers about 7,000
 about 58,000/s. The 10,000 interactions/s the worker must apply cannot pass through faust.
 
 Exactly once (SYSTEM.md, "State and the exactly-once effect"): the group's committed offsets
-(auto-committed, at least once) matter only for impressions and labels. Whenever
+matter only for impressions and labels; they are committed every ``lag_interval_s``, on
+revocation and at the end, up to what was processed (not merely polled: the gate may hold
+records), so impressions and labels are processed at least once. Whenever
 ``interactions`` partitions are assigned, the worker seeks each to one past the offset stored
 in the state store, after checking that the stored offsets belong to the current log
 (``StateStore.resume_offset`` with the log identity and the partition's end offset). If they
@@ -78,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
 
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
@@ -140,7 +142,7 @@ class WorkerConfig:
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
-    max_held: int = 8192  # records the gate may hold per partition (stream.gate)
+    max_held: int = 32768  # records the gate may hold per topic and partition (stream.gate)
     profiles_dataset: str | None = None  # a data set whose user profiles the scorer reads
     data_dir: Path | None = None  # where that data set is cached
 
@@ -280,6 +282,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.fatal: str | None = None
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.loop.commit_processed(revoked)
         self.loop.forget(revoked)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -311,11 +314,12 @@ class ConsumerLoop:
         self.kind_of = {topics.impressions: "impressions", topics.interactions: "interactions",
                         topics.labels: "labels"}
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
+        self.processed: dict[TopicPartition, int] = {}  # after the last record processed
         self.consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.group_id,
             client_id=f"{config.group_id}-worker",
-            enable_auto_commit=True,
+            enable_auto_commit=False,  # commit_processed: what was processed, not polled
             auto_offset_reset="earliest",
             max_poll_records=config.batch_size,
             max_poll_interval_ms=int(config.rebalance_timeout_s * 1000),
@@ -338,6 +342,7 @@ class ConsumerLoop:
                 services.metrics.forget_partition(tp.topic, tp.partition)
             self.gate.forget(self.kind_of[tp.topic], tp.partition)
             self.next_offsets.pop(tp, None)
+            self.processed.pop(tp, None)
 
     def run(self, stop: threading.Event) -> int:
         """Poll and process until ``stop`` is set; returns the exit status (0, or
@@ -354,6 +359,7 @@ class ConsumerLoop:
                 self.between_batches()
             if time.monotonic() >= next_lag:
                 self.report_lag()
+                self.commit_processed()
                 next_lag = time.monotonic() + self.config.lag_interval_s
         return 0
 
@@ -385,6 +391,26 @@ class ConsumerLoop:
             handle_interactions(services, interactions)
         if released["labels"]:
             handle_labels(services, released["labels"])
+        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
+                               strict=True):
+            for r in released[kind]:
+                tp = TopicPartition(topic, r.partition)
+                self.processed[tp] = max(self.processed.get(tp, 0), r.offset + 1)
+
+    def commit_processed(self, tps: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the group's offsets of ``tps`` (default: all) up to what was processed, so
+        that impressions and labels held by the gate are read again after a restart or a
+        rebalance (at least once; ``interactions`` resume from the store anyway)."""
+        wanted = self.processed if tps is None else {
+            tp: self.processed[tp] for tp in tps if tp in self.processed}
+        if not wanted:
+            return
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
+                                  for tp, offset in wanted.items()},
+                                 timeout_ms=int(self.config.timeout_s * 1000))
+        except Exception as exc:  # a failed commit means a redelivery, never a loss
+            log.warning("committing consumed offsets failed: %s", exc)
 
     def idle(self, kind: str, partition: int) -> bool:
         """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
@@ -422,7 +448,8 @@ class ConsumerLoop:
                             end - (0 if stored is None else stored.next_offset))
 
     def close(self) -> None:
-        self.consumer.close(timeout_ms=int(self.config.timeout_s * 1000))
+        self.commit_processed()
+        self.consumer.close(autocommit=False, timeout_ms=int(self.config.timeout_s * 1000))
 
 
 def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
