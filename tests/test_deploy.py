@@ -64,11 +64,6 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def cli_has(command: str, option: str) -> bool:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return option in sub.choices[command]._option_string_actions
-
-
 # ------------------------------------------------------------------------ compose: schema
 
 
@@ -191,11 +186,6 @@ def test_producer_and_train_commands_parse_with_the_real_cli(config: dict[str, A
     assert flag(worker, "--checkpoint") == str(written)
 
 
-@pytest.mark.xfail(
-    not cli_has("worker", "--web-bind"), strict=True,
-    reason="`unirec worker` has no --web-bind: the CLI binds the HTTP API to 127.0.0.1, so "
-           "in a container Prometheus (another container) cannot scrape it",
-)
 def test_worker_command_parses_with_the_real_cli(config: dict[str, Any]) -> None:
     for name in ("worker", "worker-gpu"):
         command = services(config)[name]["command"]

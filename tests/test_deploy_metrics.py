@@ -6,10 +6,6 @@ counted); once it has applied everything and reported its consumer lag, its ``/m
 read once. Each ``unirec_*`` name in the dashboard's PromQL (``_total``, ``_bucket`` as
 written) must then have at least one sample there: a family that is only declared (a labelled
 metric whose labels were never set) does not count.
-
-The online-learning families that no code sets yet (``PENDING``: the online AUC and the
-surrogate distance, SYSTEM.md's drift monitor) are reported as xfail with the reason while
-they have no sample, and pass by themselves once the worker sets them.
 """
 
 from __future__ import annotations
@@ -30,21 +26,12 @@ N_EVENTS = 120
 PARTITIONS = 2
 PREFIX = "dash-"
 START_TIMEOUT_S = 90.0
-PENDING = {
-    "unirec_online_auc": "set by the online-learning evaluator (issue #6), not wired yet",
-    "unirec_surrogate_distance": "set by the drift monitor (issue #6), not wired yet",
-}
 DASHBOARD_METRICS = sorted(set().union(*(metric_names(e) for _, e in dashboard_exprs())))
 
 
 def sample_names(exposition: str) -> set[str]:
     return {sample.name for family in text_string_to_metric_families(exposition)
             for sample in family.samples}
-
-
-def declared_names(exposition: str) -> set[str]:
-    return {line.split()[2] for line in exposition.splitlines()
-            if line.startswith("# TYPE ")}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +61,9 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                         f"{float(N_EVENTS)}" in text[0]
                     and "unirec_consumer_lag_messages{" in text[0]
                     and "unirec_dead_letters_total{" in text[0]
-                    and "unirec_scoring_duration_seconds_count{" in text[0])
+                    and "unirec_scoring_duration_seconds_count{" in text[0]
+                    and "unirec_online_auc{" in text[0]
+                    and "unirec_surrogate_distance{" in text[0])
 
         try:
             wait_for(settled, START_TIMEOUT_S, worker, "everything applied and reported")
@@ -94,10 +83,6 @@ def test_dashboard_queries_only_unirec_metrics() -> None:
 
 @pytest.mark.parametrize("name", DASHBOARD_METRICS)
 def test_dashboard_metric_is_exported_by_a_live_worker(exposition: str, name: str) -> None:
-    if name not in sample_names(exposition) and name in PENDING:
-        declared = declared_names(exposition)
-        assert {name, name.removesuffix("_total")} & declared, f"{name} is not registered"
-        pytest.xfail(f"{name} has no sample yet: {PENDING[name]}")
     assert name in sample_names(exposition), (
         f"{name} is queried by the dashboard but not exported; the worker exports: "
         + ", ".join(sorted(n for n in sample_names(exposition) if n.startswith("unirec_"))))
