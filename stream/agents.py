@@ -73,6 +73,7 @@ class WorkerServices:
     model_version: int
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     drift: DriftTracker | None = None
+    publish_scores: bool = True  # False in `unirec trainer`: it scores to learn, not to serve
     log_ids: dict[int, str] = field(default_factory=dict)
     last_reports: dict[int, ApplyReport] = field(default_factory=dict)
 
@@ -178,11 +179,12 @@ def handle_impressions(
     metrics.count_stale_rebuilt("score", sum(item.state_rebuilt for item in scored))
     for item in scored:
         metrics.observe_scoring(len(item.impression.candidates), item.score_s)
-        services.producer.send(
-            services.topics.scores, key=item.scores.user_id.encode(), value=item.scores.encode()
-        )
+        if services.publish_scores:
+            services.producer.send(services.topics.scores, key=item.scores.user_id.encode(),
+                                   value=item.scores.encode())
         services.window.add(item)
-    services.producer.flush(timeout=FLUSH_TIMEOUT_S)
+    if services.publish_scores:
+        services.producer.flush(timeout=FLUSH_TIMEOUT_S)
     return len(scored)
 
 

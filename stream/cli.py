@@ -343,32 +343,44 @@ def run_produce(args: argparse.Namespace) -> None:
 
 def _add_worker_parser(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser("worker", help="consume the topics: apply, score, join")
-    worker.add_argument("--bootstrap-servers", help="env KAFKA_BOOTSTRAP_SERVERS")
-    worker.add_argument("--checkpoint", type=Path,
-                        help="model checkpoint (default: runs/movielens-100k/model.pt)")
-    worker.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
-    worker.add_argument("--store", type=Path, help="state store (default: <data dir>/state)")
-    worker.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
-    worker.add_argument("--partitions", type=int, default=4, help="for topics it creates")
-    worker.add_argument("--batch-size", type=int, default=256, help="events per micro-batch")
-    worker.add_argument("--batch-within", type=float, default=0.05,
-                        help="seconds to wait filling a micro-batch")
-    worker.add_argument("--web-port", type=int, default=6066, help="HTTP API port")
-    worker.add_argument("--web-bind", help="HTTP API address (env UNIREC_WEB_BIND, default "
-                        "127.0.0.1; 0.0.0.0 in a container)")
-    worker.add_argument("--group-id", default="unirec-worker")
-    worker.add_argument("--topic-prefix", default="", help="prefix of every topic name")
-    worker.add_argument("--torch-threads", type=int, default=1)
-    worker.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
-    worker.add_argument("--feedback-window", type=float, default=3600.0,
-                        help="seconds of event time an impression waits for its labels")
-    worker.add_argument("--profiles", choices=sorted(DATASETS),
-                        help="score with the user profiles of this data set")
-    worker.add_argument("--reset-on-new-log", action="store_true",
-                        help="consume a changed log (new broker, recreated topic) from its start")
+    _add_consumer_flags(worker, group="unirec-worker", port=6066, store="state")
     worker.add_argument("--no-train", action="store_true",
                         help="do not fine-tune here (another process publishes versions)")
     _add_learning_flags(worker)
+    trainer = commands.add_parser(
+        "trainer", help="fine-tune from the stream in a process of its own and publish model "
+                        "versions (workers run with --no-train and the same --versions-dir)")
+    _add_consumer_flags(trainer, group="unirec-trainer", port=6067, store="trainer-state")
+    _add_learning_flags(trainer)
+
+
+def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, store: str
+                        ) -> None:
+    """The flags ``worker`` and ``trainer`` share (both run ``stream.worker.run_worker``)."""
+    parser.set_defaults(default_store=store)
+    parser.add_argument("--bootstrap-servers", help="env KAFKA_BOOTSTRAP_SERVERS")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="model checkpoint (default: runs/movielens-100k/model.pt)")
+    parser.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
+    parser.add_argument("--store", type=Path, help=f"state store (default: <data dir>/{store})")
+    parser.add_argument("--device", help="auto, cpu or cuda (env UNIREC_DEVICE)")
+    parser.add_argument("--partitions", type=int, default=4, help="for topics it creates")
+    parser.add_argument("--batch-size", type=int, default=256, help="events per micro-batch")
+    parser.add_argument("--batch-within", type=float, default=0.05,
+                        help="seconds to wait filling a micro-batch")
+    parser.add_argument("--web-port", type=int, default=port, help="HTTP API port")
+    parser.add_argument("--web-bind", help="HTTP API address (env UNIREC_WEB_BIND, default "
+                        "127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--group-id", default=group)
+    parser.add_argument("--topic-prefix", default="", help="prefix of every topic name")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
+    parser.add_argument("--feedback-window", type=float, default=3600.0,
+                        help="seconds of event time an impression waits for its labels")
+    parser.add_argument("--profiles", choices=sorted(DATASETS),
+                        help="score with the user profiles of this data set")
+    parser.add_argument("--reset-on-new-log", action="store_true",
+                        help="consume a changed log (new broker, recreated topic) from its start")
 
 
 def _add_learning_flags(parser: argparse.ArgumentParser) -> None:
@@ -419,7 +431,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
     settings = _settings(args)
     config = WorkerConfig(
         bootstrap_servers=bootstrap,
-        store_dir=args.store or settings.data_dir / "state",
+        store_dir=args.store or settings.data_dir / args.default_store,
         checkpoint=args.checkpoint or settings.checkpoint_path("movielens-100k"),
         device=settings.torch_device().type,
         partitions=args.partitions,
@@ -432,7 +444,8 @@ def run_worker_command(args: argparse.Namespace) -> None:
         group_id=args.group_id,
         topic_prefix=args.topic_prefix,
         timeout_s=args.timeout,
-        train=not args.no_train,
+        train=not getattr(args, "no_train", False),
+        publish_scores=args.command == "worker",
         **_learning_config(args),
         profiles_dataset=args.profiles,
         data_dir=settings.data_dir,
@@ -473,7 +486,8 @@ def run_state(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "eval-suite": run_eval_suite, "demo": run_demo,
-            "produce": run_produce, "worker": run_worker_command, "state": run_state}
+            "produce": run_produce, "worker": run_worker_command, "trainer": run_worker_command,
+            "state": run_state}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,7 @@ class WorkerConfig:
     data_dir: Path | None = None  # where that data set is cached
 
     train: bool = True  # run the online learner in this worker
+    publish_scores: bool = True  # False: `unirec trainer`, which scores only to learn
     versions_dir: Path | None = None  # default: versions_dir_of(store_dir)
     static_checkpoint: Path | None = None  # the static twin (default: the checkpoint)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -233,6 +234,7 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
         model_version=version,
         metrics=metrics,
         drift=DriftTracker(metrics, config.drift),
+        publish_scores=config.publish_scores,
     )
 
 

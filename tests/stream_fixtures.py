@@ -45,14 +45,14 @@ def tiny_checkpoint(path: Path, model_version: int = 3, seed: int = 99) -> Path:
 
 
 class WorkerProcess:
-    """A worker subprocess on 127.0.0.1:``web_port``."""
+    """A worker subprocess on 127.0.0.1:``web_port`` (``command="trainer"``: a trainer)."""
 
     def __init__(self, bootstrap: str, checkpoint: Path, store: Path, log_path: Path, *,
                  prefix: str = "", partitions: int = 2, group: str | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), command: str = "worker") -> None:
         self.web_port = free_port()
         argv = [
-            sys.executable, "-m", "stream.cli", "worker",
+            sys.executable, "-m", "stream.cli", command,
             "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
             "--store", str(store), "--partitions", str(partitions),
             "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
