@@ -75,6 +75,13 @@ class WorkerProcess:
     def exited(self) -> int | None:
         return self.process.poll()
 
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the process to end by itself; its exit status."""
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            self._log.close()
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

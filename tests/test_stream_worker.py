@@ -1,7 +1,7 @@
 """``unirec worker`` end to end, as a subprocess against an embedded Tansu broker.
 
 Each test produces a small synthetic log, runs the worker (``python -m stream.cli worker``)
-with a temporary store and a tiny checkpoint saved here (random weights and a FeatureSpec
+with a temporary store and a tiny checkpoint (``stream_fixtures``: random weights and a FeatureSpec
 fitted on the synthetic events: the worker's contract does not depend on the weights'
 quality), and waits for conditions by polling the store read-only or the output topics, with
 bounded timeouts. Every worker and broker a test starts is stopped by its PID.
@@ -21,21 +21,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-import torch
 from kafka import KafkaConsumer, KafkaProducer
+from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
 
 from eventlog.schema import encode
-from model.backbone import UniRecModel
-from model.checkpoint import save
-from model.config import ModelConfig
-from model.features import FeatureSpec
 from state_store import StateStore
 from stream.agents import Record, by_partition
 from stream.broker import EmbeddedBroker, free_port
@@ -46,7 +41,6 @@ from stream.topics import TopicNames, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 2
-CFG = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
 START_TIMEOUT_S = 60.0
 
 
@@ -62,12 +56,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model (random weights) with a FeatureSpec fitted on the synthetic events."""
-    torch.manual_seed(0)
-    events = [e for e, _ in synthetic_events(500, seed=99)]
-    model = UniRecModel(CFG, FeatureSpec.fit(events)).eval()
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save(model, path, {"model_version": 3})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", model_version=3)
 
 
 def topics_for(prefix: str) -> TopicNames:
@@ -80,62 +69,21 @@ def produce(bootstrap: str, topics: TopicNames, n: int, seed: int, negatives: in
     replay_events(events, bootstrap, topics, negatives=negatives, seed=seed)
 
 
-class Worker:
-    """A worker subprocess; ``stop`` ends it (SIGTERM, then SIGKILL) and returns its status."""
-
-    def __init__(self, bootstrap: str, checkpoint: Path, store: Path, prefix: str,
-                 log_path: Path, *extra: str, group: str | None = None) -> None:
-        self.web_port = free_port()
-        argv = [
-            sys.executable, "-m", "stream.cli", "worker",
-            "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
-            "--store", str(store), "--partitions", str(PARTITIONS),
-            "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
-            "--web-port", str(self.web_port), "--batch-size", "64", "--batch-within", "0.05",
-            "--no-train", *extra,
-        ]
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu"}
-        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
-                                        stderr=subprocess.STDOUT, env=env)
-
-    @property
-    def url(self) -> str:
-        """The worker's HTTP API."""
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def exited(self) -> int | None:
-        return self.process.poll()
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.process.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return int(self.process.returncode)
+def start_worker(bootstrap: str, checkpoint: Path, store: Path, prefix: str, log_path: Path,
+                 *extra: str, group: str | None = None) -> WorkerProcess:
+    """A worker with ``--no-train`` (these tests are about applying events)."""
+    return WorkerProcess(bootstrap, checkpoint, store, log_path, prefix=prefix,
+                         partitions=PARTITIONS, group=group, extra=("--no-train", *extra))
 
 
 @pytest.fixture
-def workers() -> Iterator[Callable[..., Worker]]:
-    """Starts workers; every one still running at the end is killed (by its PID)."""
-    started: list[Worker] = []
+def workers() -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts workers (``start_worker``); every one still running at the end is killed (by
+    its PID)."""
+    started: list[WorkerProcess] = []
 
-    def start(*args: object, **kwargs: object) -> Worker:
-        worker = Worker(*args, **kwargs)  # type: ignore[arg-type]
+    def start(*args: Any, **kwargs: Any) -> WorkerProcess:
+        worker = start_worker(*args, **kwargs)
         started.append(worker)
         return worker
 
@@ -167,20 +115,6 @@ def applied_total(path: Path) -> int:
             return sum(r.update_count for r in store.iter_users())
     except Exception:
         return 0
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, worker: Worker | None = None,
-             what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if worker is not None and worker.exited() is not None:
-            raise AssertionError(f"worker exited ({worker.exited()}) before {what}:\n"
-                                 f"{worker.output()[-3000:]}")
-        time.sleep(0.3)
-    tail = worker.output()[-3000:] if worker is not None else ""
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tail}")
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0
@@ -222,7 +156,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def probe_api(worker: Worker, bootstrap: str, topics: TopicNames, user: str
+def probe_api(worker: WorkerProcess, bootstrap: str, topics: TopicNames, user: str
               ) -> dict[str, Any]:
     """What the running worker's HTTP API (and ``unirec state --api``) answer, once a
     consumer lag sample is out."""
@@ -264,7 +198,7 @@ def e2e_run(broker: EmbeddedBroker, checkpoint: Path, tmp_path_factory: pytest.T
     produce(bootstrap, topics, n, seed=1)
     tmp = tmp_path_factory.mktemp("e2e")
     store = tmp / "store"
-    worker = Worker(bootstrap, checkpoint, store, "e2e-", tmp / "worker.log")
+    worker = start_worker(bootstrap, checkpoint, store, "e2e-", tmp / "worker.log")
     try:
         wait_for(lambda: applied_total(store) == n, START_TIMEOUT_S, worker, f"{n} applied")
         scores = read_topic(bootstrap, topics.scores, n)
@@ -346,7 +280,7 @@ def test_redelivery_from_offset_zero_changes_nothing(
     to the store's offsets and, whatever is redelivered, no state changes."""
     store = e2e_run[0]
     before = store_snapshot(store)
-    worker = Worker(broker.bootstrap_servers, checkpoint, store, "e2e-", tmp_path / "w.log")
+    worker = start_worker(broker.bootstrap_servers, checkpoint, store, "e2e-", tmp_path / "w.log")
     try:
         wait_for(lambda: "resuming partitions at" in worker.output()
                  and "e2e-interactions" in worker.output(), START_TIMEOUT_S, worker,
@@ -365,7 +299,7 @@ def test_redelivery_from_offset_zero_changes_nothing(
 
 def test_sigkill_mid_replay_then_restart_matches_an_uninterrupted_run(
         broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
-        workers: Callable[..., Worker]) -> None:
+        workers: Callable[..., WorkerProcess]) -> None:
     bootstrap, topics, n = broker.bootstrap_servers, topics_for("kill-"), 1500
     ensure_topics(bootstrap, PARTITIONS, topics=topics)
     killed_store, clean_store = tmp_path / "killed", tmp_path / "clean"
@@ -394,7 +328,7 @@ def test_sigkill_mid_replay_then_restart_matches_an_uninterrupted_run(
 
 def test_poison_and_invalid_messages_go_to_dead_letters(
         broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path,
-        workers: Callable[..., Worker]) -> None:
+        workers: Callable[..., WorkerProcess]) -> None:
     bootstrap, topics = broker.bootstrap_servers, topics_for("poison-")
     ensure_topics(bootstrap, PARTITIONS, topics=topics)
     events = [e for e, _ in synthetic_events(40, seed=3)]
@@ -423,7 +357,7 @@ def test_poison_and_invalid_messages_go_to_dead_letters(
 
 
 def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
-        checkpoint: Path, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+        checkpoint: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]) -> None:
     store, topics = tmp_path / "store", topics_for("")
     with EmbeddedBroker(log_dir=tmp_path / "b1") as first:
         produce(first.bootstrap_servers, topics, 100, seed=4, negatives=1)
@@ -467,7 +401,7 @@ def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
 
 
 def test_broker_restarted_under_a_running_worker_stops_it(
-        checkpoint: Path, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+        checkpoint: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]) -> None:
     """The rejoin after the restart re-checks the log: the worker exits with status 3 and an
     error naming the partition, having applied nothing of the new log."""
     store, topics = tmp_path / "store", topics_for("")
