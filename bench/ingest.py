@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -50,13 +49,13 @@ from model.checkpoint import save
 from model.config import ModelConfig
 from model.features import FeatureSpec
 from stream.broker import EmbeddedBroker, free_port
+from stream.demo import scrape, total
 from stream.producer import SyntheticConfig, open_producer, send_interactions, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("bench.ingest")
 
 REPO = Path(__file__).resolve().parent.parent
-APPLIED = re.compile(r'^unirec_events_applied_total\{topic="([^"]+)"\} (\S+)$', re.M)
 
 
 def make_checkpoint(path: Path, d_model: int, history_len: int, events: list) -> None:
@@ -107,13 +106,8 @@ def get(url: str, timeout_s: float = 5.0) -> bytes | None:
 
 
 def applied(api: str, topic: str) -> int:
-    body = get(f"{api}/metrics")
-    if body is None:
-        return -1
-    for name, value in APPLIED.findall(body.decode()):
-        if name == topic:
-            return int(float(value))
-    return 0
+    """Interactions the worker applied, from its ``/metrics`` (0 while unreachable)."""
+    return int(total(scrape(api), "unirec_events_applied_total", topic=topic))
 
 
 def wait_applied(api: str, topic: str, n: int, timeout_s: float, worker: subprocess.Popen

@@ -313,8 +313,9 @@ class ConsumerLoop:
         self.topics = config.topics
         self.gate = EventTimeGate(config.max_held)
         topics = self.topics
-        self.kind_of = {topics.impressions: "impressions", topics.interactions: "interactions",
-                        topics.labels: "labels"}
+        self.topic_of = dict(zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
+                                 strict=True))
+        self.kind_of = {topic: kind for kind, topic in self.topic_of.items()}
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.processed: dict[TopicPartition, int] = {}  # after the last record processed
         self.consumer = KafkaConsumer(
@@ -367,7 +368,7 @@ class ConsumerLoop:
 
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Score the polled impressions, then apply and join what the gate releases."""
-        topics, services, gate = self.topics, self.services, self.gate
+        services, gate = self.services, self.gate
         by_topic: dict[str, list[Record]] = {}
         for tp, records in polled.items():
             by_topic.setdefault(tp.topic, []).extend(
@@ -375,13 +376,11 @@ class ConsumerLoop:
             )
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1
-        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
-                               strict=True):
+        for kind, topic in self.topic_of.items():
             gate.hold(kind, by_topic.get(topic, []))
         early = dict(gate.released_early)
         released = gate.release(self.idle)
-        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
-                               strict=True):
+        for kind, topic in self.topic_of.items():
             if gate.released_early[kind] > early[kind]:
                 services.metrics.released_early.labels(topic).inc(
                     gate.released_early[kind] - early[kind])
@@ -393,8 +392,7 @@ class ConsumerLoop:
             handle_interactions(services, interactions)
         if released["labels"]:
             handle_labels(services, released["labels"])
-        for kind, topic in zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
-                               strict=True):
+        for kind, topic in self.topic_of.items():
             for r in released[kind]:
                 tp = TopicPartition(topic, r.partition)
                 self.processed[tp] = max(self.processed.get(tp, 0), r.offset + 1)
