@@ -106,10 +106,11 @@ class Pipeline:
         scored = self.services.scorer.score_many([i for i, _ in batch])
         times = []
         for item, (impression, labels) in zip(scored, batch, strict=True):
-            self.services.window.add(item)
+            self.services.window.add(item, impression.ts)
             for candidate, y in zip(impression.candidates, labels, strict=True):
                 joined = self.labels.offer(Label(impression.request_id, impression.user_id,
-                                                 candidate.item_id, y, impression.ts))
+                                                 candidate.item_id, y, impression.ts),
+                                           impression.ts)
                 if joined is not None:
                     times.append(time.perf_counter())
         return times

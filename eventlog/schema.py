@@ -13,8 +13,12 @@ Feature and context maps (``item_features``, ``context``) map a field name to a
 - ``list[str]``: a multi-valued categorical (a bag), e.g. ``{"genre": ["Action", "Drama"]}``;
 - ``float`` (JSON numbers, integers included): a numeric value, e.g. ``{"price": 12.5}``.
 
-Timestamps are seconds since the Unix epoch (float). Numbers must be finite: NaN and infinity
-are rejected with an error naming the field.
+Timestamps are seconds since the Unix epoch (float), between ``MIN_TS`` (1970) and ``MAX_TS``
+(2100): an event time outside that range is not an event time, and one such value would put
+an infinite age into a model's time encoding. Numbers must be finite: NaN and infinity are
+rejected with an error naming the field. Ids are non-empty and hold no control character
+(NUL included: the state store keys users by their id, and a control character in an id
+is never data).
 
 Use ``decode(kind, data)`` / ``encode(obj)`` for JSON; a malformed message raises
 ``SchemaError`` whose message says which field is wrong.
@@ -23,6 +27,7 @@ Use ``decode(kind, data)`` / ``encode(obj)`` for JSON; a malformed message raise
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -50,9 +55,26 @@ def _check_features(where: str, features: FeatureMap) -> None:
             features[name] = float(value)
 
 
+MIN_TS = 0.0
+"""The earliest event time accepted: 1970-01-01T00:00:00Z."""
+MAX_TS = 4_102_444_800.0
+"""The latest event time accepted: 2100-01-01T00:00:00Z."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _check_id(where: str, value: str) -> None:
     if not value:
         raise ValueError(f"{where} must be a non-empty string")
+    if _CONTROL.search(value) is not None:
+        raise ValueError(f"{where} must not contain control characters, got {value[:64]!r}")
+
+
+def _check_ts(where: str, value: float) -> None:
+    _check_finite(where, value)
+    if not MIN_TS <= value <= MAX_TS:
+        raise ValueError(f"{where} must be seconds since the epoch in [{MIN_TS:.0f}, "
+                         f"{MAX_TS:.0f}] (1970-2100), got {value!r}")
 
 
 class Interaction(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,7 +93,7 @@ class Interaction(msgspec.Struct, forbid_unknown_fields=True):
         _check_id("user_id", self.user_id)
         _check_id("item_id", self.item_id)
         _check_id("action", self.action)
-        _check_finite("ts", self.ts)
+        _check_ts("ts", self.ts)
         _check_features("item_features", self.item_features)
         _check_features("context", self.context)
 
@@ -99,7 +121,7 @@ class Impression(msgspec.Struct, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         _check_id("request_id", self.request_id)
         _check_id("user_id", self.user_id)
-        _check_finite("ts", self.ts)
+        _check_ts("ts", self.ts)
         if not self.candidates:
             raise ValueError("candidates must hold at least one candidate")
         _check_features("context", self.context)
@@ -120,7 +142,7 @@ class Label(msgspec.Struct, forbid_unknown_fields=True):
         _check_id("item_id", self.item_id)
         if self.label not in (0, 1):
             raise ValueError(f"label must be 0 or 1, got {self.label!r}")
-        _check_finite("ts", self.ts)
+        _check_ts("ts", self.ts)
 
 
 class UserProfile(msgspec.Struct, forbid_unknown_fields=True):

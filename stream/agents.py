@@ -8,13 +8,19 @@ place the worker counts anything: ``summary`` reads its totals back for the clos
 - ``handle_interactions`` groups a batch by partition (offset order kept) and calls
   ``InteractionApplier.apply`` once per partition; dead letters are published and flushed
   before the store write (at least once, never lost);
-- ``handle_impressions`` decodes, scores all valid impressions with ONE multi-get, publishes
-  the ``Scores`` keyed by user id and adds each to the feedback window;
-- ``handle_labels`` decodes and joins the labels through the ``LabelBuffer``, and feeds the
-  joined examples to the ``DriftTracker`` when the worker has one (a static twin runs).
+- ``handle_impressions`` decodes and admits (``stream.admission``), scores all admitted
+  impressions with ONE multi-get, publishes the ``Scores`` keyed by user id and adds each to
+  the feedback window at the record's stream time;
+- ``handle_labels`` decodes, admits and joins the labels through the ``LabelBuffer`` at each
+  record's stream time, and feeds the joined examples to the ``DriftTracker`` when the worker
+  has one (a static twin runs).
 
-The user-state norm histogram (``WorkerMetrics.observe_state_norms``) is not fed: an
-``ApplyReport`` does not carry the states it wrote.
+Per-record isolation: a record that does not decode or breaks the ``RecordLimits`` is a dead
+letter; when scoring a batch raises (or gives a non-finite score), ``stream.isolation``
+bisects it down to the impressions that fail on their own, which become dead letters, and
+the others are scored together and published. Every output is bounded by construction
+(``RecordLimits.scores_bytes_bound``); a send the producer still refuses is a dead letter
+of its impression, never an error out of the loop.
 """
 
 from __future__ import annotations
@@ -24,15 +30,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 from kafka import KafkaProducer
+from kafka.errors import MessageSizeTooLargeError
 
-from eventlog.schema import Impression, Interaction, Label, SchemaError, decode
+from eventlog.schema import Impression, Interaction, Label
 from state_store import StateStore
+from stream.admission import RecordLimits
 from stream.applier import ApplyReport, InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
 from stream.drift import DriftTracker
+from stream.isolation import isolate
 from stream.metrics import WorkerMetrics
-from stream.serving import FeedbackWindow, ImpressionScorer, JoinedExample, LabelBuffer
+from stream.serving import (
+    FeedbackWindow,
+    ImpressionScorer,
+    JoinedExample,
+    LabelBuffer,
+    ScoredImpression,
+)
 from stream.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -74,6 +90,7 @@ class WorkerServices:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     drift: DriftTracker | None = None
     publish_scores: bool = True  # False in `unirec trainer`: it scores to learn, not to serve
+    limits: RecordLimits = field(default_factory=RecordLimits)
     log_ids: dict[int, str] = field(default_factory=dict)
     last_reports: dict[int, ApplyReport] = field(default_factory=dict)
 
@@ -118,7 +135,7 @@ def by_partition(records: Iterable[Record]) -> dict[int, list[ConsumedRecord]]:
     grouped: dict[int, dict[int, ConsumedRecord]] = {}
     for r in records:
         grouped.setdefault(r.partition, {}).setdefault(
-            r.offset, ConsumedRecord(r.offset, r.key, bytes(r.value))
+            r.offset, ConsumedRecord(r.offset, r.key, bytes(r.value), r.timestamp)
         )
     return {p: [rs[o] for o in sorted(rs)] for p, rs in sorted(grouped.items())}
 
@@ -146,6 +163,10 @@ def handle_interactions(services: WorkerServices, records: Sequence[Record]) -> 
     return reports
 
 
+class NonFiniteScoreError(ArithmeticError):
+    """A model gave an impression a NaN or infinite score."""
+
+
 def handle_impressions(
     services: WorkerServices,
     records: Sequence[Record],
@@ -155,60 +176,95 @@ def handle_impressions(
 
     ``preceding[(partition, offset)]``: the ``interactions`` records of the impression's user
     that come before it but are applied after this batch (``stream.gate``); the impression
-    is scored as if they were applied (undecodable ones are left out: the applier rejects
-    them).
+    is scored as if they were applied (records the applier rejects are left out).
     """
-    topic = services.topics.impressions
-    impressions: list[Impression] = []
-    pending: list[list[Interaction]] = []
+    topic, limits = services.topics.impressions, services.limits
+    admitted: list[tuple[int, ConsumedRecord, Impression, list[Interaction]]] = []
     for partition, consumed in by_partition(records).items():
-        valid, dead = decode_records(Impression, topic, partition, consumed)
+        valid, dead = decode_records(Impression, topic, partition, consumed, limits)
+        raw = {r.offset: r for r in consumed}
         for offset, message in valid:
-            impressions.append(message)
             before = (preceding or {}).get((partition, offset), ())
-            pending.append(_decodable(before))
+            admitted.append((partition, raw[offset], message, _admitted(before, limits)))
         if dead:
             services.reject(topic, dead)
     services.metrics.count_consumed(topic, len(records))
-    if not impressions:
+    if not admitted:
         return 0
-    scored = services.scorer.score_many(impressions, pending)
+    isolated = isolate(admitted, lambda some: _score(services.scorer, some))
+    if isolated.failed:
+        services.reject(topic, [
+            DeadLetter.of(topic, partition, r.offset, r.key, r.value,
+                          f"cannot score the impression: {reason}")
+            for (partition, r, _, _), reason in isolated.failed])
+    scored = isolated.result
     metrics = services.metrics
     if scored:
         metrics.observe_store_read(scored[0].read_s)  # the batch's one multi-get
     metrics.count_stale_rebuilt("score", sum(item.state_rebuilt for item in scored))
-    for item in scored:
+    published = 0
+    for (partition, record, _, _), item in zip(isolated.kept, scored, strict=True):
         metrics.observe_scoring(len(item.impression.candidates), item.score_s)
-        if services.publish_scores:
-            services.producer.send(services.topics.scores, key=item.scores.user_id.encode(),
-                                   value=item.scores.encode())
-        services.window.add(item)
+        if services.publish_scores and not _publish_scores(services, partition, record, item):
+            continue
+        services.window.add(item, limits.stream_time(record.timestamp))
+        published += 1
     if services.publish_scores:
         services.producer.flush(timeout=FLUSH_TIMEOUT_S)
-    return len(scored)
+    return published
 
 
-def _decodable(records: Sequence[Record]) -> list[Interaction]:
-    events = []
-    for r in records:
-        try:
-            events.append(decode(Interaction, r.value))
-        except SchemaError:
-            continue
-    return events
+def _score(scorer: ImpressionScorer,
+           admitted: Sequence[tuple[int, ConsumedRecord, Impression, list[Interaction]]]
+           ) -> list[ScoredImpression]:
+    """Score the admitted impressions together; ``NonFiniteScoreError`` if a score is not
+    finite (``stream.isolation`` then finds which impression)."""
+    if not admitted:
+        return []
+    scored = scorer.score_many([i for _, _, i, _ in admitted], [p for _, _, _, p in admitted])
+    for item in scored:
+        if not (np.isfinite(item.dynamic).all()
+                and (item.static is None or np.isfinite(item.static).all())):
+            raise NonFiniteScoreError(
+                f"impression {item.impression.request_id[:256]!r} scores NaN or infinite")
+    return scored
+
+
+def _publish_scores(services: WorkerServices, partition: int, record: ConsumedRecord,
+                    item: ScoredImpression) -> bool:
+    """Send the impression's ``Scores``; a send the producer refuses is a dead letter of the
+    impression (False)."""
+    topic = services.topics.impressions
+    try:
+        services.producer.send(services.topics.scores, key=item.scores.user_id.encode(),
+                               value=item.scores.encode())
+    except MessageSizeTooLargeError as exc:
+        services.reject(topic, [DeadLetter.of(
+            topic, partition, record.offset, record.key, record.value,
+            f"cannot publish the scores: {type(exc).__name__}: {exc}")])
+        return False
+    return True
+
+
+def _admitted(records: Sequence[Record], limits: RecordLimits) -> list[Interaction]:
+    """The interactions among ``records`` that the applier will admit, in order."""
+    consumed = [ConsumedRecord(r.offset, r.key, bytes(r.value), r.timestamp) for r in records]
+    valid, _ = decode_records(Interaction, "", 0, consumed, limits)
+    return [message for _, message in valid]
 
 
 def handle_labels(services: WorkerServices, records: Sequence[Record]) -> int:
     """Join one micro-batch of ``labels`` with the scored impressions; returns joined count."""
-    topic = services.topics.labels
+    topic, limits = services.topics.labels, services.limits
     joined: list[JoinedExample] = []
     unmatched = 0
     for partition, consumed in by_partition(records).items():
-        valid, dead = decode_records(Label, topic, partition, consumed)
+        valid, dead = decode_records(Label, topic, partition, consumed, limits)
         if dead:
             services.reject(topic, dead)
-        for _, label in valid:
-            example = services.labels.offer(label)
+        stamp = {r.offset: r.timestamp for r in consumed}
+        for offset, label in valid:
+            example = services.labels.offer(label, limits.stream_time(stamp[offset]))
             if example is None:
                 unmatched += 1
             else:

@@ -35,9 +35,16 @@ from eventlog.schema import Interaction, decode, encode
 from model.backbone import UniRecModel
 from model.features import Featurizer
 from state_store import LogChangedError, PartitionBatch, RecordBatch, StateStore
+from stream.admission import RecordLimits
+from stream.crash_points import crash_point
 from stream.dead_letters import ConsumedRecord, DeadLetter, check_offsets, decode_records
+from stream.isolation import isolate
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteStateError(ArithmeticError):
+    """A GRU state computed from a batch's events came out NaN or infinite."""
 
 
 def decode_history(rows: Sequence[bytes]) -> list[Interaction]:
@@ -165,7 +172,8 @@ class InteractionApplier:
     while a batch is applied.
     """
 
-    def __init__(self, store: StateStore, model: UniRecModel, model_version: int) -> None:
+    def __init__(self, store: StateStore, model: UniRecModel, model_version: int,
+                 limits: RecordLimits | None = None) -> None:
         check_state_dim(store, model)
         if model_version < 0:
             raise ValueError(f"model_version must be a non-negative integer, got {model_version}")
@@ -173,6 +181,7 @@ class InteractionApplier:
         self.model = model
         self.model_version = model_version
         self.featurizer = Featurizer(model.spec)
+        self.limits = limits if limits is not None else RecordLimits()
 
     def swap(self, model: UniRecModel, model_version: int) -> None:
         """Apply with ``model`` as ``model_version`` from the next batch on (call between
@@ -205,22 +214,30 @@ class InteractionApplier:
         start = time.perf_counter()
         check_offsets(records, last_offset)
         fresh = self._unapplied(topic, partition, log_id, records)
-        events, dead = decode_records(Interaction, topic, partition, fresh)
-        batch = partition_batch(topic, partition, log_id, last_offset, events)
+        events, dead = decode_records(Interaction, topic, partition, fresh, self.limits)
         decoded = time.perf_counter()
 
-        users, event_user = batch.users()
-        before = self.store.get_many(users)
-        stale = (~before.is_new) & (before.model_versions != self.model_version)
-        if stale.any():
-            before = self.store.get_many(users, history=True)
+        before, stale = self._read(events)
         read = time.perf_counter()
 
-        states = self._new_states(before, stale, [e for _, e in events], event_user)
+        isolated = isolate(events, lambda some: self._new_states(before, stale, some))
+        states = isolated.result
+        if isolated.failed:
+            raw = {r.offset: r for r in fresh}
+            dead = sorted(dead + [
+                DeadLetter.of(topic, partition, offset, raw[offset].key, raw[offset].value,
+                              f"cannot apply the event: {reason}")
+                for (offset, _), reason in isolated.failed
+            ], key=lambda letter: letter.offset)
+            events = isolated.kept
+            before, stale = self._read(events)
+            states = self._new_states(before, stale, events)
+        batch = partition_batch(topic, partition, log_id, last_offset, events)
         computed = time.perf_counter()
 
         if dead and on_dead_letters is not None:
             on_dead_letters(dead)
+            crash_point("after-dead-letters")
         result = self.store.apply(batch, before, states, model_version=self.model_version)
         end = time.perf_counter()
 
@@ -258,20 +275,36 @@ class InteractionApplier:
             raise LogChangedError(topic, partition, stored.log_id, log_id)
         return [r for r in records if r.offset > stored.last_offset]
 
+    def _read(self, events: Sequence[tuple[int, Interaction]]) -> tuple[RecordBatch, np.ndarray]:
+        """The stored records of the events' users (in order of first event) and which of them
+        are stale ([U] bool); histories are read when any is stale."""
+        users = list(dict.fromkeys(e.user_id for _, e in events))
+        before = self.store.get_many(users)
+        stale = (~before.is_new) & (before.model_versions != self.model_version)
+        if stale.any():
+            before = self.store.get_many(users, history=True)
+        return before, stale
+
     def _new_states(
         self,
         before: RecordBatch,
         stale: np.ndarray,
-        events: list[Interaction],
-        event_user: np.ndarray,
+        events: Sequence[tuple[int, Interaction]],
     ) -> np.ndarray:
-        """[U, d]: each user's state after its ``events`` (offset order; ``event_user`` indexes
-        ``before``), from its stored state, or from zeros through its stored history if
-        ``stale``."""
+        """[U, d]: each user of ``before`` after its ``events`` (offset order; any subset of
+        the batch's users), from its stored state, or from zeros through its stored history if
+        ``stale``. Raises ``NonFiniteStateError`` if a state comes out NaN or infinite."""
+        position = {user: u for u, user in enumerate(before.user_ids)}
         sequences: list[list[Interaction]] = [[] for _ in before.user_ids]
         for u in np.flatnonzero(stale).tolist():
             sequences[u] = decode_history(before.histories[u])
-        for u, event in zip(event_user.tolist(), events, strict=True):
-            sequences[u].append(event)
+        for _, event in events:
+            sequences[position[event.user_id]].append(event)
         u0 = np.where(stale[:, None], 0.0, before.states)
-        return unroll_states(self.model, self.featurizer, before.user_ids, sequences, u0)
+        states = unroll_states(self.model, self.featurizer, before.user_ids, sequences, u0)
+        bad = ~np.isfinite(states).all(axis=1)
+        if bad.any():
+            raise NonFiniteStateError(
+                f"the GRU state of user {before.user_ids[int(np.flatnonzero(bad)[0])][:256]!r}"
+                " comes out NaN or infinite")
+        return states

@@ -38,6 +38,7 @@ from model.kinds import MODEL_KINDS
 from model.online import OnlineConfig
 from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
+from stream.admission import RecordLimits
 from stream.config import Settings, SettingsError
 from stream.producer import (
     ProduceError,
@@ -376,11 +377,40 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
     parser.add_argument("--feedback-window", type=float, default=3600.0,
-                        help="seconds of event time an impression waits for its labels")
+                        help="seconds of stream time (broker time) an impression waits for "
+                             "its labels")
+    _add_limit_flags(parser)
     parser.add_argument("--profiles", choices=sorted(DATASETS),
                         help="score with the user profiles of this data set")
     parser.add_argument("--reset-on-new-log", action="store_true",
                         help="consume a changed log (new broker, recreated topic) from its start")
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``RecordLimits`` flags (``stream.admission``): records past them are dead letters."""
+    limits = RecordLimits()
+    parser.add_argument("--max-record-bytes", type=int, default=limits.max_record_bytes,
+                        help="largest record value accepted")
+    parser.add_argument("--max-id-bytes", type=int, default=limits.max_id_bytes,
+                        help="longest id (user, item, event, request, action), UTF-8 bytes")
+    parser.add_argument("--max-candidates", type=int, default=limits.max_candidates,
+                        help="most candidates an impression may carry")
+    parser.add_argument("--max-event-ahead", type=float, default=limits.max_event_ahead_s,
+                        help="seconds an event time may be after its record's broker time")
+    parser.add_argument("--max-event-age", type=float, default=limits.max_event_age_s,
+                        help="seconds an event time may be before its record's broker time "
+                             "(default: any, so that old logs can be replayed)")
+
+
+def _record_limits(args: argparse.Namespace) -> RecordLimits:
+    """The ``RecordLimits`` of ``_add_limit_flags``; ``CliError`` if they are not valid."""
+    try:
+        return RecordLimits(max_record_bytes=args.max_record_bytes,
+                            max_id_bytes=args.max_id_bytes, max_candidates=args.max_candidates,
+                            max_event_ahead_s=args.max_event_ahead,
+                            max_event_age_s=args.max_event_age)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _add_learning_flags(parser: argparse.ArgumentParser) -> None:
@@ -450,6 +480,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
         profiles_dataset=args.profiles,
         data_dir=settings.data_dir,
         feedback_window_s=args.feedback_window,
+        limits=_record_limits(args),
     )
     metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it
     try:

@@ -17,6 +17,7 @@ upward crossing and ``unirec_drift_alert`` is 1 until it falls back.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -57,8 +58,10 @@ class DriftTracker:
                     self.monitor.alert_window, distance, self.cfg.threshold)
 
     def update(self, examples: Sequence[JoinedExample]) -> None:
-        """Feed the joined examples that carry a static score, in stream order."""
-        rows = [e for e in examples if e.static_score is not None]
+        """Feed the joined examples that carry a static score, in stream order (an example
+        with a non-finite score, which the worker never publishes, is left out)."""
+        rows = [e for e in examples if e.static_score is not None
+                and math.isfinite(e.score) and math.isfinite(e.static_score)]
         if not rows:
             return
         with self._lock:

@@ -53,13 +53,27 @@ def refusal_class(reason: str) -> str:
     return " ".join(words) or "other"
 
 
+_REASON_CLASSES = (
+    ("invalid ", "schema"),  # does not decode or validate
+    ("record key ", "key"),  # its record key is not its user id
+    ("record has no key", "key"),
+    ("record value is ", "limit"),  # over a RecordLimits bound
+    ("impression has ", "limit"),
+    ("event time ", "time"),  # too far from the record's broker time
+    ("cannot apply", "compute"),  # its computation fails (stream.isolation)
+    ("cannot score", "compute"),
+    ("cannot publish", "publish"),  # the producer refused its output
+)
+
+
 def reason_class(reason: str) -> str:
-    """The ``reason`` label of a dead letter: ``schema`` (does not decode or validate),
-    ``key`` (its record key is not its user id) or ``other``."""
-    if reason.startswith("invalid "):
-        return "schema"
-    if reason.startswith("record key "):
-        return "key"
+    """The ``reason`` label of a dead letter: ``schema``, ``key``, ``limit``, ``time``,
+    ``compute``, ``publish`` (see ``_REASON_CLASSES``) or ``other``."""
+    for prefix, name in _REASON_CLASSES:
+        if reason.startswith(prefix):
+            return name
+    if " over the limit of " in reason or " is beyond +-" in reason:
+        return "limit"  # an id or a number past its RecordLimits bound
     return "other"
 
 

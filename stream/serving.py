@@ -296,12 +296,16 @@ class _Pending:
 
 
 class FeedbackWindow:
-    """Scored impressions waiting for their labels, for ``window_s`` seconds of event time and
+    """Scored impressions waiting for their labels, for ``window_s`` seconds of stream time and
     at most ``max_size`` impressions.
 
-    The window's clock is the largest event time (``ts``) seen, of impressions and labels: an
-    impression more than ``window_s`` older than it is evicted (expired); past ``max_size``
-    the impression with the oldest ``ts`` is evicted. ``join`` matches a label on (request_id,
+    Every ``add`` and ``join`` says when it happens (``at``, seconds): the worker passes the
+    record's stream time, its broker timestamp bounded by the local clock
+    (``RecordLimits.stream_time``), never an event time a record carries, so no record can
+    move the clock far ahead and expire everything (one label with ts = 1e300 once stopped
+    every join). The clock is the largest ``at`` seen: an impression added more than
+    ``window_s`` before it is evicted (expired); past ``max_size`` the impression added
+    earliest is evicted. ``join`` matches a label on (request_id,
     item_id) and counts, never raises on, labels it cannot match: ``expired_labels`` (the
     impression was evicted; remembered for the last ``max_size`` evictions),
     ``unknown_labels`` (never scored, another user, or an item not among its candidates;
@@ -321,7 +325,7 @@ class FeedbackWindow:
         self.unknown_labels = 0
         self.duplicate_labels = 0
         self._pending: dict[str, _Pending] = {}
-        self._heap: list[tuple[float, int, str]] = []  # (ts, sequence, request_id)
+        self._heap: list[tuple[float, int, str]] = []  # (at, sequence, request_id)
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self._sequence = 0
         self._lock = threading.Lock()
@@ -334,9 +338,9 @@ class FeedbackWindow:
         """Labels that joined nothing, for any reason."""
         return self.expired_labels + self.unknown_labels + self.duplicate_labels
 
-    def add(self, scored: ScoredImpression) -> None:
-        """Keep ``scored`` until it expires or is pushed out (replacing an earlier impression
-        with the same request id)."""
+    def add(self, scored: ScoredImpression, at: float) -> None:
+        """Keep ``scored``, added at stream time ``at``, until it expires or is pushed out
+        (replacing an earlier impression with the same request id)."""
         impression = scored.impression
         candidate_of: dict[str, int] = {}
         for c, candidate in enumerate(impression.candidates):
@@ -344,16 +348,17 @@ class FeedbackWindow:
         with self._lock:
             self._sequence += 1
             self._pending[impression.request_id] = _Pending(scored, self._sequence, candidate_of)
-            heapq.heappush(self._heap, (impression.ts, self._sequence, impression.request_id))
-            self._advance(impression.ts)
+            heapq.heappush(self._heap, (at, self._sequence, impression.request_id))
+            self._advance(at)
             while len(self._pending) > self.max_size:
                 self._evict_oldest()
                 self.evicted_by_size += 1
 
-    def join(self, label: Label) -> JoinedExample | None:
-        """The training example of ``label``, or None (counted) if it matches nothing."""
+    def join(self, label: Label, at: float) -> JoinedExample | None:
+        """The training example of ``label`` (consumed at stream time ``at``), or None
+        (counted) if it matches nothing."""
         with self._lock:
-            self._advance(label.ts)
+            self._advance(at)
             pending = self._pending.get(label.request_id)
             if pending is None:
                 if label.request_id in self._evicted:
@@ -382,16 +387,16 @@ class FeedbackWindow:
             model_version=scored.scores.model_version,
         )
 
-    def _advance(self, ts: float) -> None:
-        """Move the clock to ``ts`` (never back) and evict what expired; lock held."""
-        self.now = max(self.now, ts)
+    def _advance(self, at: float) -> None:
+        """Move the clock to ``at`` (never back) and evict what expired; lock held."""
+        self.now = max(self.now, at)
         horizon = self.now - self.window_s
         while self._heap and self._heap[0][0] < horizon:
             if self._evict_oldest():
                 self.evicted_by_time += 1
 
     def _evict_oldest(self) -> bool:
-        """Evict the impression with the oldest ts; False if the heap's head was a replaced
+        """Evict the impression added earliest; False if the heap's head was a replaced
         impression's leftover entry (nothing evicted). Lock held."""
         _, sequence, request_id = heapq.heappop(self._heap)
         pending = self._pending.get(request_id)
@@ -426,9 +431,10 @@ class LabelBuffer:
     def __len__(self) -> int:
         return len(self._examples)
 
-    def offer(self, label: Label) -> JoinedExample | None:
-        """Join ``label`` and buffer the example; None (counted) if it joined nothing."""
-        example = self.window.join(label)
+    def offer(self, label: Label, at: float) -> JoinedExample | None:
+        """Join ``label`` (consumed at stream time ``at``) and buffer the example; None
+        (counted) if it joined nothing."""
+        example = self.window.join(label, at)
         with self._lock:
             if example is None:
                 self.unmatched += 1

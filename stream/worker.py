@@ -87,6 +87,7 @@ from model.checkpoint import CheckpointError, load
 from model.scorer import Scorer
 from model.versions import VersionStore
 from state_store import LogMismatchError, StateStore, StoreConfig
+from stream.admission import RecordLimits
 from stream.agents import (
     Record,
     WorkerServices,
@@ -152,6 +153,7 @@ class WorkerConfig:
     static_checkpoint: Path | None = None  # the static twin (default: the checkpoint)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    limits: RecordLimits = field(default_factory=RecordLimits)  # what records are admitted
 
     @property
     def topics(self) -> TopicNames:
@@ -224,7 +226,7 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     metrics.set_users(sum(1 for _ in store.iter_users()))
     return WorkerServices(
         store=store,
-        applier=InteractionApplier(store, model, version),
+        applier=InteractionApplier(store, model, version, config.limits),
         scorer=ImpressionScorer(store, Scorer(model, device), version, profiles,
                                static=Scorer(static, device)),
         window=window,
@@ -235,6 +237,7 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
         metrics=metrics,
         drift=DriftTracker(metrics, config.drift),
         publish_scores=config.publish_scores,
+        limits=config.limits,
     )
 
 

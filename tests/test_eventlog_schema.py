@@ -22,7 +22,8 @@ from eventlog.schema import (
     to_builtins,
 )
 
-ids = st.text(min_size=1, max_size=12)
+# Ids: any text without control characters (those are rejected, see below).
+ids = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=12)
 times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 feature_values = st.one_of(
     st.text(max_size=8),
@@ -119,3 +120,22 @@ def test_nan_is_rejected() -> None:
         Interaction("e", "u", "i", "click", 1.0, item_features={"price": math.nan})
     with pytest.raises(SchemaError, match="malformed"):
         decode(Interaction, interaction_json(ts=1.0).replace(b"1.0", b"NaN"))
+
+
+@pytest.mark.parametrize("user_id", ["a\x00b", "\x00", "tab\there", "del\x7f"])
+def test_ids_with_control_characters_are_rejected_naming_the_field(user_id: str) -> None:
+    """A user id the store cannot key (NUL) or any control character is a schema error."""
+    with pytest.raises(SchemaError, match="user_id must not contain control characters"):
+        decode(Interaction, interaction_json(user_id=user_id))
+
+
+@pytest.mark.parametrize("ts", [-1.0, -1e300, 4_102_444_801.0, 1e300])
+def test_event_times_outside_1970_to_2100_are_rejected(ts: float) -> None:
+    """An event time outside [1970, 2100] is rejected: it is not an event time."""
+    for kind, message in ((Interaction, INTERACTION),
+                          (Label, {"request_id": "r", "user_id": "u", "item_id": "i",
+                                   "label": 1, "ts": 0.0}),
+                          (Impression, {"request_id": "r", "user_id": "u", "ts": 0.0,
+                                        "candidates": [{"item_id": "i"}]})):
+        with pytest.raises(SchemaError, match="ts must be seconds since the epoch"):
+            decode(kind, msgspec.json.encode({**message, "ts": ts}))

@@ -7,6 +7,7 @@ model's own interaction embedding, with no padding and no batching.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -202,20 +203,21 @@ def test_bad_records_become_dead_letters_and_the_rest_is_applied() -> None:
         for r in good
     ]
     batch[5] = ConsumedRecord(5, b"b", good[5].value)  # a's event under b's key
-    batch[7] = ConsumedRecord(7, None, good[7].value)  # no key: accepted
+    batch[7] = ConsumedRecord(7, None, good[7].value)  # no key: its partition is a guess
     with open_store() as store:
         report = apply(InteractionApplier(store, MODEL, 1), batch)
         letters = {d.offset: d for d in report.dead_letters}
-        assert sorted(letters) == [1, 3, 4, 5, 6]
+        assert sorted(letters) == [1, 3, 4, 5, 6, 7]
         for offset, (value, reason) in bad.items():
             assert letters[offset].value == value
             assert reason in letters[offset].reason
         assert "differs from the message's user_id" in letters[5].reason
         assert letters[5].key == b"b"
+        assert "record has no key" in letters[7].reason
         assert all((d.topic, d.partition) == (TOPIC, 0) for d in report.dead_letters)
         assert msgspec.json.decode(letters[5].encode(), type=DeadLetter) == letters[5]
-        applied = [events[i] for i in (0, 2, 7)]
-        assert (report.applied, report.users) == (3, 1)
+        applied = [events[i] for i in (0, 2)]
+        assert (report.applied, report.users) == (2, 1)
         np.testing.assert_allclose(
             store.get("a").state, reference_state(MODEL, applied), atol=1e-5
         )
@@ -313,3 +315,43 @@ def test_mismatched_store_log_and_offsets_are_refused(tmp_path: Path) -> None:
         apply(applier, batch)
         with pytest.raises(LogChangedError):
             applier.apply(TOPIC, 0, "another/log", batch, 1)
+
+
+def test_a_batch_that_fails_as_a_whole_is_bisected_to_the_failing_events() -> None:
+    """A model version whose embedding row of one item is NaN makes every event of that item
+    compute a NaN state: those events become dead letters (found by bisection), and every
+    other event of the batch is applied once, exactly as if the bad ones were never sent."""
+    events = make_events(["a", "b", "a", "c", "b", "a", "c", "a"])
+    poisoned_item = events[2].item_id
+    broken = make_model(0)
+    bucket = int(FEATURIZER.events([events[2]]).item[0])
+    with torch.no_grad():
+        broken.tokenizer.table.weight[bucket] = float("nan")
+    bad = [k for k, e in enumerate(events) if e.item_id == poisoned_item]
+    good = [e for k, e in enumerate(events) if k not in bad]
+    with open_store() as store, open_store() as reference:
+        report = apply(InteractionApplier(store, broken, 1), records(events))
+        assert [d.offset for d in report.dead_letters] == bad
+        assert all(d.reason.startswith("cannot apply the event: NonFiniteStateError")
+                   for d in report.dead_letters)
+        assert (report.applied, store.offset(TOPIC, 0).last_offset) == (len(good), 7)
+        for user in "abc":
+            mine = [e for e in good if e.user_id == user]
+            apply(InteractionApplier(reference, broken, 1),
+                  records(mine, first_offset=100 * (ord(user) - ord("a"))))
+            np.testing.assert_allclose(store.get(user).state, reference.get(user).state,
+                                       atol=1e-6)
+            assert decode_history(store.get(user).history) == mine
+
+
+def test_an_oversized_record_is_a_bounded_dead_letter() -> None:
+    """A 5 MB record is rejected undecoded; its dead letter keeps 4 KB of it, its length and
+    its hash, so it fits any broker's message limit."""
+    huge = b'{"event_id": "' + b"x" * 5_000_000 + b'"}'
+    with open_store() as store:
+        report = apply(InteractionApplier(store, MODEL, 1), [ConsumedRecord(0, b"a" * 9000, huge)])
+    (letter,) = report.dead_letters
+    assert letter.reason.startswith("record value is 5000016 bytes, over the limit")
+    assert (letter.value_bytes, len(letter.value), len(letter.key)) == (len(huge), 4096, 256)
+    assert letter.value_sha256 == hashlib.sha256(huge).hexdigest()
+    assert len(letter.encode()) < 8192

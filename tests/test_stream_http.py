@@ -82,7 +82,8 @@ def apply_events(store: StateStore, users: Sequence[str]) -> list[Interaction]:
     first = 0 if stored is None else stored.next_offset
     rng = np.random.default_rng(first)
     events = [event(rng, u, T0 + 60.0 * (first + k), first + k) for k, u in enumerate(users)]
-    records = [ConsumedRecord(first + k, None, encode(e)) for k, e in enumerate(events)]
+    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
+               for k, e in enumerate(events)]
     InteractionApplier(store, SCORER.model, VERSION).apply(
         "interactions", 0, "log", records, records[-1].offset
     )

@@ -32,8 +32,8 @@ def samples(metrics: WorkerMetrics, name: str) -> dict[tuple, float]:
 
 def report(applied: int = 3, skipped: int = 1, dead: int = 2, offset: int = 9) -> ApplyReport:
     letters = [
-        DeadLetter("interactions", 0, 5, None, b"{}", "invalid Interaction: missing `ts`"),
-        DeadLetter("interactions", 0, 6, b"x", b"{}", "record key 'x' differs from 'y'"),
+        DeadLetter.of("interactions", 0, 5, None, b"{}", "invalid Interaction: missing `ts`"),
+        DeadLetter.of("interactions", 0, 6, b"x", b"{}", "record key 'x' differs from 'y'"),
     ][:dead]
     return ApplyReport(
         applied=applied, skipped=skipped, dead_letters=letters, users=2, new_users=1,

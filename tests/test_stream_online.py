@@ -94,10 +94,10 @@ class InProcessWorker:
         self.scored += scored
         joined = []
         for item, (impression, label) in zip(scored, chunk, strict=True):
-            self.services.window.add(item)
+            self.services.window.add(item, impression.ts)
             joined.append(self.labels.offer(Label(impression.request_id, impression.user_id,
                                                   impression.candidates[0].item_id, label,
-                                                  impression.ts)))
+                                                  impression.ts), impression.ts))
         self.drift.update([j for j in joined if j is not None])
         self.learner.round()
         self.hot_swap.offer(self.updates)

@@ -68,7 +68,8 @@ def apply_events(store: StateStore, users: Sequence[str], version: int = 1
     first = 0 if stored is None else stored.next_offset
     rng = np.random.default_rng(first)
     events = [event(rng, u, T0 + 60.0 * (first + k), first + k) for k, u in enumerate(users)]
-    records = [ConsumedRecord(first + k, None, encode(e)) for k, e in enumerate(events)]
+    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
+               for k, e in enumerate(events)]
     InteractionApplier(store, SCORER.model, version).apply(
         "interactions", 0, "log", records, records[-1].offset
     )
@@ -159,7 +160,7 @@ def test_pending_interactions_score_as_if_they_were_applied(store: StateStore) -
     scorer = ImpressionScorer(store, SCORER, 1, PROFILES, static=TWIN)
     ahead = scorer.score_many(requests, pending)
     first = store.offset("interactions", 0).next_offset
-    records = [ConsumedRecord(first + k, None, encode(e))
+    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
                for k, e in enumerate([*pending[0], *pending[2]])]
     InteractionApplier(store, SCORER.model, 1).apply("interactions", 0, "log", records,
                                                      records[-1].offset)
@@ -246,26 +247,26 @@ def label(request_id: str, item: str, ts: float, value: int = 1, user: str = "u1
     return Label(request_id, user, item, value, ts)
 
 
-def test_the_window_evicts_by_event_time() -> None:
+def test_the_window_evicts_by_the_stream_time_it_is_given() -> None:
     window = FeedbackWindow(window_s=15.0, max_size=10)
     for k, ts in enumerate((0.0, 10.0, 20.0, 5.0)):  # out of time order
-        window.add(fake_scored(f"r{k}", ts))
+        window.add(fake_scored(f"r{k}", ts), ts)
     assert (len(window), window.evicted_by_time) == (3, 1)  # r0 (0 < 20 - 15)
-    window.add(fake_scored("r4", 30.0))
+    window.add(fake_scored("r4", 30.0), 30.0)
     assert (len(window), window.evicted_by_time) == (2, 3)  # r3 (5) and r1 (10) too
-    assert window.join(label("r2", "i1", 30.0)) is not None
-    assert window.join(label("r1", "i1", 31.0)) is None and window.expired_labels == 1
-    assert window.join(label("r2", "i2", 36.0)) is None  # the label moves the clock: 20 < 21
+    assert window.join(label("r2", "i1", 30.0), 30.0) is not None
+    assert window.join(label("r1", "i1", 31.0), 31.0) is None and window.expired_labels == 1
+    assert window.join(label("r2", "i2", 36.0), 36.0) is None  # the join moves the clock: 20 < 21
     assert (window.expired_labels, window.evicted_by_time, window.evicted_by_size) == (2, 4, 0)
 
 
 def test_the_window_evicts_the_oldest_past_its_size() -> None:
     window = FeedbackWindow(window_s=1e9, max_size=3)
     for k, ts in enumerate((5.0, 1.0, 3.0, 4.0, 2.0)):
-        window.add(fake_scored(f"r{k}", ts))
+        window.add(fake_scored(f"r{k}", ts), ts)
     assert (len(window), window.evicted_by_size, window.evicted_by_time) == (3, 2, 0)
     kept = [r for r in ("r0", "r1", "r2", "r3", "r4")
-            if window.join(label(r, "i1", 0.0)) is not None]
+            if window.join(label(r, "i1", 0.0), 0.0) is not None]
     assert kept == ["r0", "r2", "r3"]  # r1 (ts 1) went first, then r4 (ts 2)
     assert window.expired_labels == 2
 
@@ -277,12 +278,12 @@ def test_labels_join_to_what_was_scored(store: StateStore) -> None:
     first, second = impression("r5", "u1"), impression("r66", "u1", ts=T0 + 1e5 + 1)
     scored = [scorer.score(first), scorer.score(second)]
     for s in scored:
-        window.add(s)
+        window.add(s, s.impression.ts)
     state_then = store.get("u1").state.copy()
     apply_events(store, ["u1"])  # the state moves on after scoring
     assert not np.allclose(store.get("u1").state, state_then)
     item = second.candidates[2].item_id
-    example = window.join(label("r66", item, T0 + 1e5 + 5, value=0))
+    example = window.join(label("r66", item, T0 + 1e5 + 5, value=0), T0 + 1e5 + 5)
     assert example is not None
     assert example.impression is second and example.candidate == second.candidates[2]
     assert example.label.label == 0 and example.profile == PROFILES["u1"]
@@ -295,24 +296,36 @@ def test_labels_join_to_what_was_scored(store: StateStore) -> None:
 
 def test_unmatched_labels_are_counted_not_raised() -> None:
     window = FeedbackWindow(window_s=100.0, max_size=10)
-    window.add(fake_scored("r1", 10.0))
-    assert window.join(label("nope", "i1", 11.0)) is None  # never scored
-    assert window.join(label("r1", "i9", 11.0)) is None  # not a candidate
-    assert window.join(label("r1", "i1", 11.0, user="u2")) is None  # another user
-    assert window.join(label("r1", "i1", 11.0)) is not None
-    assert window.join(label("r1", "i1", 12.0)) is None  # a redelivered label
+    window.add(fake_scored("r1", 10.0), 10.0)
+    assert window.join(label("nope", "i1", 11.0), 11.0) is None  # never scored
+    assert window.join(label("r1", "i9", 11.0), 11.0) is None  # not a candidate
+    assert window.join(label("r1", "i1", 11.0, user="u2"), 11.0) is None  # another user
+    assert window.join(label("r1", "i1", 11.0), 11.0) is not None
+    assert window.join(label("r1", "i1", 12.0), 12.0) is None  # a redelivered label
     assert (window.unknown_labels, window.duplicate_labels, window.expired_labels) == (3, 1, 0)
     assert window.unmatched_labels == 4
 
 
 def test_the_label_buffer_is_bounded_and_counts() -> None:
     window = FeedbackWindow(window_s=100.0, max_size=10)
-    window.add(fake_scored("r1", 0.0, items=("i1", "i2", "i3", "i4")))
+    window.add(fake_scored("r1", 0.0, items=("i1", "i2", "i3", "i4")), 0.0)
     buffer = LabelBuffer(window, capacity=2)
-    joined = [buffer.offer(label("r1", f"i{k}", 1.0)) for k in (1, 2, 3)]
-    assert buffer.offer(label("r2", "i1", 1.0)) is None
+    joined = [buffer.offer(label("r1", f"i{k}", 1.0), 1.0) for k in (1, 2, 3)]
+    assert buffer.offer(label("r2", "i1", 1.0), 1.0) is None
     assert (buffer.joined, buffer.unmatched, buffer.dropped, len(buffer)) == (3, 1, 1, 2)
     assert buffer.take(5) == joined[1:]  # the oldest was dropped; oldest first
     assert (buffer.take(1), len(buffer)) == ([], 0)
     assert [e.score for e in joined] == pytest.approx([0.1, 0.2, 0.3])
     assert [e.static_score for e in joined] == pytest.approx([0.9, 0.8, 0.7])
+
+
+def test_a_label_far_in_the_future_does_not_stop_later_joins() -> None:
+    """The window's clock is the stream time the worker passes, not a record's event time: a
+    label claiming an event time decades ahead leaves the clock at its stream time."""
+    window = FeedbackWindow(window_s=100.0, max_size=10)
+    window.add(fake_scored("r1", 10.0), 10.0)
+    assert window.join(label("r0", "i1", 4.0e9), 11.0) is None  # unknown: counted
+    window.add(fake_scored("r2", 12.0), 12.0)
+    assert window.join(label("r1", "i1", 13.0), 13.0) is not None
+    assert window.join(label("r2", "i1", 14.0), 14.0) is not None
+    assert window.now == 14.0
