@@ -45,11 +45,13 @@ def tiny_checkpoint(path: Path, model_version: int = 3, seed: int = 99) -> Path:
 
 
 class WorkerProcess:
-    """A worker subprocess on 127.0.0.1:``web_port`` (``command="trainer"``: a trainer)."""
+    """A worker subprocess on 127.0.0.1:``web_port`` (``command="trainer"``: a trainer);
+    ``env`` adds to its environment."""
 
     def __init__(self, bootstrap: str, checkpoint: Path, store: Path, log_path: Path, *,
                  prefix: str = "", partitions: int = 2, group: str | None = None,
-                 extra: tuple[str, ...] = (), command: str = "worker") -> None:
+                 extra: tuple[str, ...] = (), command: str = "worker",
+                 env: dict[str, str] | None = None) -> None:
         self.web_port = free_port()
         argv = [
             sys.executable, "-m", "stream.cli", command,
@@ -61,9 +63,9 @@ class WorkerProcess:
         ]
         self.log_path = log_path
         self._log = log_path.open("ab")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu"}
+        environ = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu", **(env or {})}
         self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
-                                        stderr=subprocess.STDOUT, env=env)
+                                        stderr=subprocess.STDOUT, env=environ)
 
     @property
     def url(self) -> str:
