@@ -39,6 +39,7 @@ from model.online import OnlineConfig
 from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.config import Settings, SettingsError
+from stream.kafka_client import KafkaSecurityError
 from stream.producer import (
     ProduceError,
     ReplayStats,
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except (CliError, SettingsError) as exc:
+    except (CliError, SettingsError, KafkaSecurityError) as exc:
         print(f"unirec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

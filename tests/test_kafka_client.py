@@ -233,3 +233,16 @@ def test_sasl_settings_reach_the_projects_clients(
         ensure_topics(bootstrap, 1, topics=TopicNames.with_prefix("sasl-"), timeout_s=2)
     with pytest.raises(BrokerUnavailable):
         open_producer(bootstrap, timeout_s=2)
+
+
+def test_the_cli_reports_an_unusable_setting_by_name(
+        clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``unirec produce`` with a bad protocol stops with exit 2 and one line naming the
+    variable, before any connection (nothing listens at the address given)."""
+    from stream.cli import main
+
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "TLS")
+    code = main(["produce", "--synthetic", "5", "--bootstrap-servers", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "KAFKA_SECURITY_PROTOCOL must be one of" in err
+    assert "Traceback" not in err
