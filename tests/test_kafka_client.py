@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import ast
-import subprocess
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,11 +155,15 @@ def client_references(source: str) -> list[str]:
 
 
 def python_files() -> list[Path]:
-    """The repository's Python files (tracked or new, not ignored), tests excepted."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
-        cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    return [Path(p) for p in listed if not p.startswith("tests/") and (REPO / p).is_file()]
+    """The repository's Python files, relative to it: every folder but hidden ones (.venv,
+    .git), build output and tests."""
+    skip = {"tests", "build", "dist", "runs", "__pycache__"}
+    found = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in skip
+                   and not d.endswith(".egg-info")]
+        found += [Path(folder, f).relative_to(REPO) for f in files if f.endswith(".py")]
+    return found
 
 
 @pytest.mark.parametrize("source", [
