@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,6 +50,7 @@ from model.config import ModelConfig
 from model.features import FeatureSpec
 from stream.broker import EmbeddedBroker, free_port
 from stream.demo import scrape, total
+from stream.kafka_client import kafka_consumer
 from stream.producer import SyntheticConfig, open_producer, send_interactions, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
@@ -79,7 +80,7 @@ def produce(bootstrap: str, topics: TopicNames, events: list, rate: float | None
 
 def raw_consume(bootstrap: str, topic: str, n: int, timeout_s: float = 120.0) -> float:
     """Seconds for a kafka-python consumer to read ``n`` records of ``topic`` from offset 0."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = kafka_consumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              max_poll_records=2000, fetch_max_bytes=64 << 20)
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]

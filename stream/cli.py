@@ -40,6 +40,7 @@ from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.admission import RecordLimits
 from stream.config import Settings, SettingsError
+from stream.kafka_client import KafkaSecurityError
 from stream.producer import (
     ProduceError,
     ReplayStats,
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except (CliError, SettingsError) as exc:
+    except (CliError, SettingsError, KafkaSecurityError) as exc:
         print(f"unirec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

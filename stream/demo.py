@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventlog.loaders import DATASETS
@@ -45,6 +45,7 @@ from eventlog.log import EventLog, time_split
 from eventlog.schema import Interaction
 from model.metrics import auc, gauc
 from stream.broker import EmbeddedBroker, free_port
+from stream.kafka_client import kafka_consumer
 from stream.producer import open_producer, replay_events, send_interactions
 from stream.serving import Scores
 from stream.topics import TopicNames, ensure_topics
@@ -416,7 +417,7 @@ def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> It
     """Up to ``n`` ``Scores`` of ``topic``, from its start."""
     import msgspec
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = kafka_consumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              max_poll_records=5000)
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]

@@ -26,13 +26,14 @@ from collections.abc import Sequence
 
 import msgspec
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 
 from model.backbone import UniRecModel
 from model.checkpoint import CheckpointError
 from model.scorer import Scorer
 from model.versions import VersionStore
 from stream.agents import WorkerServices
+from stream.kafka_client import kafka_consumer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class UpdateListener:
     """Reads ``topic`` from its end, outside any consumer group; ``poll()`` never blocks."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 10.0) -> None:
-        self.consumer = KafkaConsumer(
+        self.consumer = kafka_consumer(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
             request_timeout_ms=int(max(timeout_s, 6.0) * 1000),
         )

@@ -49,6 +49,7 @@ from kafka.errors import KafkaError
 
 from eventlog.log import EventLog
 from eventlog.schema import Candidate, FeatureMap, Impression, Interaction, Label, encode
+from stream.kafka_client import kafka_producer
 from stream.topics import DEFAULT_TIMEOUT_S, BrokerUnavailable, TopicNames
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def producer_config(bootstrap: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dic
 def open_producer(bootstrap: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> KafkaProducer:
     """A connected producer; ``BrokerUnavailable`` when no broker answers in time."""
     try:
-        return KafkaProducer(**producer_config(bootstrap, timeout_s))
+        return kafka_producer(**producer_config(bootstrap, timeout_s))
     except KafkaError as exc:
         raise BrokerUnavailable(f"no Kafka broker answered at {bootstrap} ({exc})") from exc
 

