@@ -64,7 +64,7 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes
-    timestamp: int = 0
+    timestamp: int = -1  # none
 
 
 @dataclass
