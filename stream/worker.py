@@ -80,7 +80,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import (
+    AsyncConsumerRebalanceListener,
+    KafkaConsumer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
@@ -274,20 +279,31 @@ def plan_resume(services: WorkerServices, config: WorkerConfig,
     return plan
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Runs inside ``poll`` on the loop's thread: checks and seeks assigned ``interactions``
-    partitions, forgets revoked ones. A refusal is kept in ``fatal`` (kafka-python logs and
-    swallows exceptions raised here); the loop ends the process with it."""
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Checks and seeks assigned ``interactions`` partitions, commits and forgets revoked ones.
+
+    kafka-python 3 runs a listener on its IO thread, inside the ``poll`` (or ``close``) that
+    the loop's thread is blocked in, so the loop's state is not touched concurrently. A
+    blocking call into the consumer from there (``commit``, anything that waits on the
+    network) raises "Cannot block on net.run() from the IO thread" (kafka-python PR #2968);
+    the methods are therefore coroutines, which the coordinator awaits on that thread, and
+    the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it). A
+    refusal on assignment is kept in ``fatal`` (kafka-python logs and swallows exceptions
+    raised here); the loop ends the process with it."""
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
         self.fatal: str | None = None
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.loop.commit_processed(revoked)
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.loop.commit_revoked(revoked)
         self.loop.forget(revoked)
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        """Membership was lost (evicted): the group refuses commits, and others own them."""
+        self.loop.forget(lost)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         loop = self.loop
         topic = loop.topics.interactions
         interactions = [tp for tp in assigned if tp.topic == topic]
@@ -397,20 +413,42 @@ class ConsumerLoop:
                 tp = TopicPartition(topic, r.partition)
                 self.processed[tp] = max(self.processed.get(tp, 0), r.offset + 1)
 
-    def commit_processed(self, tps: Iterable[TopicPartition] | None = None) -> None:
-        """Commit the group's offsets of ``tps`` (default: all) up to what was processed, so
-        that impressions and labels held by the gate are read again after a restart or a
-        rebalance (at least once; ``interactions`` resume from the store anyway)."""
+    def processed_offsets(self, tps: Iterable[TopicPartition] | None = None
+                          ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The offsets to commit for ``tps`` (default: all): one past the last record
+        processed, not polled, so that what the gate holds is read again (by this worker
+        after a restart, or by a partition's next owner)."""
         wanted = self.processed if tps is None else {
             tp: self.processed[tp] for tp in tps if tp in self.processed}
-        if not wanted:
+        return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in wanted.items()}
+
+    def commit_processed(self) -> None:
+        """Commit ``processed_offsets()`` of every partition, from the loop's thread
+        (blocking). Impressions and labels are processed at least once; ``interactions``
+        resume from the store anyway."""
+        offsets = self.processed_offsets()
+        if not offsets:
             return
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
-                                  for tp, offset in wanted.items()},
-                                 timeout_ms=int(self.config.timeout_s * 1000))
+            self.consumer.commit(offsets, timeout_ms=int(self.config.timeout_s * 1000))
         except Exception as exc:  # a failed commit means a redelivery, never a loss
             log.warning("committing consumed offsets failed: %s", exc)
+
+    async def commit_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Commit ``processed_offsets(revoked)`` from the rebalance listener, on kafka-python's
+        IO thread, before the group rebalances: the partitions' next owner (or this worker,
+        when it gets them back) reads on from there, and nothing processed is read again.
+        A failure is logged (those records are then processed again, never lost)."""
+        offsets = self.processed_offsets(revoked)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit_async(offsets)
+        except Exception as exc:  # a failed commit means a redelivery, never a loss
+            log.warning("committing the offsets of revoked partitions failed: %s", exc)
+            return
+        log.info("committed on revocation: %s",
+                 sorted(f"{tp.topic}[{tp.partition}]@{o.offset}" for tp, o in offsets.items()))
 
     def idle(self, kind: str, partition: int) -> bool:
         """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
@@ -448,7 +486,7 @@ class ConsumerLoop:
                             end - (0 if stored is None else stored.next_offset))
 
     def close(self) -> None:
-        self.commit_processed()
+        """Close the consumer; it revokes every partition first (``commit_revoked``)."""
         self.consumer.close(autocommit=False, timeout_ms=int(self.config.timeout_s * 1000))
 
 
