@@ -21,7 +21,9 @@ about 58,000/s. The 10,000 interactions/s the worker must apply cannot pass thro
 Exactly once (SYSTEM.md, "State and the exactly-once effect"): the group's committed offsets
 matter only for impressions and labels; they are committed every ``lag_interval_s``, on
 revocation and at the end, up to what was processed (not merely polled: the gate may hold
-records), so impressions and labels are processed at least once. Whenever
+records), so impressions and labels are processed at least once, and after a clean
+rebalance exactly once (the revoked partitions' commit, from kafka-python's IO thread:
+``_Rebalance``). Whenever
 ``interactions`` partitions are assigned, the worker seeks each to one past the offset stored
 in the state store, after checking that the stored offsets belong to the current log
 (``StateStore.resume_offset`` with the log identity and the partition's end offset). If they
@@ -30,7 +32,15 @@ set: then the partition's stored offset is forgotten and the new log is consumed
 start. Redelivered records are skipped by the applier anyway. The check runs before the group
 is joined (for every partition the store holds; a refusal is a ``WorkerError``, exit status 2
 from the CLI) and again after every assignment (a refusal then ends the process with status
-3: e.g. an embedded broker restarted under a running worker). A revoked partition is not
+3: e.g. an embedded broker restarted under a running worker).
+
+Co-partitioning (issue #16): the three input topics must have one partition count, or the
+partitions only some of them have are never read with their peers (an ``interactions``
+topic auto-created with more partitions by a producer that started first: its extra
+partitions stalled, silently). ``check_copartitioned`` refuses differing counts with an
+error naming each topic, its count and the command that fixes it: at start (a
+``TopicError``, exit status 2 from the CLI) and on every assignment, before the log check
+(it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
 Partition ownership (issue #7): each worker keeps, in its own store, the state of the
@@ -108,11 +118,19 @@ from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.producer import open_producer
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
-from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
+from stream.topics import (
+    CopartitionError,
+    TopicNames,
+    check_copartitioned,
+    end_offsets,
+    ensure_topics,
+    log_identity,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_LOG_CHANGED = 3
+EXIT_NOT_COPARTITIONED = 4
 
 
 class WorkerError(RuntimeError):
@@ -289,11 +307,13 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     the methods are therefore coroutines, which the coordinator awaits on that thread, and
     the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it). A
     refusal on assignment is kept in ``fatal`` (kafka-python logs and swallows exceptions
-    raised here); the loop ends the process with it."""
+    raised here); the loop ends the process with it: ``EXIT_NOT_COPARTITIONED`` when the
+    input topics' partition counts differ (``check_copartitioned``, before anything else),
+    ``EXIT_LOG_CHANGED`` when ``plan_resume`` refuses."""
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
-        self.fatal: str | None = None
+        self.fatal: tuple[int, str] | None = None  # (exit status, message)
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.loop.commit_revoked(revoked)
@@ -308,10 +328,17 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         topic = loop.topics.interactions
         interactions = [tp for tp in assigned if tp.topic == topic]
         loop.forget(assigned)  # anything held of them predates this assignment
+        config = loop.config
         try:
-            plan = plan_resume(loop.services, loop.config, [tp.partition for tp in interactions])
+            check_copartitioned(config.bootstrap_servers, loop.topics.inputs(), config.timeout_s,
+                                topic)
+        except CopartitionError as exc:
+            self.fatal = EXIT_NOT_COPARTITIONED, str(exc)
+            return
+        try:
+            plan = plan_resume(loop.services, config, [tp.partition for tp in interactions])
         except WorkerError as exc:
-            self.fatal = str(exc)
+            self.fatal = EXIT_LOG_CHANGED, str(exc)
             return
         for tp in interactions:
             loop.consumer.seek(tp, plan[tp.partition])
@@ -364,15 +391,16 @@ class ConsumerLoop:
             self.processed.pop(tp, None)
 
     def run(self, stop: threading.Event) -> int:
-        """Poll and process until ``stop`` is set; returns the exit status (0, or
-        ``EXIT_LOG_CHANGED`` when an assignment's log check refused)."""
+        """Poll and process until ``stop`` is set; returns the exit status (0, or the one of
+        an assignment's refusal: ``EXIT_LOG_CHANGED``, ``EXIT_NOT_COPARTITIONED``)."""
         next_lag = time.monotonic()
         timeout_ms = max(1, int(self.config.batch_within_s * 1000))
         while not stop.is_set():
             polled = self.consumer.poll(timeout_ms=timeout_ms)
             if self.rebalance.fatal is not None:
-                log.critical("%s", self.rebalance.fatal)
-                return EXIT_LOG_CHANGED
+                code, message = self.rebalance.fatal
+                log.critical("%s", message)
+                return code
             self.process(polled)
             if self.between_batches is not None:
                 self.between_batches()
@@ -498,7 +526,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
 
     Raises ``WorkerError`` when it cannot start (no checkpoint, a store of another model, a
     partition whose stored offsets belong to another log without ``reset_on_new_log``, a web
-    port in use).
+    port in use), ``CopartitionError`` (a ``TopicError``) when the input topics' partition
+    counts differ.
     """
     torch.set_num_threads(config.torch_threads)
     if not config.checkpoint.is_file():
@@ -508,6 +537,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
     topics = config.topics
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
+    check_copartitioned(config.bootstrap_servers, topics.inputs(), config.timeout_s,
+                        topics.interactions)
     services = build_services(config, metrics)
     stop = stop if stop is not None else threading.Event()
     loop: ConsumerLoop | None = None
