@@ -1,7 +1,8 @@
 """The topics, their creation, and what a partition's offsets belong to.
 
 ``TopicNames`` holds the six topic names (SYSTEM.md, "Topics"), optionally with a prefix.
-``ensure_topics`` creates the missing ones. ``log_identity`` names the log that a topic's
+``ensure_topics`` creates the missing ones; ``check_copartitioned`` refuses input topics
+whose partition counts differ. ``log_identity`` names the log that a topic's
 offsets belong to, and ``end_offsets`` gives each partition's end offset; together they let the
 worker refuse offsets stored for another log (SYSTEM.md, "State and the exactly-once effect").
 
@@ -32,7 +33,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 
 from kafka import KafkaAdminClient, TopicPartition
@@ -55,6 +56,10 @@ class TopicError(RuntimeError):
     """A topic that is missing, or that the broker refused to create."""
 
 
+class CopartitionError(TopicError):
+    """Topics read together whose partition counts differ (``check_copartitioned``)."""
+
+
 @dataclass(frozen=True)
 class TopicNames:
     """The topic names, one field per topic; ``with_prefix`` prefixes all of them."""
@@ -73,6 +78,11 @@ class TopicNames:
 
     def all(self) -> tuple[str, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+    def inputs(self) -> tuple[str, str, str]:
+        """The topics a worker reads together, partition p of each in one worker: they must
+        be co-partitioned (``check_copartitioned``)."""
+        return self.interactions, self.impressions, self.labels
 
     def partitions(self, keyed: int) -> dict[str, int]:
         """The partition count of each topic: ``keyed`` for the topics keyed by user id, one for
@@ -146,6 +156,52 @@ def ensure_topics(
             log.warning("topic %r exists with %d partitions (asked for %d); left as it is",
                         name, counts[name], n)
     return counts
+
+
+def copartitioning_error(counts: Mapping[str, int], bootstrap: str,
+                         interactions: str = "interactions") -> str | None:
+    """``None`` if every topic of ``counts`` (``{name: partitions}``) has the same partition
+    count; otherwise a one-line error naming each topic and its count, with the commands that
+    add the missing partitions on Kafka and what to do on the embedded broker (which cannot
+    add partitions). ``interactions``: the topic whose growth moves users away from their
+    states (the message says so when it is among those to grow)."""
+    if len(set(counts.values())) <= 1:
+        return None
+    target = max(counts.values())
+    smaller = [name for name, n in counts.items() if n < target]
+    found = ", ".join(f"{name!r} has {n}" for name, n in counts.items())
+    commands = "; ".join(f"kafka-topics.sh --bootstrap-server {bootstrap} --alter "
+                         f"--topic {name} --partitions {target}" for name in smaller)
+    moved = (f" (grown, {interactions!r} sends users' later events to other partitions than "
+             "their stored states: if it holds events, recreate it and the stores instead)"
+             if interactions in smaller else "")
+    return (f"topics not co-partitioned: {found} partitions; a worker reads partition p of "
+            f"each of them together, so they need one partition count. Fix on Kafka: "
+            f"{commands}{moved}. The embedded broker cannot add partitions and keeps topics in "
+            f"memory only: stop it and every producer and worker using it, start it again and "
+            f"start them all with --partitions {target}")
+
+
+def check_copartitioned(bootstrap: str, names: tuple[str, ...] | list[str],
+                        timeout_s: float = DEFAULT_TIMEOUT_S,
+                        interactions: str = "interactions") -> dict[str, int]:
+    """The partition count of each topic of ``names``, as the broker describes them now.
+
+    Raises ``CopartitionError`` (``copartitioning_error``'s message) when the counts differ,
+    ``TopicError`` if one of the topics does not exist, ``BrokerUnavailable``.
+    A Kafka Streams topology refuses such topics at start the same way: a worker assigned
+    partition p of each reads nothing of the partitions only one topic has, silently.
+    """
+    with admin_client(bootstrap, timeout_s) as admin:
+        counts = _partition_counts(admin, list(names))
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise TopicError(f"topics {missing} do not exist at {bootstrap}")
+    ordered = {name: counts[name] for name in names}
+    message = copartitioning_error(ordered, bootstrap, interactions)
+    if message is not None:
+        raise CopartitionError(message)
+    return ordered
 
 
 def _create(admin: KafkaAdminClient, missing: dict[str, int], replication: int,

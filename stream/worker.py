@@ -21,7 +21,9 @@ about 58,000/s. The 10,000 interactions/s the worker must apply cannot pass thro
 Exactly once (SYSTEM.md, "State and the exactly-once effect"): the group's committed offsets
 matter only for impressions and labels; they are committed every ``lag_interval_s``, on
 revocation and at the end, up to what was processed (not merely polled: the gate may hold
-records), so impressions and labels are processed at least once. Whenever
+records), so impressions and labels are processed at least once, and after a clean
+rebalance exactly once (the revoked partitions' commit, from kafka-python's IO thread:
+``_Rebalance``). Whenever
 ``interactions`` partitions are assigned, the worker seeks each to one past the offset stored
 in the state store, after checking that the stored offsets belong to the current log
 (``StateStore.resume_offset`` with the log identity and the partition's end offset). If they
@@ -30,7 +32,15 @@ set: then the partition's stored offset is forgotten and the new log is consumed
 start. Redelivered records are skipped by the applier anyway. The check runs before the group
 is joined (for every partition the store holds; a refusal is a ``WorkerError``, exit status 2
 from the CLI) and again after every assignment (a refusal then ends the process with status
-3: e.g. an embedded broker restarted under a running worker). A revoked partition is not
+3: e.g. an embedded broker restarted under a running worker).
+
+Co-partitioning (issue #16): the three input topics must have one partition count, or the
+partitions only some of them have are never read with their peers (an ``interactions``
+topic auto-created with more partitions by a producer that started first: its extra
+partitions stalled, silently). ``check_copartitioned`` refuses differing counts with an
+error naming each topic, its count and the command that fixes it: at start (a
+``TopicError``, exit status 2 from the CLI) and on every assignment, before the log check
+(it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
 Partition ownership (issue #7): each worker keeps, in its own store, the state of the
@@ -80,7 +90,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
@@ -105,11 +115,19 @@ from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.producer import open_producer
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
-from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
+from stream.topics import (
+    CopartitionError,
+    TopicNames,
+    check_copartitioned,
+    end_offsets,
+    ensure_topics,
+    log_identity,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_LOG_CHANGED = 3
+EXIT_NOT_COPARTITIONED = 4
 
 
 class WorkerError(RuntimeError):
@@ -278,28 +296,48 @@ def plan_resume(services: WorkerServices, config: WorkerConfig,
     return plan
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Runs inside ``poll`` on the loop's thread: checks and seeks assigned ``interactions``
-    partitions, forgets revoked ones. A refusal is kept in ``fatal`` (kafka-python logs and
-    swallows exceptions raised here); the loop ends the process with it."""
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Checks and seeks assigned ``interactions`` partitions, commits and forgets revoked ones.
+
+    kafka-python 3 runs a listener on its IO thread, inside the ``poll`` (or ``close``) that
+    the loop's thread is blocked in, so the loop's state is not touched concurrently. A
+    blocking call into the consumer from there (``commit``, anything that waits on the
+    network) raises "Cannot block on net.run() from the IO thread" (kafka-python PR #2968);
+    the methods are therefore coroutines, which the coordinator awaits on that thread, and
+    the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it). A
+    refusal on assignment is kept in ``fatal`` (kafka-python logs and swallows exceptions
+    raised here); the loop ends the process with it: ``EXIT_NOT_COPARTITIONED`` when the
+    input topics' partition counts differ (``check_copartitioned``, before anything else),
+    ``EXIT_LOG_CHANGED`` when ``plan_resume`` refuses."""
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
-        self.fatal: str | None = None
+        self.fatal: tuple[int, str] | None = None  # (exit status, message)
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.loop.commit_processed(revoked)
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.loop.commit_revoked(revoked)
         self.loop.forget(revoked)
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        """Membership was lost (evicted): the group refuses commits, and others own them."""
+        self.loop.forget(lost)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         loop = self.loop
         topic = loop.topics.interactions
         interactions = [tp for tp in assigned if tp.topic == topic]
         loop.forget(assigned)  # anything held of them predates this assignment
+        config = loop.config
         try:
-            plan = plan_resume(loop.services, loop.config, [tp.partition for tp in interactions])
+            check_copartitioned(config.bootstrap_servers, loop.topics.inputs(), config.timeout_s,
+                                topic)
+        except CopartitionError as exc:
+            self.fatal = EXIT_NOT_COPARTITIONED, str(exc)
+            return
+        try:
+            plan = plan_resume(loop.services, config, [tp.partition for tp in interactions])
         except WorkerError as exc:
-            self.fatal = str(exc)
+            self.fatal = EXIT_LOG_CHANGED, str(exc)
             return
         for tp in interactions:
             loop.consumer.seek(tp, plan[tp.partition])
@@ -352,15 +390,16 @@ class ConsumerLoop:
             self.processed.pop(tp, None)
 
     def run(self, stop: threading.Event) -> int:
-        """Poll and process until ``stop`` is set; returns the exit status (0, or
-        ``EXIT_LOG_CHANGED`` when an assignment's log check refused)."""
+        """Poll and process until ``stop`` is set; returns the exit status (0, or the one of
+        an assignment's refusal: ``EXIT_LOG_CHANGED``, ``EXIT_NOT_COPARTITIONED``)."""
         next_lag = time.monotonic()
         timeout_ms = max(1, int(self.config.batch_within_s * 1000))
         while not stop.is_set():
             polled = self.consumer.poll(timeout_ms=timeout_ms)
             if self.rebalance.fatal is not None:
-                log.critical("%s", self.rebalance.fatal)
-                return EXIT_LOG_CHANGED
+                code, message = self.rebalance.fatal
+                log.critical("%s", message)
+                return code
             self.process(polled)
             if self.between_batches is not None:
                 self.between_batches()
@@ -401,20 +440,42 @@ class ConsumerLoop:
                 tp = TopicPartition(topic, r.partition)
                 self.processed[tp] = max(self.processed.get(tp, 0), r.offset + 1)
 
-    def commit_processed(self, tps: Iterable[TopicPartition] | None = None) -> None:
-        """Commit the group's offsets of ``tps`` (default: all) up to what was processed, so
-        that impressions and labels held by the gate are read again after a restart or a
-        rebalance (at least once; ``interactions`` resume from the store anyway)."""
+    def processed_offsets(self, tps: Iterable[TopicPartition] | None = None
+                          ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The offsets to commit for ``tps`` (default: all): one past the last record
+        processed, not polled, so that what the gate holds is read again (by this worker
+        after a restart, or by a partition's next owner)."""
         wanted = self.processed if tps is None else {
             tp: self.processed[tp] for tp in tps if tp in self.processed}
-        if not wanted:
+        return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in wanted.items()}
+
+    def commit_processed(self) -> None:
+        """Commit ``processed_offsets()`` of every partition, from the loop's thread
+        (blocking). Impressions and labels are processed at least once; ``interactions``
+        resume from the store anyway."""
+        offsets = self.processed_offsets()
+        if not offsets:
             return
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
-                                  for tp, offset in wanted.items()},
-                                 timeout_ms=int(self.config.timeout_s * 1000))
+            self.consumer.commit(offsets, timeout_ms=int(self.config.timeout_s * 1000))
         except Exception as exc:  # a failed commit means a redelivery, never a loss
             log.warning("committing consumed offsets failed: %s", exc)
+
+    async def commit_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Commit ``processed_offsets(revoked)`` from the rebalance listener, on kafka-python's
+        IO thread, before the group rebalances: the partitions' next owner (or this worker,
+        when it gets them back) reads on from there, and nothing processed is read again.
+        A failure is logged (those records are then processed again, never lost)."""
+        offsets = self.processed_offsets(revoked)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit_async(offsets)
+        except Exception as exc:  # a failed commit means a redelivery, never a loss
+            log.warning("committing the offsets of revoked partitions failed: %s", exc)
+            return
+        log.info("committed on revocation: %s",
+                 sorted(f"{tp.topic}[{tp.partition}]@{o.offset}" for tp, o in offsets.items()))
 
     def idle(self, kind: str, partition: int) -> bool:
         """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
@@ -452,7 +513,7 @@ class ConsumerLoop:
                             end - (0 if stored is None else stored.next_offset))
 
     def close(self) -> None:
-        self.commit_processed()
+        """Close the consumer; it revokes every partition first (``commit_revoked``)."""
         self.consumer.close(autocommit=False, timeout_ms=int(self.config.timeout_s * 1000))
 
 
@@ -464,7 +525,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
 
     Raises ``WorkerError`` when it cannot start (no checkpoint, a store of another model, a
     partition whose stored offsets belong to another log without ``reset_on_new_log``, a web
-    port in use).
+    port in use), ``CopartitionError`` (a ``TopicError``) when the input topics' partition
+    counts differ.
     """
     torch.set_num_threads(config.torch_threads)
     if not config.checkpoint.is_file():
@@ -474,6 +536,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
     topics = config.topics
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
+    check_copartitioned(config.bootstrap_servers, topics.inputs(), config.timeout_s,
+                        topics.interactions)
     services = build_services(config, metrics)
     stop = stop if stop is not None else threading.Event()
     loop: ConsumerLoop | None = None
