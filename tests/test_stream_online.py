@@ -1,7 +1,9 @@
 """Online learning in the worker: the learner fine-tunes a copy and publishes versions, the
 scorer hot-swaps them (scores carry the version), a NaN batch is refused while the old weights
 keep serving, and after a planted preference shift the fine-tuned model's online AUC beats the
-static twin's while the surrogate distance rises (in-process objects, no broker). A worker
+static twin's while the surrogate distance rises (in-process objects, no broker). Versions of
+another model (state width, feature spec, config, kind) are refused by the hot swap and at
+start, older versions are ignored, and each refusal is counted by reason. A worker
 subprocess on the embedded broker: versions rise during a replay, POST /score hammered from
 threads while versions swap answers every request 200, /drift and /metrics carry the drift
 figures."""
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
 from model.backbone import UniRecModel
+from model.checkpoint import save
+from model.kinds import build_model
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer
 from model.scorer import Scorer
 from model.versions import VersionStore
@@ -32,7 +37,7 @@ from stream.broker import EmbeddedBroker
 from stream.drift import DriftConfig, DriftTracker
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
-from stream.model_updates import HotSwap, ModelUpdate
+from stream.model_updates import HotSwap, ModelUpdate, starting_model
 from stream.producer import replay_events, synthetic_events
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer, ScoredImpression
 from stream.topics import TopicNames, ensure_topics
@@ -45,10 +50,22 @@ def _one_thread():
     yield from one_torch_thread()
 
 
+def tiny_config(**overrides: object):
+    return config(**{"d_model": 16, "n_heads": 2, "n_layers": 2, "layer_widths": (1.0, 0.5),
+                     "history_len": 8, **overrides})
+
+
 def tiny_model(seed: int = 3) -> UniRecModel:
     torch.manual_seed(seed)
-    return UniRecModel(config(d_model=16, n_heads=2, n_layers=2, layer_widths=(1.0, 0.5),
-                              history_len=8), SPEC).eval()
+    return UniRecModel(tiny_config(), SPEC).eval()
+
+
+INCOMPATIBLE = {  # reason: a model that differs from tiny_model() in that part
+    "state_width": lambda: UniRecModel(tiny_config(d_model=32), SPEC).eval(),
+    "feature_spec": lambda: UniRecModel(tiny_config(), replace(SPEC, id_buckets=4096)).eval(),
+    "model_config": lambda: UniRecModel(tiny_config(core_k=2), SPEC).eval(),
+    "model_kind": lambda: build_model("deepfm", tiny_config(), SPEC).eval(),
+}
 
 
 def preference_stream(seed: int, n: int, favourite: str) -> list[tuple[Impression, int]]:
@@ -179,6 +196,87 @@ def test_a_corrupt_version_is_skipped_and_the_old_model_keeps_serving(tmp_path: 
     assert worker.hot_swap.offer([ModelUpdate(2, "v2", 10, 0.0)]) is None
     assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
     assert worker.sample("unirec_model_versions_skipped_total") == 1
+
+
+@pytest.mark.parametrize("reason", list(INCOMPATIBLE))
+def test_an_announced_version_of_another_model_is_refused_and_counted(
+        tmp_path: Path, reason: str) -> None:
+    """Version 2 in the versions directory is a readable checkpoint of another model: its
+    announcement is refused with that reason (counted), the old scorer keeps serving and
+    scoring; a compatible version 3 announced next is swapped in."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    serving = worker.services.scorer.scorer
+    save(INCOMPATIBLE[reason](), worker.versions.path(2), {"version": 2})
+    assert worker.hot_swap.offer([ModelUpdate(2, "v2", 10, 0.0)]) is None
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
+    assert worker.services.applier.model_version == 1
+    assert worker.sample("unirec_model_versions_refused_total", reason=reason) == 1
+    scored = worker.services.scorer.score(preference_stream(4, 1, "comedy")[0][0])
+    assert scored.scores.model_version == 1 and np.isfinite(scored.dynamic).all()
+    worker.versions.publish(tiny_model(seed=5), at_least=3)
+    assert worker.hot_swap.offer([ModelUpdate(3, "v3", 20, 0.0)]) == 3
+    assert worker.services.scorer.model_version == 3
+
+
+@pytest.mark.parametrize("reason", list(INCOMPATIBLE))
+def test_swap_in_refuses_a_model_of_another_signature(tmp_path: Path, reason: str) -> None:
+    """HotSwap.swap_in, handed a built model of another state width, spec, config or kind,
+    refuses it (counted) instead of serving it."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    serving = worker.services.scorer.scorer
+    assert worker.hot_swap.swap_in(INCOMPATIBLE[reason](), 2) is False
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
+    assert worker.sample("unirec_model_versions_refused_total", reason=reason) == 1
+
+
+def test_versions_only_move_forward(tmp_path: Path) -> None:
+    """Serving version 4, announcements of versions 2 and 4 (both loadable) are ignored and
+    counted as not newer, in a poll of their own or beside a newer one; the served version
+    never decreases."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    for seed in range(4):
+        worker.versions.publish(tiny_model(seed=10 + seed))
+    assert worker.hot_swap.offer([ModelUpdate(4, "v4", 40, 0.0)]) == 4
+    serving = worker.services.scorer.scorer
+    assert worker.hot_swap.offer([ModelUpdate(2, "v2", 20, 0.0)]) is None
+    assert worker.hot_swap.offer([ModelUpdate(4, "v4", 40, 0.0)]) is None
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 4
+    assert worker.sample("unirec_model_versions_refused_total", reason="not_newer") == 2
+    worker.versions.publish(tiny_model(seed=20))
+    assert worker.hot_swap.offer([ModelUpdate(5, "v5", 50, 0.0),
+                                  ModelUpdate(3, "v3", 30, 0.0)]) == 5
+    assert worker.sample("unirec_model_versions_refused_total", reason="not_newer") == 3
+    assert worker.hot_swap.swap_in(tiny_model(seed=30), 1) is False
+    assert worker.services.scorer.model_version == 5
+
+
+def test_starting_model_starts_from_the_newest_compatible_version(tmp_path: Path) -> None:
+    """A versions directory whose newest versions are of another state width, another
+    feature spec and unreadable: the worker starts from the newest compatible version (2),
+    counting each refusal and the skip; a trainer with nothing compatible publishes the
+    checkpoint above every number present."""
+    checkpoint = tiny_model()
+    versions = VersionStore(tmp_path / "versions")
+    versions.publish(tiny_model(seed=1))
+    compatible = tiny_model(seed=2)
+    versions.publish(compatible)
+    for reason in ("state_width", "feature_spec"):
+        versions.publish(INCOMPATIBLE[reason]())
+    versions.path(5).write_bytes(b"not a checkpoint")
+    metrics = WorkerMetrics()
+    model, version = starting_model(versions, checkpoint, 7, CPU, publish=False,
+                                    metrics=metrics)
+    assert version == 2
+    assert all(torch.equal(v, compatible.state_dict()[k]) for k, v in model.state_dict().items())
+    refused = "unirec_model_versions_refused_total"
+    assert [metrics.registry.get_sample_value(refused, {"reason": r})
+            for r in ("state_width", "feature_spec")] == [1, 1]
+    assert metrics.registry.get_sample_value("unirec_model_versions_skipped_total") == 1
+
+    other = VersionStore(tmp_path / "other")
+    other.publish(INCOMPATIBLE["state_width"]())
+    model, version = starting_model(other, checkpoint, 1, CPU, publish=True)
+    assert model is checkpoint and version == 2 and other.versions() == [1, 2]
 
 
 # ------------------------------------------------------------------- a worker subprocess
