@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,10 +39,11 @@ from stream.broker import EmbeddedBroker
 from stream.drift import DriftConfig, DriftTracker
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
-from stream.model_updates import HotSwap, ModelUpdate, starting_model
-from stream.producer import replay_events, synthetic_events
+from stream.model_updates import HotSwap, ModelUpdate, UpdateListener, announce, starting_model
+from stream.producer import open_producer, replay_events, synthetic_events
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer, ScoredImpression
 from stream.topics import TopicNames, ensure_topics
+from stream.trainer_claim import RivalWatch, TrainerIdentity
 
 CPU = torch.device("cpu")
 
@@ -86,7 +89,9 @@ def preference_stream(seed: int, n: int, favourite: str) -> list[tuple[Impressio
 class InProcessWorker:
     """The worker's scoring, joining, drift, learner and hot swap, driven by hand."""
 
-    def __init__(self, tmp: Path, model: UniRecModel, online: OnlineConfig) -> None:
+    def __init__(self, tmp: Path, model: UniRecModel, online: OnlineConfig,
+                 watch: RivalWatch | None = None,
+                 send: Callable[[ModelUpdate], None] | None = None) -> None:
         self.store = StateStore.open(tmp / "store", StoreConfig(state_dim=16, history_len=8))
         self.metrics = WorkerMetrics()
         window = FeedbackWindow(1e9, 100_000)
@@ -100,8 +105,15 @@ class InProcessWorker:
             topics=TopicNames(), model_version=1, metrics=self.metrics, drift=self.drift)
         self.versions = VersionStore(tmp / "versions")
         self.updates: list[ModelUpdate] = []
-        self.learner = OnlineLearner(model, self.labels, self.versions, self.updates.append,
-                                     self.metrics, LearnerConfig(online=online), self.drift)
+
+        def announced(update: ModelUpdate) -> None:
+            self.updates.append(update)
+            if send is not None:
+                send(update)
+
+        self.learner = OnlineLearner(model, self.labels, self.versions, announced,
+                                     self.metrics, LearnerConfig(online=online), self.drift,
+                                     watch)
         self.hot_swap = HotSwap(self.services, self.versions, CPU)
         self.scored: list[ScoredImpression] = []
 
@@ -277,6 +289,83 @@ def test_starting_model_starts_from_the_newest_compatible_version(tmp_path: Path
     other.publish(INCOMPATIBLE["state_width"]())
     model, version = starting_model(other, checkpoint, 1, CPU, publish=True)
     assert model is checkpoint and version == 2 and other.versions() == [1, 2]
+
+
+def test_outranking_goes_by_start_then_id_and_an_announcement_without_id_always_wins() -> None:
+    """Of two trainers the one that started earlier keeps the topic (equal starts: the
+    smaller id), both sides agree, a trainer never yields to itself, and an announcement
+    without a trainer id (a trainer that cannot yield) outranks everyone."""
+    elder, younger = TrainerIdentity("b" * 32, 100.0), TrainerIdentity("a" * 32, 101.0)
+    twin = TrainerIdentity("c" * 32, 100.0)
+
+    def by(who: TrainerIdentity) -> ModelUpdate:
+        return ModelUpdate(1, "v1", 1, 0.0, who.trainer_id, who.started)
+
+    assert younger.outranked_by(by(elder)) and not elder.outranked_by(by(younger))
+    assert twin.outranked_by(by(elder)) and not elder.outranked_by(by(twin))
+    assert not elder.outranked_by(by(elder))
+    assert elder.outranked_by(ModelUpdate(1, "v1", 1, 0.0))
+
+
+def test_the_younger_of_two_trainers_on_one_topic_yields_and_the_elder_keeps_publishing(
+        tmp_path: Path) -> None:
+    """Two learners with their own versions directories announce on one model-updates topic
+    (embedded broker). The younger published first, yet once the elder's announcements reach
+    it, it refuses to publish (reason kept, counted, its rounds stop, nothing more written),
+    while the elder keeps publishing, numbered above every version it saw announced."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.0, checkpoint_every=1)
+    topics = TopicNames.with_prefix("rival-")
+    stream = preference_stream(5, 32 * 60, "comedy")
+    chunks = iter(stream[i : i + 32] for i in range(0, len(stream), 32))
+    with EmbeddedBroker(log_dir=tmp_path) as broker:
+        bootstrap = broker.bootstrap_servers
+        ensure_topics(bootstrap, 1, topics=topics)
+        producer = open_producer(bootstrap)
+
+        def send(update: ModelUpdate) -> None:
+            announce(producer, topics.model_updates, update)
+
+        def watch(identity: TrainerIdentity) -> RivalWatch:
+            return RivalWatch(UpdateListener(bootstrap, topics.model_updates), identity)
+
+        elder_id = TrainerIdentity.new()
+        younger_id = TrainerIdentity(uuid.uuid4().hex, elder_id.started + 1.0)
+        elder = InProcessWorker(tmp_path / "elder", tiny_model(), online, watch(elder_id), send)
+        younger = InProcessWorker(tmp_path / "younger", tiny_model(), online,
+                                  watch(younger_id), send)
+        try:
+            younger.feed(next(chunks))
+            first = younger.learner.version
+            assert first is not None and younger.learner.refused is None
+            for chunk in chunks:  # the elder reads the younger's versions and passes them
+                elder.feed(chunk)
+                if (elder.learner.version or 0) > first and elder.learner.watch.newest >= first:
+                    break
+            assert elder.learner.watch.newest >= first
+            for chunk in chunks:  # the younger reads the elder's announcements and yields
+                younger.feed(chunk)
+                if younger.learner.refused is not None:
+                    break
+            assert younger.learner.refused is not None and elder_id.trainer_id in \
+                younger.learner.refused
+            assert younger.sample("unirec_trainer_refused_total", reason="rival_trainer") == 1
+            written, announced = younger.versions.versions(), len(younger.updates)
+            before = elder.learner.version
+            for _ in range(3):
+                chunk = next(chunks)
+                younger.feed(chunk)
+                elder.feed(chunk)
+            assert younger.versions.versions() == written and len(younger.updates) == announced
+            assert younger.learner.round() == 0
+            younger.learner.run(threading.Event())  # returns at once: it has yielded
+            assert elder.learner.refused is None and elder.learner.version > before
+            assert elder.sample("unirec_trainer_refused_total", reason="rival_trainer") is None
+            assert [u.trainer for u in elder.updates] == [elder_id.trainer_id] * len(elder.updates)
+        finally:
+            for worker in (elder, younger):
+                worker.learner.watch.close()
+                worker.store.close()
+            producer.close()
 
 
 # ------------------------------------------------------------------- a worker subprocess
