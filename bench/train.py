@@ -90,6 +90,7 @@ class Pipeline:
             topics=TopicNames(), model_version=0, metrics=metrics, drift=drift)
         versions = VersionStore(tmp / "versions", keep=3)
         self.announced: list[tuple[ModelUpdate, int]] = []  # (update, labels trained so far)
+        self._offered = 0  # announcements already offered to the hot swap
         self._lock = threading.Lock()
         self.learner = OnlineLearner(model, self.labels, versions, self._announce, metrics,
                                      learner_cfg, drift)
@@ -116,8 +117,9 @@ class Pipeline:
         return times
 
     def swap(self) -> None:
-        with self._lock:
-            updates = [u for u, _ in self.announced]
+        with self._lock:  # each announcement offered once, as the worker's listener does
+            updates = [u for u, _ in self.announced[self._offered:]]
+            self._offered = len(self.announced)
         version = self.hot_swap.offer(updates)
         if version is not None:
             self.live.setdefault(version, time.perf_counter())

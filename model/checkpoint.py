@@ -1,6 +1,10 @@
-"""Saving and loading a model with its kind, config and feature spec, as one file.
+"""Saving and loading a model with its kind, config, feature spec and signature, as one file.
 
-A file without a ``kind`` (written before baselines existed) holds a ``"unirec"`` model.
+A file without a ``kind`` (written before baselines existed) holds a ``"unirec"`` model. The
+``signature`` (``model.signature``: kind, checked config, feature-spec fingerprint, state
+width) is recorded at save; a file written before that has its signature derived from the
+kind, config and spec it holds, and a recorded signature that disagrees with them makes the
+file unreadable. ``load(..., expect=...)`` checks the signature before any weights are built.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import FeatureSpec
 from model.kinds import MODEL_KINDS, build_model, kind_of
+from model.signature import IncompatibleVersion, ModelSignature, signature_from, signature_of
 
 FORMAT = 1
 
@@ -42,6 +47,7 @@ def save(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> No
                     "kind": kind_of(model),
                     "config": model.cfg.to_dict(),
                     "spec": model.spec.to_dict(),
+                    "signature": signature_of(model).to_dict(),
                     "state_dict": model.state_dict(),
                     "meta": meta or {},
                 },
@@ -62,12 +68,16 @@ def save(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> No
 
 
 def load(
-    path: Path, device: torch.device | str = "cpu", kind: str | None = "unirec"
+    path: Path, device: torch.device | str = "cpu", kind: str | None = "unirec",
+    expect: ModelSignature | None = None,
 ) -> tuple[UniRecModel, dict[str, Any]]:
     """The model (in eval mode) and the metadata saved with it.
 
     ``kind``: the model kind the caller needs (the stream needs ``"unirec"``); a file of
     another kind raises ``CheckpointError``. ``None`` accepts every kind in ``MODEL_KINDS``.
+    ``expect``: the signature the model must have; a readable file of another signature
+    raises ``IncompatibleVersion`` (its ``reason`` names the difference) before the model is
+    built or its weights are read into it. Anything unreadable raises ``CheckpointError``.
     """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -76,12 +86,20 @@ def load(
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
         found = data.get("kind", "unirec")
-        if found not in MODEL_KINDS or kind not in (None, found):
-            raise CheckpointError(f"{path} holds a {found!r} model, not {kind!r}")
+        if found not in MODEL_KINDS:
+            raise CheckpointError(f"{path} holds an unknown model kind {found!r}")
         cfg, spec = ModelConfig.from_dict(data["config"]), FeatureSpec.from_dict(data["spec"])
+        signature = signature_from(found, cfg, spec)
+        if "signature" in data and ModelSignature.from_dict(data["signature"]) != signature:
+            raise CheckpointError(f"{path}: its recorded signature does not match its "
+                                  "kind, config and feature spec")
+        if expect is not None:
+            expect.check(signature)
+        if kind not in (None, found):
+            raise CheckpointError(f"{path} holds a {found!r} model, not {kind!r}")
         model = build_model(found, cfg, spec)
         model.load_state_dict(data["state_dict"])
-    except CheckpointError:
+    except (CheckpointError, IncompatibleVersion):
         raise
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, RuntimeError,
             AttributeError, TypeError) as exc:

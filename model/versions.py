@@ -5,7 +5,8 @@ One publisher per directory (the online trainer) writes each version with ``chec
 under a version name, and a crash mid-save leaves the previous versions as they were. Any
 number of readers (scorers) ask for ``latest()`` and ``load(version)``; a version file that is
 not a readable checkpoint (damaged after the fact, or written by something else) is skipped
-with one error log line per file, never loaded.
+with one error log line per file, never loaded. ``load(version, expect=signature)`` also
+refuses a readable version of another model (``model.signature``) before building it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from model import checkpoint
 from model.backbone import UniRecModel
 from model.checkpoint import CheckpointError
+from model.signature import ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class VersionStore:
     """Versions in ``directory`` (created if missing); the publisher keeps the newest ``keep``.
 
     Version numbers start at 1 and only grow, also across restarts (the next is one more than
-    the largest file name present, readable or not).
+    the largest file name present, readable or not, or more: ``publish(at_least=...)``).
     """
 
     def __init__(self, directory: Path, keep: int = 5) -> None:
@@ -49,11 +51,14 @@ class VersionStore:
         found = (_NAME.match(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def publish(self, model: UniRecModel, meta: dict[str, Any] | None = None) -> int:
+    def publish(self, model: UniRecModel, meta: dict[str, Any] | None = None,
+                at_least: int = 1) -> int:
         """Save ``model`` as the next version (its number is added to ``meta`` as "version"),
         then prune to the newest ``keep`` versions and remove temporary files left by crashed
-        saves. Returns the version."""
-        version = max(self.versions(), default=0) + 1
+        saves. Returns the version: one more than the largest present, and at least
+        ``at_least`` (a publisher that has seen version N announced elsewhere passes N + 1,
+        so that its versions move forward for readers that serve N)."""
+        version = max(max(self.versions(), default=0) + 1, at_least)
         checkpoint.save(model, self.path(version), {**(meta or {}), "version": version})
         for old in self.versions()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
@@ -62,11 +67,12 @@ class VersionStore:
             leftover.unlink(missing_ok=True)
         return version
 
-    def load(self, version: int, device: torch.device | str = "cpu"
-             ) -> tuple[UniRecModel, dict[str, Any]]:
-        """The model of ``version`` (eval mode) and its metadata; CheckpointError if the file
-        is missing or unreadable."""
-        return checkpoint.load(self.path(version), device)
+    def load(self, version: int, device: torch.device | str = "cpu",
+             expect: ModelSignature | None = None) -> tuple[UniRecModel, dict[str, Any]]:
+        """The model of ``version`` (eval mode) and its metadata; ``CheckpointError`` if the
+        file is missing or unreadable, ``IncompatibleVersion`` if ``expect`` is given and the
+        version's signature differs (checked before the model is built)."""
+        return checkpoint.load(self.path(version), device, expect=expect)
 
     def _readable(self, version: int) -> bool:
         """Whether ``version`` loads; remembered per (size, mtime) so each file is read (and a

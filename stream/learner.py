@@ -11,6 +11,13 @@ worker sends it to ``model-updates``; scorers swap it in,
 ``stream.model_updates``). The learner trains its own deep copy: no scorer ever reads the
 object being trained.
 
+One trainer per topic (``stream.trainer_claim``): every announcement carries the learner's
+``TrainerIdentity``; with a ``RivalWatch``, the learner checks the topic before each publish
+and numbers the version above every one announced since its start. When an outranking trainer
+announces, the learner publishes nothing more: it logs the conflict, counts it
+(``unirec_trainer_refused_total{reason="rival_trainer"}``), keeps it in ``refused``, stops its
+rounds and calls ``on_refused`` (``start``).
+
 Metrics: steps and last loss (``unirec_train_steps_total``, ``unirec_train_loss``), refusals
 by reason (``unirec_train_refused_total``); the student's imitation loss goes to the
 ``DriftTracker``.
@@ -33,6 +40,7 @@ from stream.drift import DriftTracker
 from stream.metrics import WorkerMetrics
 from stream.model_updates import ModelUpdate
 from stream.serving import JoinedExample, LabelBuffer
+from stream.trainer_claim import RivalWatch, TrainerConflict, TrainerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,9 @@ class OnlineLearner:
     """Fine-tunes a copy of ``model`` on ``labels`` and publishes versions (module docstring).
 
     Readable state: ``trainer`` (steps, refusals, pending), ``version`` (the last published,
-    or None), ``examples`` (joined examples taken so far).
+    or None), ``examples`` (joined examples taken so far), ``refused`` (why it stopped
+    publishing: another trainer, or None). ``watch``: the rival check before each publish
+    (None: none); its identity, or a new one, goes into every announcement.
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class OnlineLearner:
         metrics: WorkerMetrics,
         cfg: LearnerConfig | None = None,
         drift: DriftTracker | None = None,
+        watch: RivalWatch | None = None,
     ) -> None:
         self.cfg = cfg = cfg or LearnerConfig()
         self.model = copy.deepcopy(model)
@@ -89,11 +100,17 @@ class OnlineLearner:
         self.trainer = OnlineTrainer(self.model, cfg.online)
         self.student = StaticStudent(model, cfg.online, drift.cfg.windows) \
             if cfg.student and drift is not None else None
+        self.watch = watch
+        self.identity = watch.identity if watch is not None else TrainerIdentity.new()
         self.version: int | None = None
         self.examples = 0
+        self.refused: str | None = None
 
     def round(self) -> int:
-        """Take waiting examples, train on them, publish when due; returns examples taken."""
+        """Take waiting examples, train on them, publish when due; returns examples taken.
+        Once ``refused`` is set, takes nothing (the labels are left to the buffer's bound)."""
+        if self.refused is not None:
+            return 0
         joined = self.labels.take(self.cfg.take_max)
         if joined:
             self.examples += len(joined)
@@ -105,7 +122,13 @@ class OnlineLearner:
             else:
                 self.metrics.count_refused(report.refused or "")
             if report.version_due:
-                self.publish()
+                try:
+                    self.publish()
+                except TrainerConflict as exc:
+                    self.refused = str(exc)
+                    self.metrics.count_trainer_refused("rival_trainer")
+                    log.error("not publishing: %s; online learning stops here", exc)
+                    break
         return len(joined)
 
     def _distil(self, joined: Sequence[JoinedExample]) -> None:
@@ -116,10 +139,13 @@ class OnlineLearner:
                                   for t in self.drift.cfg.windows})
 
     def publish(self) -> ModelUpdate:
-        """Publish the trained copy as the next version and announce it."""
+        """Publish the trained copy as the next version and announce it; ``TrainerConflict``
+        (nothing written) if the watch saw an outranking trainer."""
+        at_least = self.watch.check() if self.watch is not None else 1
         steps = self.trainer.steps
-        version = self.versions.publish(self.model, {"online_steps": steps})
-        update = ModelUpdate(version, str(self.versions.path(version)), steps, time.time())
+        version = self.versions.publish(self.model, {"online_steps": steps}, at_least)
+        update = ModelUpdate(version, str(self.versions.path(version)), steps, time.time(),
+                             self.identity.trainer_id, self.identity.started)
         self.version = version
         self.announce(update)
         log.info("published model version %d after %d online steps (%d examples)",
@@ -127,19 +153,24 @@ class OnlineLearner:
         return update
 
     def run(self, stop: threading.Event) -> None:
-        """Rounds until ``stop`` is set; waits ``idle_s`` when nothing was waiting."""
-        while not stop.is_set():
+        """Rounds until ``stop`` is set or ``refused``; waits ``idle_s`` when nothing was
+        waiting."""
+        while not stop.is_set() and self.refused is None:
             if not self.round():
                 stop.wait(self.cfg.idle_s)
 
-    def start(self, stop: threading.Event) -> threading.Thread:
-        """Run on a daemon thread named ``online-learner``; an exception there is logged."""
+    def start(self, stop: threading.Event,
+              on_refused: Callable[[str], None] | None = None) -> threading.Thread:
+        """Run on a daemon thread named ``online-learner``; an exception there is logged.
+        ``on_refused(reason)`` is called there when the learner stops for another trainer."""
 
         def target() -> None:
             try:
                 self.run(stop)
             except Exception:
                 log.exception("online learner stopped")
+            if self.refused is not None and on_refused is not None:
+                on_refused(self.refused)
 
         thread = threading.Thread(target=target, name="online-learner", daemon=True)
         thread.start()

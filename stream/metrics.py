@@ -184,6 +184,17 @@ class WorkerMetrics:
             "unirec_model_versions_skipped",
             "Announced model versions not loaded (unreadable or corrupt).", registry=r,
         )
+        self.versions_refused = Counter(
+            "unirec_model_versions_refused",
+            "Readable model versions refused, never loaded, by reason (not_newer, model_kind, "
+            "state_width, feature_spec, model_config).", ["reason"], registry=r,
+        )
+        self.trainer_refused = Counter(
+            "unirec_trainer_refused",
+            "Times this process refused to train or publish because another trainer holds the "
+            "versions directory or announces on model-updates, by reason.", ["reason"],
+            registry=r,
+        )
         self.stale_states_rebuilt = Counter(
             "unirec_stale_states_rebuilt",
             "User states of an older model version rebuilt from history, by path "
@@ -312,6 +323,14 @@ class WorkerMetrics:
     def count_refused(self, reason: str) -> None:
         """One refused training step (``reason`` as the trainer gave it)."""
         self.train_refused.labels(refusal_class(reason)).inc()
+
+    def count_version_refused(self, reason: str) -> None:
+        """One model version refused for ``reason`` (never loaded)."""
+        self.versions_refused.labels(reason).inc()
+
+    def count_trainer_refused(self, reason: str) -> None:
+        """This process refused to train or publish for ``reason`` (another trainer)."""
+        self.trainer_refused.labels(reason).inc()
 
     def count_stale_rebuilt(self, path: str, n: int) -> None:
         """``n`` stale states rebuilt on ``path`` (``apply`` or ``score``)."""

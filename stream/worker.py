@@ -61,7 +61,9 @@ staleness (the events after it must still come from the topic).
 Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift``): unless
 ``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
 labels and publishes versions to ``versions_dir``, announced on ``model-updates`` (one
-publisher per directory: of several workers sharing one, at most one trains). Every
+trainer per directory and topic, ``stream.trainer_claim``: a ``unirec trainer`` that cannot
+lock the directory stops with a ``WorkerError``, a worker serves without training; a trainer
+that yields to an older one on the topic ends with ``EXIT_TRAINER_REFUSED``). Every
 worker reads ``model-updates`` outside its group and swaps an announced version in between two
 batches. At start it serves the newest readable version of ``versions_dir`` (a training worker
 with an empty directory publishes its checkpoint there as the first version). The static twin,
@@ -85,7 +87,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +125,13 @@ from stream.topics import (
     ensure_topics,
     log_identity,
 )
+from stream.trainer_claim import RivalWatch, TrainerClaimError, TrainerIdentity, VersionsLock
 
 log = logging.getLogger(__name__)
 
 EXIT_LOG_CHANGED = 3
 EXIT_NOT_COPARTITIONED = 4
+EXIT_TRAINER_REFUSED = 5  # a `unirec trainer` that yielded to another trainer on the topic
 
 
 class WorkerError(RuntimeError):
@@ -209,11 +213,13 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     except CheckpointError as exc:
         raise WorkerError(f"{exc} (train a model first, e.g. `unirec train`)") from exc
     version = model_version_of(meta)
+    metrics = metrics if metrics is not None else WorkerMetrics()
     try:
         static = load(config.static_checkpoint, device)[0] if config.static_checkpoint \
             else copy.deepcopy(model)
         model, version = starting_model(VersionStore(config.versions, config.learner.keep_versions),
-                                        model, version, device, publish=config.train)
+                                        model, version, device, publish=config.train,
+                                        metrics=metrics)
     except CheckpointError as exc:
         raise WorkerError(f"cannot load the static twin or the latest model version: {exc}"
                           ) from exc
@@ -240,7 +246,6 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     window = FeedbackWindow(config.feedback_window_s, config.feedback_max)
     log.info("model %s: version %d, d_model %d, on %s", config.checkpoint, version,
              model.cfg.d_model, device)
-    metrics = metrics if metrics is not None else WorkerMetrics()
     metrics.set_model_version(version)
     metrics.set_users(sum(1 for _ in store.iter_users()))
     return WorkerServices(
@@ -538,12 +543,24 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
                   timeout_s=config.timeout_s)
     check_copartitioned(config.bootstrap_servers, topics.inputs(), config.timeout_s,
                         topics.interactions)
-    services = build_services(config, metrics)
+    identity = TrainerIdentity.new()
+    lock, claimed = _claim_versions(config, identity)
+    try:
+        services = build_services(claimed, metrics)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    if claimed.train != config.train:
+        services.metrics.count_trainer_refused("versions_dir_locked")
+    config = claimed
     stop = stop if stop is not None else threading.Event()
     loop: ConsumerLoop | None = None
     server: ApiServer | None = None
     listener: UpdateListener | None = None
+    watch: RivalWatch | None = None
     learner_thread: threading.Thread | None = None
+    refused: list[str] = []
     try:
         # Fail fast, before joining the group, on every partition this store has applied.
         stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
@@ -562,20 +579,36 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
                                   config.timeout_s)
         hot_swap = HotSwap(services, versions, torch.device(config.device))
         if config.train:
+            watch = RivalWatch(UpdateListener(config.bootstrap_servers, topics.model_updates,
+                                              config.timeout_s), identity)
             learner = OnlineLearner(
                 services.scorer.scorer.model, services.labels, versions,
                 lambda update: announce(services.producer, topics.model_updates, update),
-                services.metrics, config.learner, services.drift,
+                services.metrics, config.learner, services.drift, watch,
             )
-            learner_thread = learner.start(stop)
+
+            def on_refused(reason: str) -> None:  # a trainer has nothing left to do
+                if not config.publish_scores:
+                    refused.append(reason)
+                    stop.set()
+
+            learner_thread = learner.start(stop, on_refused)
         poll_updates = listener.poll
         loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()))
         _stop_on_signals(stop)
-        return loop.run(stop)
+        code = loop.run(stop)
+        if refused:
+            log.critical("trainer stopped: %s", refused[0])
+            return EXIT_TRAINER_REFUSED
+        return code
     finally:
         stop.set()
         if learner_thread is not None:
             learner_thread.join(timeout=config.timeout_s)
+        if watch is not None:
+            watch.close()
+        if lock is not None:
+            lock.close()
         if loop is not None:
             loop.close()
         if listener is not None:
@@ -585,6 +618,22 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
         if server is not None:
             server.stop()
         services.store.close()
+
+
+def _claim_versions(config: WorkerConfig, identity: TrainerIdentity
+                    ) -> tuple[VersionsLock | None, WorkerConfig]:
+    """Lock the versions directory when ``config`` trains (``stream.trainer_claim``): the lock
+    and ``config``; a worker that cannot get it serves without training (``train`` off), a
+    ``unirec trainer`` (no scores of its own) raises ``WorkerError``."""
+    if not config.train:
+        return None, config
+    try:
+        return VersionsLock(config.versions, identity), config
+    except TrainerClaimError as exc:
+        if not config.publish_scores:
+            raise WorkerError(str(exc)) from exc
+        log.error("%s; serving without online learning", exc)
+        return None, replace(config, train=False)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -1,15 +1,20 @@
 """A checkpoint round-trips a model exactly (same config, spec, weights and so the same
-scores), and any file that is not a readable checkpoint is refused with CheckpointError."""
+scores), and any file that is not a readable checkpoint is refused with CheckpointError. The
+model's signature is recorded (derived for older files), and a file of another signature is
+refused with IncompatibleVersion naming the difference, before its weights are built."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from model_fixtures import (
+    SPEC,
     cached_logits,
+    config,
     fresh_model,
     inputs,
     make_request,
@@ -18,7 +23,10 @@ from model_fixtures import (
     reference_logits,
 )
 
+from model.backbone import UniRecModel
 from model.checkpoint import CheckpointError, load, save
+from model.kinds import build_model
+from model.signature import IncompatibleVersion, signature_of
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,3 +111,69 @@ def test_a_config_that_does_not_fit_or_does_not_validate_raises_checkpoint_error
 def test_loading_a_missing_file_raises_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load(tmp_path / "absent.pt")
+
+
+# --------------------------------------------------------------------------- signatures
+
+OTHER_MODELS = {  # reason: a model that differs from fresh_model() in that part only
+    "state_width": lambda: fresh_model(d_model=64),
+    "feature_spec": lambda: UniRecModel(config(), replace(SPEC, id_buckets=8192)).eval(),
+    "model_config": lambda: fresh_model(core_k=8),
+    "model_kind": lambda: build_model("deepfm", config(), SPEC).eval(),
+}
+
+
+def test_the_signature_is_recorded_and_derived_for_an_older_file(tmp_path):
+    """save records the model's signature; a file written before signatures existed (the
+    same file without it) gets the same signature derived from its kind, config and spec:
+    both load under it and both are refused under another model's."""
+    model = fresh_model()
+    path = tmp_path / "new.pt"
+    save(model, path)
+    data = torch.load(path, weights_only=True)
+    assert data["signature"] == signature_of(model).to_dict()
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in data.items() if k != "signature"}, old)
+    for file in (path, old):
+        assert load(file, expect=signature_of(model))[0].cfg == model.cfg
+        with pytest.raises(IncompatibleVersion) as refused:
+            load(file, expect=signature_of(OTHER_MODELS["state_width"]()))
+        assert refused.value.reason == "state_width"
+
+
+@pytest.mark.parametrize("reason", list(OTHER_MODELS))
+def test_another_signature_is_refused_before_the_weights_are_built(tmp_path, reason):
+    """A file of another state width, feature spec, config or kind raises
+    IncompatibleVersion with that reason, even when its weights would not even load (so the
+    check comes first); the same file loads when nothing is expected of it."""
+    other = OTHER_MODELS[reason]()
+    path = tmp_path / "other.pt"
+    save(other, path)
+    data = torch.load(path, weights_only=True)
+    assert load(path, kind=None)[0].cfg == other.cfg
+    broken = tmp_path / "broken-weights.pt"
+    torch.save({**data, "state_dict": {"not": torch.zeros(1)}}, broken)
+    for file in (path, broken):
+        with pytest.raises(IncompatibleVersion) as refused:
+            load(file, expect=signature_of(fresh_model()))
+        assert refused.value.reason == reason
+
+
+def test_dropout_does_not_change_the_signature(tmp_path):
+    """Dropout changes no shape and is off when serving: a model that differs only there
+    loads under the other's signature."""
+    path = tmp_path / "dropout.pt"
+    save(fresh_model(dropout=0.3), path)
+    assert load(path, expect=signature_of(fresh_model()))[0].cfg.dropout == 0.3
+
+
+def test_a_recorded_signature_that_contradicts_the_config_is_unreadable(tmp_path):
+    """A file whose recorded signature is not the one its config and spec give (tampered,
+    or written by something else) raises CheckpointError."""
+    path = tmp_path / "model.pt"
+    save(fresh_model(), path)
+    data = torch.load(path, weights_only=True)
+    data["signature"]["state_width"] = 999
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="signature"):
+        load(path)

@@ -108,3 +108,13 @@ def test_a_corrupt_newest_version_is_skipped_with_one_log_line(tmp_path, caplog)
     store.path(4).unlink()
     store.path(3).write_bytes(good)
     assert store.latest() == (3, store.path(3))
+
+
+def test_publish_at_least_moves_the_numbering_forward_and_never_back(tmp_path):
+    """A publisher that has seen version 10 announced elsewhere publishes 10 next, then 11;
+    an ``at_least`` below the directory's next number changes nothing."""
+    store = VersionStore(tmp_path)
+    assert store.publish(fresh_model(0)) == 1
+    assert store.publish(fresh_model(1), at_least=10) == 10
+    assert store.publish(fresh_model(2), at_least=3) == 11
+    assert store.versions() == [1, 10, 11] and store.load(10)[1]["version"] == 10

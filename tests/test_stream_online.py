@@ -1,7 +1,9 @@
 """Online learning in the worker: the learner fine-tunes a copy and publishes versions, the
 scorer hot-swaps them (scores carry the version), a NaN batch is refused while the old weights
 keep serving, and after a planted preference shift the fine-tuned model's online AUC beats the
-static twin's while the surrogate distance rises (in-process objects, no broker). A worker
+static twin's while the surrogate distance rises (in-process objects, no broker). Versions of
+another model (state width, feature spec, config, kind) are refused by the hot swap and at
+start, older versions are ignored, and each refusal is counted by reason. A worker
 subprocess on the embedded broker: versions rise during a replay, POST /score hammered from
 threads while versions swap answers every request 200, /drift and /metrics carry the drift
 figures."""
@@ -11,6 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,8 @@ from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
 from model.backbone import UniRecModel
+from model.checkpoint import save
+from model.kinds import build_model
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer
 from model.scorer import Scorer
 from model.versions import VersionStore
@@ -32,10 +39,11 @@ from stream.broker import EmbeddedBroker
 from stream.drift import DriftConfig, DriftTracker
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
-from stream.model_updates import HotSwap, ModelUpdate
-from stream.producer import replay_events, synthetic_events
+from stream.model_updates import HotSwap, ModelUpdate, UpdateListener, announce, starting_model
+from stream.producer import open_producer, replay_events, synthetic_events
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer, ScoredImpression
 from stream.topics import TopicNames, ensure_topics
+from stream.trainer_claim import RivalWatch, TrainerIdentity
 
 CPU = torch.device("cpu")
 
@@ -45,10 +53,22 @@ def _one_thread():
     yield from one_torch_thread()
 
 
+def tiny_config(**overrides: object):
+    return config(**{"d_model": 16, "n_heads": 2, "n_layers": 2, "layer_widths": (1.0, 0.5),
+                     "history_len": 8, **overrides})
+
+
 def tiny_model(seed: int = 3) -> UniRecModel:
     torch.manual_seed(seed)
-    return UniRecModel(config(d_model=16, n_heads=2, n_layers=2, layer_widths=(1.0, 0.5),
-                              history_len=8), SPEC).eval()
+    return UniRecModel(tiny_config(), SPEC).eval()
+
+
+INCOMPATIBLE = {  # reason: a model that differs from tiny_model() in that part
+    "state_width": lambda: UniRecModel(tiny_config(d_model=32), SPEC).eval(),
+    "feature_spec": lambda: UniRecModel(tiny_config(), replace(SPEC, id_buckets=4096)).eval(),
+    "model_config": lambda: UniRecModel(tiny_config(core_k=2), SPEC).eval(),
+    "model_kind": lambda: build_model("deepfm", tiny_config(), SPEC).eval(),
+}
 
 
 def preference_stream(seed: int, n: int, favourite: str) -> list[tuple[Impression, int]]:
@@ -69,7 +89,9 @@ def preference_stream(seed: int, n: int, favourite: str) -> list[tuple[Impressio
 class InProcessWorker:
     """The worker's scoring, joining, drift, learner and hot swap, driven by hand."""
 
-    def __init__(self, tmp: Path, model: UniRecModel, online: OnlineConfig) -> None:
+    def __init__(self, tmp: Path, model: UniRecModel, online: OnlineConfig,
+                 watch: RivalWatch | None = None,
+                 send: Callable[[ModelUpdate], None] | None = None) -> None:
         self.store = StateStore.open(tmp / "store", StoreConfig(state_dim=16, history_len=8))
         self.metrics = WorkerMetrics()
         window = FeedbackWindow(1e9, 100_000)
@@ -83,8 +105,15 @@ class InProcessWorker:
             topics=TopicNames(), model_version=1, metrics=self.metrics, drift=self.drift)
         self.versions = VersionStore(tmp / "versions")
         self.updates: list[ModelUpdate] = []
-        self.learner = OnlineLearner(model, self.labels, self.versions, self.updates.append,
-                                     self.metrics, LearnerConfig(online=online), self.drift)
+
+        def announced(update: ModelUpdate) -> None:
+            self.updates.append(update)
+            if send is not None:
+                send(update)
+
+        self.learner = OnlineLearner(model, self.labels, self.versions, announced,
+                                     self.metrics, LearnerConfig(online=online), self.drift,
+                                     watch)
         self.hot_swap = HotSwap(self.services, self.versions, CPU)
         self.scored: list[ScoredImpression] = []
 
@@ -179,6 +208,164 @@ def test_a_corrupt_version_is_skipped_and_the_old_model_keeps_serving(tmp_path: 
     assert worker.hot_swap.offer([ModelUpdate(2, "v2", 10, 0.0)]) is None
     assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
     assert worker.sample("unirec_model_versions_skipped_total") == 1
+
+
+@pytest.mark.parametrize("reason", list(INCOMPATIBLE))
+def test_an_announced_version_of_another_model_is_refused_and_counted(
+        tmp_path: Path, reason: str) -> None:
+    """Version 2 in the versions directory is a readable checkpoint of another model: its
+    announcement is refused with that reason (counted), the old scorer keeps serving and
+    scoring; a compatible version 3 announced next is swapped in."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    serving = worker.services.scorer.scorer
+    save(INCOMPATIBLE[reason](), worker.versions.path(2), {"version": 2})
+    assert worker.hot_swap.offer([ModelUpdate(2, "v2", 10, 0.0)]) is None
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
+    assert worker.services.applier.model_version == 1
+    assert worker.sample("unirec_model_versions_refused_total", reason=reason) == 1
+    scored = worker.services.scorer.score(preference_stream(4, 1, "comedy")[0][0])
+    assert scored.scores.model_version == 1 and np.isfinite(scored.dynamic).all()
+    worker.versions.publish(tiny_model(seed=5), at_least=3)
+    assert worker.hot_swap.offer([ModelUpdate(3, "v3", 20, 0.0)]) == 3
+    assert worker.services.scorer.model_version == 3
+
+
+@pytest.mark.parametrize("reason", list(INCOMPATIBLE))
+def test_swap_in_refuses_a_model_of_another_signature(tmp_path: Path, reason: str) -> None:
+    """HotSwap.swap_in, handed a built model of another state width, spec, config or kind,
+    refuses it (counted) instead of serving it."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    serving = worker.services.scorer.scorer
+    assert worker.hot_swap.swap_in(INCOMPATIBLE[reason](), 2) is False
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 1
+    assert worker.sample("unirec_model_versions_refused_total", reason=reason) == 1
+
+
+def test_versions_only_move_forward(tmp_path: Path) -> None:
+    """Serving version 4, announcements of versions 2 and 4 (both loadable) are ignored and
+    counted as not newer, in a poll of their own or beside a newer one; the served version
+    never decreases."""
+    worker = InProcessWorker(tmp_path, tiny_model(), OnlineConfig())
+    for seed in range(4):
+        worker.versions.publish(tiny_model(seed=10 + seed))
+    assert worker.hot_swap.offer([ModelUpdate(4, "v4", 40, 0.0)]) == 4
+    serving = worker.services.scorer.scorer
+    assert worker.hot_swap.offer([ModelUpdate(2, "v2", 20, 0.0)]) is None
+    assert worker.hot_swap.offer([ModelUpdate(4, "v4", 40, 0.0)]) is None
+    assert worker.services.scorer.scorer is serving and worker.services.scorer.model_version == 4
+    assert worker.sample("unirec_model_versions_refused_total", reason="not_newer") == 2
+    worker.versions.publish(tiny_model(seed=20))
+    assert worker.hot_swap.offer([ModelUpdate(5, "v5", 50, 0.0),
+                                  ModelUpdate(3, "v3", 30, 0.0)]) == 5
+    assert worker.sample("unirec_model_versions_refused_total", reason="not_newer") == 3
+    assert worker.hot_swap.swap_in(tiny_model(seed=30), 1) is False
+    assert worker.services.scorer.model_version == 5
+
+
+def test_starting_model_starts_from_the_newest_compatible_version(tmp_path: Path) -> None:
+    """A versions directory whose newest versions are of another state width, another
+    feature spec and unreadable: the worker starts from the newest compatible version (2),
+    counting each refusal and the skip; a trainer with nothing compatible publishes the
+    checkpoint above every number present."""
+    checkpoint = tiny_model()
+    versions = VersionStore(tmp_path / "versions")
+    versions.publish(tiny_model(seed=1))
+    compatible = tiny_model(seed=2)
+    versions.publish(compatible)
+    for reason in ("state_width", "feature_spec"):
+        versions.publish(INCOMPATIBLE[reason]())
+    versions.path(5).write_bytes(b"not a checkpoint")
+    metrics = WorkerMetrics()
+    model, version = starting_model(versions, checkpoint, 7, CPU, publish=False,
+                                    metrics=metrics)
+    assert version == 2
+    assert all(torch.equal(v, compatible.state_dict()[k]) for k, v in model.state_dict().items())
+    refused = "unirec_model_versions_refused_total"
+    assert [metrics.registry.get_sample_value(refused, {"reason": r})
+            for r in ("state_width", "feature_spec")] == [1, 1]
+    assert metrics.registry.get_sample_value("unirec_model_versions_skipped_total") == 1
+
+    other = VersionStore(tmp_path / "other")
+    other.publish(INCOMPATIBLE["state_width"]())
+    model, version = starting_model(other, checkpoint, 1, CPU, publish=True)
+    assert model is checkpoint and version == 2 and other.versions() == [1, 2]
+
+
+def test_outranking_goes_by_start_then_id_and_an_announcement_without_id_always_wins() -> None:
+    """Of two trainers the one that started earlier keeps the topic (equal starts: the
+    smaller id), both sides agree, a trainer never yields to itself, and an announcement
+    without a trainer id (a trainer that cannot yield) outranks everyone."""
+    elder, younger = TrainerIdentity("b" * 32, 100.0), TrainerIdentity("a" * 32, 101.0)
+    twin = TrainerIdentity("c" * 32, 100.0)
+
+    def by(who: TrainerIdentity) -> ModelUpdate:
+        return ModelUpdate(1, "v1", 1, 0.0, who.trainer_id, who.started)
+
+    assert younger.outranked_by(by(elder)) and not elder.outranked_by(by(younger))
+    assert twin.outranked_by(by(elder)) and not elder.outranked_by(by(twin))
+    assert not elder.outranked_by(by(elder))
+    assert elder.outranked_by(ModelUpdate(1, "v1", 1, 0.0))
+
+
+def test_the_younger_of_two_trainers_on_one_topic_yields_and_the_elder_keeps_publishing(
+        tmp_path: Path) -> None:
+    """Two learners with their own versions directories announce on one model-updates topic
+    (embedded broker). The younger published first, yet once the elder's announcements reach
+    it, it refuses to publish (reason kept, counted, its rounds stop, nothing more written),
+    while the elder keeps publishing, numbered above every version it saw announced."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.0, checkpoint_every=1)
+    topics = TopicNames.with_prefix("rival-")
+    stream = preference_stream(5, 32 * 60, "comedy")
+    chunks = iter(stream[i : i + 32] for i in range(0, len(stream), 32))
+    with EmbeddedBroker(log_dir=tmp_path) as broker:
+        bootstrap = broker.bootstrap_servers
+        ensure_topics(bootstrap, 1, topics=topics)
+        producer = open_producer(bootstrap)
+
+        def send(update: ModelUpdate) -> None:
+            announce(producer, topics.model_updates, update)
+
+        def watch(identity: TrainerIdentity) -> RivalWatch:
+            return RivalWatch(UpdateListener(bootstrap, topics.model_updates), identity)
+
+        elder_id = TrainerIdentity.new()
+        younger_id = TrainerIdentity(uuid.uuid4().hex, elder_id.started + 1.0)
+        elder = InProcessWorker(tmp_path / "elder", tiny_model(), online, watch(elder_id), send)
+        younger = InProcessWorker(tmp_path / "younger", tiny_model(), online,
+                                  watch(younger_id), send)
+        try:
+            younger.feed(next(chunks))
+            first = younger.learner.version
+            assert first is not None and younger.learner.refused is None
+            for chunk in chunks:  # the elder reads the younger's versions and passes them
+                elder.feed(chunk)
+                if (elder.learner.version or 0) > first and elder.learner.watch.newest >= first:
+                    break
+            assert elder.learner.watch.newest >= first
+            for chunk in chunks:  # the younger reads the elder's announcements and yields
+                younger.feed(chunk)
+                if younger.learner.refused is not None:
+                    break
+            assert younger.learner.refused is not None and elder_id.trainer_id in \
+                younger.learner.refused
+            assert younger.sample("unirec_trainer_refused_total", reason="rival_trainer") == 1
+            written, announced = younger.versions.versions(), len(younger.updates)
+            before = elder.learner.version
+            for _ in range(3):
+                chunk = next(chunks)
+                younger.feed(chunk)
+                elder.feed(chunk)
+            assert younger.versions.versions() == written and len(younger.updates) == announced
+            assert younger.learner.round() == 0
+            younger.learner.run(threading.Event())  # returns at once: it has yielded
+            assert elder.learner.refused is None and elder.learner.version > before
+            assert elder.sample("unirec_trainer_refused_total", reason="rival_trainer") is None
+            assert [u.trainer for u in elder.updates] == [elder_id.trainer_id] * len(elder.updates)
+        finally:
+            for worker in (elder, younger):
+                worker.learner.watch.close()
+                worker.store.close()
+            producer.close()
 
 
 # ------------------------------------------------------------------- a worker subprocess
