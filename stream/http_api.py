@@ -20,7 +20,8 @@ time), 413 (a body over ``max_body_bytes``, or more than ``max_candidates`` cand
 Nothing from outside can take the server down (SYSTEM.md): a body is read whole (by
 Content-Length or chunked) within ``max_body_bytes`` and ``body_timeout_s``, never in part; a
 connection that sends no complete request head within ``idle_timeout_s`` of opening or of its
-last response is closed (aiohttp's keep-alive timer, armed from the connection's start);
+last response is closed (aiohttp's keep-alive timer, armed from the connection's start), and
+one whose body was refused is closed ``LINGER_S`` after the answer;
 ``POST /score`` decodes and scores on a ``ScoringPool`` thread, never on the event loop, so
 ``/healthz`` and ``/metrics`` answer while it runs.
 
@@ -75,6 +76,9 @@ MAX_BODY_BYTES = 1 << 20
 MAX_CANDIDATES = 1000
 MAX_USER_ID_BYTES = 256
 NO_TWIN = {"configured": False, "reason": "no static twin configured"}
+LINGER_S = 2.0
+"""After answering a request whose body was not read to its end (413, 408), the server
+discards what the client still sends for at most this long, then closes the connection."""
 OPENAPI = importlib.resources.files("stream").joinpath("openapi.json").read_bytes()
 """The OpenAPI 3 document of this API, as committed in ``stream/openapi.json``."""
 
@@ -550,7 +554,8 @@ class ApiServer:
     async def _start(self) -> None:
         app = build_app(self.services, self.pool, self.body_timeout_s)
         self._runner = web.AppRunner(app, access_log=None,
-                                     keepalive_timeout=self.idle_timeout_s)
+                                     keepalive_timeout=self.idle_timeout_s,
+                                     lingering_time=LINGER_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
