@@ -373,6 +373,10 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
     parser.add_argument("--web-port", type=int, default=port, help="HTTP API port")
     parser.add_argument("--web-bind", help="HTTP API address (env UNIREC_WEB_BIND, default "
                         "127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--api-token", help="bearer token every HTTP endpoint but /healthz "
+                        "requires (env UNIREC_API_TOKEN, preferred: a flag shows in ps)")
+    parser.add_argument("--stall-after", type=float, default=30.0,
+                        help="/healthz answers 503 after this many seconds without a loop pass")
     parser.add_argument("--group-id", default=group)
     parser.add_argument("--topic-prefix", default="", help="prefix of every topic name")
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -449,6 +453,7 @@ def _learning_config(args: argparse.Namespace) -> dict:
 
 
 def run_worker_command(args: argparse.Namespace) -> None:
+    from stream.http_api import ApiToken
     from stream.metrics import WorkerMetrics
     from stream.worker import WorkerConfig, WorkerError, run_worker
 
@@ -456,9 +461,9 @@ def run_worker_command(args: argparse.Namespace) -> None:
     if not bootstrap:
         raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
     if (args.batch_size < 1 or args.batch_within <= 0 or args.partitions < 1
-            or args.feedback_window <= 0):
-        raise CliError("--batch-size, --batch-within, --partitions and --feedback-window "
-                       "must be positive")
+            or args.feedback_window <= 0 or args.stall_after <= 0):
+        raise CliError("--batch-size, --batch-within, --partitions, --feedback-window and "
+                       "--stall-after must be positive")
     settings = _settings(args)
     config = WorkerConfig(
         bootstrap_servers=bootstrap,
@@ -470,6 +475,8 @@ def run_worker_command(args: argparse.Namespace) -> None:
         batch_within_s=args.batch_within,
         web_port=args.web_port,
         web_bind=args.web_bind or os.environ.get("UNIREC_WEB_BIND") or "127.0.0.1",
+        api_token=ApiToken.optional(args.api_token or os.environ.get("UNIREC_API_TOKEN")),
+        stall_after_s=args.stall_after,
         reset_on_new_log=args.reset_on_new_log,
         torch_threads=args.torch_threads,
         group_id=args.group_id,
@@ -496,7 +503,8 @@ def _add_state_parser(commands: argparse._SubParsersAction) -> None:
     state = commands.add_parser("state", help="print a user's state snapshot as JSON")
     state.add_argument("user_id")
     source = state.add_mutually_exclusive_group()
-    source.add_argument("--api", help="a running worker's HTTP API, e.g. http://127.0.0.1:6066")
+    source.add_argument("--api", help="a running worker's HTTP API, e.g. http://127.0.0.1:6066 "
+                        "(sends env UNIREC_API_TOKEN as its bearer token when set)")
     source.add_argument("--store", type=Path,
                         help="a state store, opened read-only (default: <data dir>/state)")
     state.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
@@ -510,7 +518,8 @@ def run_state(args: argparse.Namespace) -> None:
     if args.api is None:
         store = args.store or _settings(args).data_dir / "state"
     try:
-        snapshot = state_snapshot(args.user_id, api_url=args.api, store_dir=store)
+        snapshot = state_snapshot(args.user_id, api_url=args.api, store_dir=store,
+                                  token=os.environ.get("UNIREC_API_TOKEN"))
     except (UnknownUserError, ApiRequestError, StateStoreError, ValueError) as exc:
         message = str(exc).strip()
         raise CliError(message.splitlines()[0] if message else type(exc).__name__) from exc

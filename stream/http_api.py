@@ -1,28 +1,49 @@
 """The worker's HTTP API: a query API over the local state, scoring, metrics, drift.
 
-    GET  /healthz           {"status": "ok", "model_version": ...}
+    GET  /healthz           the consume loop's liveness and assigned partitions: 200 when
+                            ready, 503 while not (loop not started or stalled, no partitions)
     GET  /metrics           Prometheus text exposition
     GET  /users/{id}/state  the user's snapshot: state vector, model version, update count,
                             last event time, recent history (oldest first)
     POST /score             an ``Impression`` -> the ``scores`` payload (as the stream scores)
     GET  /drift             the drift provider's report, or {"configured": false, ...}
+    GET  /openapi.json      the OpenAPI 3 document of this API (``stream/openapi.json``)
 
-Errors are JSON ``{"error": "..."}`` with a status code: 400 (bad JSON or schema, naming the
-field), 404 (unknown path or user), 405 (wrong method), 413 (body too large), 500 (a corrupt
-stored value, named; never a traceback), 503 (scoring not available).
+Every error is JSON ``{"error": "..."}`` with a status code: 400 (bad JSON or schema, naming
+the field; a user id the store cannot key: empty, containing NUL, longer than
+``MAX_USER_ID_BYTES`` UTF-8 bytes, or not UTF-8), 401 (a token is configured and the request
+lacks it), 404 (unknown path or user), 405 (wrong method), 408 (the body did not arrive in
+time), 413 (a body over ``max_body_bytes``, or more than ``max_candidates`` candidates), 500
+(a corrupt stored value, named; never a traceback), 503 (scoring not available or saturated;
+``/healthz`` while not ready, with the reason).
+
+Nothing from outside can take the server down (SYSTEM.md): a body is read whole (by
+Content-Length or chunked) within ``max_body_bytes`` and ``body_timeout_s``, never in part; a
+connection that sends no complete request head within ``idle_timeout_s`` of opening or of its
+last response is closed (aiohttp's keep-alive timer, armed from the connection's start), and
+one whose body was refused is closed ``LINGER_S`` after the answer;
+``POST /score`` decodes and scores on a ``ScoringPool`` thread, never on the event loop, so
+``/healthz`` and ``/metrics`` answer while it runs.
+
+Thread safety of scoring off the loop: the pool's threads share the ``ImpressionScorer`` with
+the worker's consume loop. ``ImpressionScorer`` reads its (scorer, version) pair once per call
+and a swap replaces it, never changing weights in place; the model runs in eval mode under
+``no_grad`` (no state is written); the featurizer's memo only ever maps a value to the same
+row; store reads are RocksDB reads, each of one consistent record. Torch runs a request's ops on
+the process's intra-op threads (``torch.set_num_threads``: the worker's ``--torch-threads``),
+so a pool of ``threads`` adds at most ``threads`` times that many busy cores beside the loop.
 
 The handlers are plain functions of an ``ApiServices`` and a request, returning an
-``HttpResponse`` (status, headers, body), so they run without a server. ``ApiServer`` (a
-thread of its own: the worker's) and ``serve`` (the foreground) run them on aiohttp.
-
-The handlers run on the server's thread, beside the worker's consumer loop: store reads are
-RocksDB reads (thread-safe, each sees a consistent record), and ``POST /score`` runs the
-scorer's model in inference mode, which the loop's scoring does not modify.
+``HttpResponse`` (status, headers, body), so they run without a server (``handle``).
+``ApiServer`` (a thread of its own: the worker's) and ``serve`` (the foreground) run them on
+aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import importlib.resources
 import json
 import logging
 import re
@@ -32,6 +53,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +63,10 @@ from aiohttp import web
 
 from eventlog.schema import Impression, SchemaError, decode, to_builtins
 from state_store import StateStore, StateStoreError, UserRecord
+from state_store.keys import encode_user_ids
+from stream.admission import RecordLimits
 from stream.applier import decode_history
+from stream.health import LoopHealth
 from stream.metrics import WorkerMetrics
 from stream.serving import ImpressionScorer
 
@@ -49,7 +74,14 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 MAX_BODY_BYTES = 1 << 20
+MAX_CANDIDATES = RecordLimits().max_candidates  # the stream's bounds, the same defaults
+MAX_USER_ID_BYTES = RecordLimits().max_id_bytes
 NO_TWIN = {"configured": False, "reason": "no static twin configured"}
+LINGER_S = 2.0
+"""After answering a request whose body was not read to its end (413, 408), the server
+discards what the client still sends for at most this long, then closes the connection."""
+OPENAPI = importlib.resources.files("stream").joinpath("openapi.json").read_bytes()
+"""The OpenAPI 3 document of this API, as committed in ``stream/openapi.json``."""
 
 _json = msgspec.json.Encoder()
 
@@ -74,6 +106,36 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
     return json_response(status, {"error": message}, headers)
 
 
+class ApiToken:
+    """A bearer token every endpoint but ``/healthz`` requires. Its ``repr`` and ``str`` hide
+    the value, so a logged configuration does not leak it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not value:
+            raise ValueError("an API token must be non-empty")
+        self._value = value.encode()
+
+    @classmethod
+    def optional(cls, value: str | None) -> ApiToken | None:
+        """The token of a non-empty ``value`` (a flag or ``UNIREC_API_TOKEN``), else None."""
+        return cls(value) if value else None
+
+    def accepts(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header value is ``Bearer <this token>`` (the token
+        compared in constant time)."""
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(errors="replace"), self._value)
+
+    def __repr__(self) -> str:
+        return "ApiToken(<hidden>)"
+
+    __str__ = __repr__
+
+
 @dataclass
 class ApiServices:
     """What the API reads from.
@@ -84,7 +146,12 @@ class ApiServices:
     metrics: rendered by ``GET /metrics``; requests are counted in it.
     drift: returns the drift report as a dict, or None when no static twin is configured.
     model_version: the serving version, or a callable returning it (default: the scorer's).
+    health: the consume loop's liveness, reported by ``/healthz`` (None: no loop runs beside
+        this API, and ``/healthz`` reports only that the server answers).
+    token: when set, every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>``.
     max_body_bytes: larger request bodies get 413.
+    max_candidates: a ``POST /score`` with more candidates gets 413 (the worker's
+        ``max_candidates``: the most candidates one impression may have).
     """
 
     store: StateStore | Callable[[], StateStore]
@@ -92,7 +159,10 @@ class ApiServices:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     drift: Callable[[], Mapping[str, Any] | None] | None = None
     model_version: int | Callable[[], int | None] | None = None
+    health: LoopHealth | None = None
+    token: ApiToken | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    max_candidates: int = MAX_CANDIDATES
 
     def state_store(self) -> StateStore:
         store = self.store if isinstance(self.store, StateStore) else self.store()
@@ -112,6 +182,21 @@ class ApiServices:
 
 class UnknownUserError(LookupError):
     """No event of the user was ever applied."""
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why the state store cannot key ``user_id`` (empty, NUL, not UTF-8, longer than
+    ``MAX_USER_ID_BYTES`` bytes), or None when it can."""
+    try:
+        encoded = encode_user_ids([user_id])[0]
+    except UnicodeEncodeError:
+        return f"user id {user_id!r} is not valid UTF-8"
+    except ValueError as exc:
+        return str(exc)
+    if len(encoded) > MAX_USER_ID_BYTES:
+        return (f"user id is {len(encoded)} UTF-8 bytes long; at most {MAX_USER_ID_BYTES} "
+                "are allowed")
+    return None
 
 
 def user_state_payload(record: UserRecord) -> dict[str, Any]:
@@ -142,7 +227,17 @@ def read_user_state(store: StateStore, user_id: str) -> dict[str, Any]:
 
 
 def healthz(services: ApiServices) -> HttpResponse:
-    return json_response(200, {"status": "ok", "model_version": services.current_model_version()})
+    """200 ``{"status": "ok", ...}`` when ready; 503 ``{"status": "not ready", "error":
+    reason, ...}`` when the consume loop has not run, stalled or holds no partitions. The
+    ``loop`` object gives its liveness and assignment (absent without a loop)."""
+    body: dict[str, Any] = {"status": "ok", "model_version": services.current_model_version()}
+    if services.health is None:
+        return json_response(200, body)
+    report = services.health.report()
+    body["loop"] = report.to_json()
+    if report.ready:
+        return json_response(200, body)
+    return json_response(503, {**body, "status": "not ready", "error": report.reason})
 
 
 def metrics(services: ApiServices) -> HttpResponse:
@@ -150,9 +245,15 @@ def metrics(services: ApiServices) -> HttpResponse:
     return HttpResponse(200, {"Content-Type": metrics.content_type}, metrics.render())
 
 
-def user_state(services: ApiServices, user_id: str) -> HttpResponse:
-    if not user_id:
-        return error(404, "empty user id")
+def user_state(services: ApiServices, quoted_user_id: str) -> HttpResponse:
+    """The snapshot of the user whose percent-encoded id is ``quoted_user_id``."""
+    try:
+        user_id = urllib.parse.unquote(quoted_user_id, errors="strict")
+    except UnicodeDecodeError:
+        return error(400, f"user id {quoted_user_id!r} is not percent-encoded UTF-8")
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        return error(400, problem)
     try:
         return json_response(200, read_user_state(services.state_store(), user_id))
     except UnknownUserError as exc:
@@ -163,6 +264,8 @@ def user_state(services: ApiServices, user_id: str) -> HttpResponse:
 
 
 def score(services: ApiServices, body: bytes) -> HttpResponse:
+    """Decode an ``Impression`` from ``body`` and score it (blocking: the server runs this on
+    its ``ScoringPool``)."""
     if services.scorer is None:
         return error(503, "scoring is not available on this server (no model loaded)")
     if len(body) > services.max_body_bytes:
@@ -173,6 +276,12 @@ def score(services: ApiServices, body: bytes) -> HttpResponse:
         impression = decode(Impression, body)
     except SchemaError as exc:
         return error(400, str(exc))
+    problem = user_id_problem(impression.user_id)
+    if problem is not None:
+        return error(400, f"$.user_id: {problem}")
+    if len(impression.candidates) > services.max_candidates:
+        return error(413, f"{len(impression.candidates)} candidates; at most "
+                          f"{services.max_candidates} per request")
     start = time.perf_counter()
     try:
         scored = services.scorer.score(impression)
@@ -191,8 +300,13 @@ def drift(services: ApiServices) -> HttpResponse:
     return json_response(200, {"configured": True, **report})
 
 
+def openapi(services: ApiServices) -> HttpResponse:
+    return HttpResponse(200, {"Content-Type": JSON}, OPENAPI)
+
+
 def too_large(services: ApiServices) -> HttpResponse:
-    return error(413, f"request body larger than {services.max_body_bytes} bytes")
+    return error(413, f"request body larger than {services.max_body_bytes} bytes",
+                 {"Connection": "close"})
 
 
 # -------------------------------------------------------------------------------- routing
@@ -200,42 +314,63 @@ def too_large(services: ApiServices) -> HttpResponse:
 
 class Route(NamedTuple):
     name: str  # the endpoint label in metrics
-    pattern: re.Pattern[str]
+    path: str  # the OpenAPI path template
+    pattern: re.Pattern[str]  # matches the percent-encoded path; groups: encoded parameters
     method: str
     handler: Callable[..., HttpResponse]  # (services, *path groups[, body])
+    public: bool = False  # served without the token
 
 
 ROUTES = (
-    Route("healthz", re.compile(r"/healthz"), "GET", healthz),
-    Route("metrics", re.compile(r"/metrics"), "GET", metrics),
-    Route("user_state", re.compile(r"/users/([^/]*)/state"), "GET", user_state),
-    Route("score", re.compile(r"/score"), "POST", score),
-    Route("drift", re.compile(r"/drift"), "GET", drift),
+    Route("healthz", "/healthz", re.compile(r"/healthz"), "GET", healthz, public=True),
+    Route("metrics", "/metrics", re.compile(r"/metrics"), "GET", metrics),
+    Route("user_state", "/users/{user_id}/state", re.compile(r"/users/([^/]*)/state"), "GET",
+          user_state),
+    Route("score", "/score", re.compile(r"/score"), "POST", score),
+    Route("drift", "/drift", re.compile(r"/drift"), "GET", drift),
+    Route("openapi", "/openapi.json", re.compile(r"/openapi\.json"), "GET", openapi),
 )
+OFF_LOOP = frozenset({"score"})
+"""Routes whose handlers block (decode and score): run on the ``ScoringPool``."""
 
 
-def handle(services: ApiServices, method: str, path: str, body: bytes = b"") -> HttpResponse:
-    """Dispatch one request (``path`` without the query string, percent-encoded) to its
-    handler. Never raises: an unexpected error is logged and answered with a JSON 500."""
-    method = method.upper()
-    route, groups = _match(path)
-    if route is None:
-        response = error(404, f"no such path: {path}")
-    elif method not in (route.method, "HEAD" if route.method == "GET" else route.method):
-        response = error(405, f"method {method} not allowed on {path}; use {route.method}",
-                         {"Allow": route.method})
-    else:
+def handle(services: ApiServices, method: str, path: str, body: bytes = b"",
+           authorization: str | None = None) -> HttpResponse:
+    """Dispatch one request (``path`` without the query string, percent-encoded;
+    ``authorization``: its Authorization header) to its handler. Never raises: an unexpected
+    error is logged and answered with a JSON 500."""
+    route, groups = match(path)
+    response = refusal(services, route, method, path, authorization)
+    if response is None:
         response = _call(services, route, groups, body)
     services.metrics.count_http_request(route.name if route else "unknown", response.status)
     return response
 
 
-def _match(path: str) -> tuple[Route | None, tuple[str, ...]]:
+def match(path: str) -> tuple[Route | None, tuple[str, ...]]:
+    """The route of a percent-encoded path and its (still encoded) parameters."""
     for route in ROUTES:
         m = route.pattern.fullmatch(path)
         if m:
-            return route, tuple(urllib.parse.unquote(g) for g in m.groups())
+            return route, m.groups()
     return None, ()
+
+
+def refusal(services: ApiServices, route: Route | None, method: str, path: str,
+            authorization: str | None) -> HttpResponse | None:
+    """The 401, 404 or 405 a request gets before its handler runs, or None to run it. Without
+    the token only ``/healthz`` answers (an unknown path gets 401, not 404)."""
+    public = route is not None and route.public
+    if services.token is not None and not public and not services.token.accepts(authorization):
+        return error(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
+                     {"WWW-Authenticate": 'Bearer realm="unirec"'})
+    if route is None:
+        return error(404, f"no such path: {path}")
+    method = method.upper()
+    if method not in (route.method, "HEAD" if route.method == "GET" else route.method):
+        return error(405, f"method {method} not allowed on {path}; use {route.method}",
+                     {"Allow": route.method})
+    return None
 
 
 def _call(services: ApiServices, route: Route, groups: tuple[str, ...], body: bytes
@@ -249,43 +384,115 @@ def _call(services: ApiServices, route: Route, groups: tuple[str, ...], body: by
         return error(500, f"internal error in {route.name}: {type(exc).__name__}: {exc}")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None if it is larger than ``limit`` bytes."""
+# ------------------------------------------------------------------------ aiohttp server
+
+
+class BodyTooLarge(Exception):
+    """A request body over the cap."""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body (by Content-Length or chunked); ``BodyTooLarge`` as soon as it
+    is known to exceed ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
-        return None
-    body = await request.content.read(limit + 1)
-    return None if len(body) > limit else body
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-async def handle_aiohttp(services: ApiServices, request: web.Request) -> web.Response:
-    """``handle`` for an aiohttp request."""
+class ScoringPool:
+    """A bounded thread pool for blocking handlers: ``threads`` run at once, ``queued`` more
+    wait; past that ``run`` refuses (the server answers 503 with Retry-After) rather than
+    queue without bound.
+    ``run`` is called on the server's event loop only (the count needs no lock)."""
+
+    def __init__(self, threads: int = 1, queued: int = 16) -> None:
+        if threads < 1 or queued < 0:
+            raise ValueError(f"need threads >= 1 and queued >= 0, got {threads}, {queued}")
+        self.capacity = threads + queued
+        self.admitted = 0
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="unirec-http-score")
+
+    async def run(self, call: Callable[[], HttpResponse]) -> HttpResponse | None:
+        """``call()`` on a pool thread; None (without running it) when the pool is full."""
+        if self.admitted >= self.capacity:
+            return None
+        self.admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            self.admitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def handle_aiohttp(services: ApiServices, pool: ScoringPool, request: web.Request,
+                         body_timeout_s: float) -> web.Response:
+    """``handle`` for an aiohttp request: refuse before reading a body, read it whole within
+    ``max_body_bytes`` and ``body_timeout_s``, and run blocking routes on ``pool``."""
+    path = request.raw_path.split("?")[0]
+    authorization = request.headers.get("Authorization")
+    route, _ = match(path)
+    refused = refusal(services, route, request.method, path, authorization)
+    if refused is not None or route is None:
+        return _counted(services, route, refused or error(404, f"no such path: {path}"))
     body = b""
     if request.method == "POST":
-        read = await _read_body(request, services.max_body_bytes)
-        if read is None:
-            route = _match(request.raw_path.split("?")[0])[0]
-            services.metrics.count_http_request(route.name if route else "unknown", 413)
-            return _to_aiohttp(too_large(services))
-        body = read
-    return _to_aiohttp(handle(services, request.method, request.raw_path.split("?")[0], body))
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                body = await read_body(request, services.max_body_bytes)
+        except BodyTooLarge:
+            return _counted(services, route, too_large(services))
+        except TimeoutError:
+            return _counted(services, route, error(
+                408, f"request body not received within {body_timeout_s} s",
+                {"Connection": "close"}))
+
+    method = request.method
+
+    def call() -> HttpResponse:
+        return handle(services, method, path, body, authorization)
+
+    if route.name not in OFF_LOOP:
+        return _to_aiohttp(call())
+    response = await pool.run(call)
+    if response is None:
+        return _counted(services, route, error(
+            503, f"scoring is saturated ({pool.capacity} requests in progress); retry later",
+            {"Retry-After": "1"}))
+    return _to_aiohttp(response)
+
+
+def _counted(services: ApiServices, route: Route | None, response: HttpResponse
+             ) -> web.Response:
+    services.metrics.count_http_request(route.name if route else "unknown", response.status)
+    return _to_aiohttp(response)
 
 
 def _to_aiohttp(response: HttpResponse) -> web.Response:
     return web.Response(status=response.status, headers=response.headers, body=response.body)
 
 
-# -------------------------------------------------------------------- standalone server
+def build_app(services: ApiServices, pool: ScoringPool, body_timeout_s: float = 30.0
+              ) -> web.Application:
+    """A standalone aiohttp application serving the API: one route per ``ROUTES`` path (any
+    method) and a catch-all, all dispatched by ``handle_aiohttp`` on the raw path, so unknown
+    paths and wrong methods get JSON errors."""
 
-
-def build_app(services: ApiServices) -> web.Application:
-    """A standalone aiohttp application serving the API (every path and method, so unknown
-    paths and wrong methods get JSON errors)."""
-
-    async def catch_all(request: web.Request) -> web.Response:
-        return await handle_aiohttp(services, request)
+    async def dispatch(request: web.Request) -> web.Response:
+        return await handle_aiohttp(services, pool, request, body_timeout_s)
 
     app = web.Application(client_max_size=services.max_body_bytes + 1)
-    app.router.add_route("*", "/{tail:.*}", catch_all)
+    for route in ROUTES:
+        app.router.add_route("*", route.path, dispatch, name=route.name)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
 
@@ -294,12 +501,22 @@ class ApiServer:
 
     ``port=0`` binds a free port; ``port`` and ``url`` give the bound one. Use as a context
     manager, or ``start`` / ``stop``.
+
+    idle_timeout_s: a connection that has not sent a complete request head this long after it
+        opened or after its last response is closed (half-open and idle keep-alive ones).
+    body_timeout_s: a request body must arrive within this (else 408).
+    score_threads, score_queued: the ``ScoringPool`` of ``POST /score``.
     """
 
-    def __init__(self, services: ApiServices, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, services: ApiServices, host: str = "127.0.0.1", port: int = 0, *,
+                 idle_timeout_s: float = 15.0, body_timeout_s: float = 30.0,
+                 score_threads: int = 1, score_queued: int = 16) -> None:
         self.services = services
         self.host = host
         self.port = port
+        self.idle_timeout_s = idle_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.pool = ScoringPool(score_threads, score_queued)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -330,12 +547,16 @@ class ApiServer:
         self._thread.start()
         started.wait()
         if failure:
+            self.pool.shutdown()
             raise failure[0]
         log.info("HTTP API on %s", self.url)
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(build_app(self.services), access_log=None)
+        app = build_app(self.services, self.pool, self.body_timeout_s)
+        self._runner = web.AppRunner(app, access_log=None,
+                                     keepalive_timeout=self.idle_timeout_s,
+                                     lingering_time=LINGER_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -347,6 +568,7 @@ class ApiServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._thread = None
+        self.pool.shutdown()
 
     def __enter__(self) -> ApiServer:
         return self.start()
@@ -373,15 +595,19 @@ class ApiRequestError(RuntimeError):
     """The API could not be reached or answered with an error."""
 
 
-def fetch_state(base_url: str, user_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    """``GET {base_url}/users/{user_id}/state``: the user's snapshot.
+def fetch_state(base_url: str, user_id: str, timeout: float = 10.0,
+                token: str | None = None) -> dict[str, Any]:
+    """``GET {base_url}/users/{user_id}/state``: the user's snapshot (with ``token`` as the
+    bearer token when given).
 
     Raises ``UnknownUserError`` on 404 and ``ApiRequestError`` on any other failure (with the
     server's error message).
     """
     url = f"{base_url.rstrip('/')}/users/{urllib.parse.quote(user_id, safe='')}/state"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=timeout) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         message = _error_message(exc)
@@ -403,10 +629,12 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 def state_snapshot(
-    user_id: str, api_url: str | None = None, store_dir: str | Path | None = None
+    user_id: str, api_url: str | None = None, store_dir: str | Path | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """``unirec state USER_ID``: the user's snapshot from a running worker's API (``api_url``)
-    or read-only from a state store directory (``store_dir``; safe while a worker writes it).
+    """``unirec state USER_ID``: the user's snapshot from a running worker's API (``api_url``,
+    with ``token`` as its bearer token when given) or read-only from a state store directory
+    (``store_dir``; safe while a worker writes it).
 
     Raises ``ValueError`` unless exactly one source is given, ``UnknownUserError`` for a user
     never seen, ``ApiRequestError`` when the API fails, ``StateStoreError`` when the store
@@ -415,7 +643,7 @@ def state_snapshot(
     if (api_url is None) == (store_dir is None):
         raise ValueError("give exactly one of api_url (a running worker) or store_dir")
     if api_url is not None:
-        return fetch_state(api_url, user_id)
+        return fetch_state(api_url, user_id, token=token)
     with StateStore.open(store_dir, read_only=True) as store:
         try:
             return read_user_state(store, user_id)

@@ -110,7 +110,8 @@ from stream.agents import (
 from stream.applier import InteractionApplier
 from stream.drift import DriftConfig, DriftTracker
 from stream.gate import KINDS, EventTimeGate, preceding_interactions
-from stream.http_api import ApiServer, ApiServices
+from stream.health import DEFAULT_STALL_AFTER_S, LoopHealth
+from stream.http_api import ApiServer, ApiServices, ApiToken
 from stream.kafka_client import kafka_consumer
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
@@ -169,6 +170,8 @@ class WorkerConfig:
     max_held: int = 32768  # records the gate may hold per topic and partition (stream.gate)
     profiles_dataset: str | None = None  # a data set whose user profiles the scorer reads
     data_dir: Path | None = None  # where that data set is cached
+    api_token: ApiToken | None = None  # the HTTP API's bearer token (its repr hides it)
+    stall_after_s: float = DEFAULT_STALL_AFTER_S  # /healthz: 503 past this without an iteration
 
     train: bool = True  # run the online learner in this worker
     publish_scores: bool = True  # False: `unirec trainer`, which scores only to learn
@@ -353,8 +356,10 @@ class ConsumerLoop:
     """The worker's consume-process loop (see the module docstring); ``run`` until ``stop``."""
 
     def __init__(self, services: WorkerServices, config: WorkerConfig,
-                 between_batches: Callable[[], None] | None = None) -> None:
+                 between_batches: Callable[[], None] | None = None,
+                 health: LoopHealth | None = None) -> None:
         self.services = services
+        self.health = health if health is not None else LoopHealth(config.stall_after_s)
         self.config = config
         self.between_batches = between_batches
         self.topics = config.topics
@@ -412,6 +417,7 @@ class ConsumerLoop:
                 self.report_lag()
                 self.commit_processed()
                 next_lag = time.monotonic() + self.config.lag_interval_s
+            self.health.beat(self.consumer.assignment())
         return 0
 
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
@@ -566,9 +572,12 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
         stored = [p for (t, p) in services.store.offsets() if t == topics.interactions]
         plan_resume(services, config, stored)
         drift = services.drift
+        health = LoopHealth(config.stall_after_s)
         api = ApiServices(store=services.store, scorer=services.scorer,
                           metrics=services.metrics, drift=None if drift is None else drift.report,
-                          model_version=lambda: services.scorer.model_version)
+                          model_version=lambda: services.scorer.model_version,
+                          health=health, token=config.api_token,
+                          max_candidates=config.limits.max_candidates)
         try:
             server = ApiServer(api, config.web_bind, config.web_port).start()
         except OSError as exc:
@@ -594,7 +603,7 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
 
             learner_thread = learner.start(stop, on_refused)
         poll_updates = listener.poll
-        loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()))
+        loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()), health)
         _stop_on_signals(stop)
         code = loop.run(stop)
         if refused:

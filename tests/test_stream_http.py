@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import tempfile
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,11 +39,18 @@ from state_store import StateStore, StoreConfig
 from state_store.keys import encode_user_ids, state_key
 from stream.applier import InteractionApplier
 from stream.dead_letters import ConsumedRecord
+from stream.health import LoopHealth
 from stream.http_api import (
+    MAX_BODY_BYTES,
+    MAX_USER_ID_BYTES,
+    ROUTES,
     ApiRequestError,
     ApiServer,
     ApiServices,
+    ApiToken,
+    ScoringPool,
     UnknownUserError,
+    build_app,
     fetch_state,
     handle,
     state_snapshot,
@@ -96,10 +107,10 @@ def impression_body(user: str = "u1", n_cands: int = 5, **changes: Any) -> dict[
     return {**to_builtins(impression), **changes}
 
 
-def request(url: str, method: str = "GET", body: bytes | None = None
-            ) -> tuple[int, dict[str, str], bytes]:
+def request(url: str, method: str = "GET", body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one HTTP request; error statuses are returned, not raised."""
-    req = urllib.request.Request(url, data=body, method=method)
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     if body is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -315,3 +326,277 @@ def test_fetch_state_names_an_unreachable_api() -> None:
         port = s.getsockname()[1]
     with pytest.raises(ApiRequestError, match=f"cannot reach the API at http://127.0.0.1:{port}"):
         fetch_state(f"http://127.0.0.1:{port}", "u1", timeout=2)
+
+
+# ------------------------------------------------ nothing from outside takes the server down
+
+
+def big_impression(n_cands: int, feature_bytes: int, user: str = "u1") -> bytes:
+    """An Impression body of about ``n_cands * feature_bytes`` bytes (long item features)."""
+    payload = impression_body(user, 1)
+    payload["candidates"] = [
+        {"item_id": f"i{k}", "item_features": {"blurb": f"{k}:" + "x" * feature_bytes}}
+        for k in range(n_cands)
+    ]
+    return json.dumps(payload).encode()
+
+
+def post_raw(server: ApiServer, body: bytes | list[bytes], path: str = "/score"
+             ) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` with a Content-Length, or (a list of chunks) with chunked encoding."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if isinstance(body, list):
+            conn.request("POST", path, body=iter(body), headers=headers, encode_chunked=True)
+        else:
+            conn.request("POST", path, body=body, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, dict(reply.headers), reply.read()
+    finally:
+        conn.close()
+
+
+def chunks(body: bytes, size: int = 4096) -> list[bytes]:
+    return [body[k:k + size] for k in range(0, len(body), size)]
+
+
+def test_bodies_under_the_cap_are_read_whole_by_length_and_chunked(server: ApiServer) -> None:
+    """A 0.5-1 MB body is scored whether sent with a Content-Length or chunked (never read in
+    part); one byte over the cap is a JSON 413 either way."""
+    for n_cands in (330, 580):  # about 0.55 and 0.96 MB
+        body = big_impression(n_cands, 1600)
+        assert MAX_BODY_BYTES // 2 < len(body) <= MAX_BODY_BYTES
+        for sent in (body, chunks(body)):
+            status, _, data = post_raw(server, sent)
+            assert status == 200, data[:300]
+            assert len(json.loads(data)["items"]) == n_cands
+    over = big_impression(1, MAX_BODY_BYTES)
+    assert len(over) > MAX_BODY_BYTES
+    for sent in (over, chunks(over, 65536)):
+        status, headers, data = post_raw(server, sent)
+        assert status == 413 and headers["Content-Type"] == "application/json"
+        assert str(MAX_BODY_BYTES) in json.loads(data)["error"]
+
+
+def test_more_candidates_than_the_cap_is_a_json_413(store: StateStore) -> None:
+    """``max_candidates`` caps the candidates of one POST /score; at the cap it is scored."""
+    services = ApiServices(store, ImpressionScorer(store, SCORER, VERSION), max_candidates=10)
+    with ApiServer(services) as server:
+        status, reply = request_json(server.url + "/score", "POST",
+                                     json.dumps(impression_body(n_cands=11)).encode())
+        assert status == 413 and "11 candidates" in reply["error"] and "10" in reply["error"]
+        status, reply = request_json(server.url + "/score", "POST",
+                                     json.dumps(impression_body(n_cands=10)).encode())
+        assert status == 200 and len(reply["items"]) == 10
+
+
+class GatedScorer(ImpressionScorer):
+    """The real scorer, each call held until ``release`` is set (``entered`` says one is in)."""
+
+    def __init__(self, store: StateStore) -> None:
+        super().__init__(store, SCORER, VERSION)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def score_many(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        return super().score_many(*args, **kwargs)
+
+
+def test_scoring_runs_off_the_event_loop_on_a_bounded_pool(store: StateStore) -> None:
+    """While a POST /score is in the scorer, /healthz and /metrics still answer; with the
+    pool full (one scoring, none queued) another POST /score is a JSON 503 with Retry-After,
+    and the held one completes once released."""
+    scorer = GatedScorer(store)
+    services = ApiServices(store, scorer)
+    body = json.dumps(impression_body()).encode()
+    with ApiServer(services, score_threads=1, score_queued=0) as server:
+        first: list[tuple[int, Any]] = []
+        thread = threading.Thread(
+            target=lambda: first.append(request_json(server.url + "/score", "POST", body)))
+        thread.start()
+        try:
+            assert scorer.entered.wait(10)
+            assert request_json(server.url + "/healthz")[0] == 200
+            assert request(server.url + "/metrics")[0] == 200
+            status, headers, data = request(server.url + "/score", "POST", body)
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert "saturated" in json.loads(data)["error"]
+        finally:
+            scorer.release.set()
+            thread.join(30)
+        assert first[0][0] == 200 and first[0][1]["request_id"] == "r1"
+        assert request_json(server.url + "/score", "POST", body)[0] == 200
+
+
+def test_a_scoring_pool_needs_a_thread() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        ScoringPool(threads=0)
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds it took;
+    fails if it is still open after ``limit_s``."""
+    sock.settimeout(limit_s)
+    start, received = time.monotonic(), b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {limit_s} s") from None
+        if not data:
+            return received, time.monotonic() - start
+        received += data
+
+
+def test_half_open_and_idle_connections_are_closed_within_the_timeout(
+        services: ApiServices) -> None:
+    """A partial request line, a connection that never sends a byte, and an idle keep-alive
+    connection after a response are each closed within ``idle_timeout_s`` (plus slack)."""
+    with ApiServer(services, idle_timeout_s=1.0) as server:
+        addr = (server.host, server.port)
+        with socket.create_connection(addr) as partial:
+            partial.sendall(b"GET /hea")
+            received, took = read_until_closed(partial, 8.0)
+            assert received == b"" and took < 8.0
+        with socket.create_connection(addr) as silent:
+            assert read_until_closed(silent, 8.0)[0] == b""
+        with socket.create_connection(addr) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            received, _ = read_until_closed(kept, 8.0)
+            assert received.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in received
+
+
+def test_a_body_that_stops_arriving_is_a_json_408(services: ApiServices) -> None:
+    """A request whose body stalls half-way is answered 408 after ``body_timeout_s``, and
+    the connection closed."""
+    with ApiServer(services, body_timeout_s=1.0) as server, \
+            socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"request_id\"")
+        received, _ = read_until_closed(sock, 10.0)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408")
+        assert "body not received" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    ["%00", "a%00b", "", "%FF", "x" * (MAX_USER_ID_BYTES + 1), "%C3%A9" * 129],
+)
+def test_user_ids_the_store_cannot_key_are_a_json_400(server: ApiServer, quoted: str) -> None:
+    """GET /users/{id}/state with an id that is empty, holds NUL, is not UTF-8 or is over
+    256 UTF-8 bytes is a 400 naming the problem (not a 500, not a 404)."""
+    status, reply = request_json(f"{server.url}/users/{quoted}/state")
+    assert status == 400
+    assert reply["error"]
+
+
+def test_a_user_id_of_256_bytes_is_keyable(server: ApiServer, store: StateStore) -> None:
+    """The longest allowed id (256 UTF-8 bytes, multi-byte characters) is served."""
+    user = "é" * (MAX_USER_ID_BYTES // 2)
+    apply_events(store, [user])
+    status, reply = request_json(
+        f"{server.url}/users/{urllib.parse.quote(user, safe='')}/state")
+    assert status == 200 and reply["user_id"] == user
+
+
+@pytest.mark.parametrize("user", ["a\x00b", "", "x" * (MAX_USER_ID_BYTES + 1)])
+def test_score_requests_for_unkeyable_user_ids_are_a_json_400(server: ApiServer, user: str
+                                                               ) -> None:
+    status, reply = request_json(server.url + "/score", "POST",
+                                 json.dumps(impression_body(user_id=user)).encode())
+    assert status == 400 and "user_id" in reply["error"]
+
+
+class Clock:
+    """A clock the test moves by hand (``LoopHealth``'s time source)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_healthz_is_503_until_the_loop_iterates_with_partitions_and_when_it_stalls(
+        store: StateStore) -> None:
+    """/healthz follows the consume loop: 503 before its first iteration, 503 while it holds
+    no partitions, 200 with its partitions and liveness, 503 once it stalls past the
+    threshold, 200 again when it iterates."""
+    clock = Clock()
+    health = LoopHealth(stall_after_s=30.0, clock=clock)
+    with ApiServer(ApiServices(store, health=health, model_version=VERSION)) as server:
+        url = server.url + "/healthz"
+        status, body = request_json(url)
+        assert status == 503 and body["status"] == "not ready"
+        assert "not completed an iteration" in body["error"]
+        health.beat([])
+        status, body = request_json(url)
+        assert status == 503 and "no partitions" in body["error"]
+        health.beat([("interactions", 1), ("labels", 1), ("interactions", 0)])
+        clock.now += 2.5
+        status, body = request_json(url)
+        assert status == 200
+        assert body == {"status": "ok", "model_version": VERSION, "loop": {
+            "since_last_iteration_s": 2.5, "stall_after_s": 30.0,
+            "assigned_partitions": {"interactions": [0, 1], "labels": [1]}}}
+        clock.now += 30.0
+        status, body = request_json(url)
+        assert status == 503 and "stalled" in body["error"]
+        assert body["loop"]["since_last_iteration_s"] == 32.5
+        health.beat([("interactions", 0)])
+        assert request_json(url)[0] == 200
+
+
+TOKEN = "s3cret-token"
+
+
+def test_with_a_token_every_endpoint_but_healthz_needs_it(store: StateStore) -> None:
+    """With a token: /healthz answers without one; every other path (unknown ones too)
+    answers a JSON 401 with WWW-Authenticate to a missing or wrong token, and works with
+    ``Authorization: Bearer <token>``; ``unirec state --api`` sends it."""
+    apply_events(store, ["u1"])
+    services = ApiServices(store, ImpressionScorer(store, SCORER, VERSION),
+                           token=ApiToken(TOKEN))
+    score_body = json.dumps(impression_body()).encode()
+    with ApiServer(services) as server:
+        assert request_json(server.url + "/healthz")[0] == 200
+        calls = [("GET", "/metrics", None, 200), ("GET", "/users/u1/state", None, 200),
+                 ("POST", "/score", score_body, 200), ("GET", "/drift", None, 200),
+                 ("GET", "/openapi.json", None, 200), ("GET", "/nowhere", None, 404)]
+        for method, path, body, allowed in calls:
+            for header in (None, "Bearer wrong", f"Basic {TOKEN}", TOKEN):
+                status, headers, data = request(server.url + path, method, body,
+                                                {"Authorization": header} if header else None)
+                assert status == 401, (path, header)
+                assert headers["WWW-Authenticate"].startswith("Bearer")
+                assert "bearer token" in json.loads(data)["error"]
+            status, _, data = request(server.url + path, method, body,
+                                      {"Authorization": f"Bearer {TOKEN}"})
+            assert status == allowed, (path, data[:200])
+        assert fetch_state(server.url, "u1", token=TOKEN)["user_id"] == "u1"
+        with pytest.raises(ApiRequestError, match="401"):
+            fetch_state(server.url, "u1")
+    assert TOKEN not in repr(ApiToken(TOKEN)) and TOKEN not in str(ApiToken(TOKEN))
+
+
+def test_the_served_openapi_document_is_the_committed_file(server: ApiServer) -> None:
+    committed = json.loads((Path(__file__).parents[1] / "stream" / "openapi.json").read_text())
+    status, served = request_json(server.url + "/openapi.json")
+    assert status == 200 and served == committed
+    assert committed["openapi"].startswith("3.")
+
+
+def test_the_app_routes_and_methods_are_the_openapi_paths(services: ApiServices) -> None:
+    """Every path the aiohttp app routes (but its JSON 404 catch-all) is in the document with
+    exactly its method, and every documented path is routed."""
+    document = json.loads((Path(__file__).parents[1] / "stream" / "openapi.json").read_text())
+    app = build_app(services, ScoringPool())
+    routed = {r.canonical for r in app.router.resources()} - {"/{tail}"}
+    assert routed == set(document["paths"])
+    assert {(r.path, r.method.lower()) for r in ROUTES} == {
+        (path, method) for path, item in document["paths"].items() for method in item
+    }
