@@ -77,7 +77,8 @@ def load(
     another kind raises ``CheckpointError``. ``None`` accepts every kind in ``MODEL_KINDS``.
     ``expect``: the signature the model must have; a readable file of another signature
     raises ``IncompatibleVersion`` (its ``reason`` names the difference) before the model is
-    built or its weights are read into it. Anything unreadable raises ``CheckpointError``.
+    built or its weights are read into it. Anything unreadable, and weights holding NaN or
+    infinity (every state and score would come out NaN), raise ``CheckpointError``.
     """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -99,6 +100,10 @@ def load(
             raise CheckpointError(f"{path} holds a {found!r} model, not {kind!r}")
         model = build_model(found, cfg, spec)
         model.load_state_dict(data["state_dict"])
+        broken = next((name for name, tensor in model.state_dict().items()
+                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            raise CheckpointError(f"{path}: weight {broken!r} holds NaN or infinity")
     except (CheckpointError, IncompatibleVersion):
         raise
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, RuntimeError,

@@ -12,7 +12,12 @@ its own millisecond; a label always follows its impression).
 
 A held record of partition p is released once every other topic's partition p has shown a
 record at or after it in that order, or is idle (read up to its end, e.g. a deployment that
-produces no impressions): the record can no longer be overtaken. Release keeps offset order
+produces no impressions) and the record has been held for ``idle_grace_s``: the record can
+no longer be overtaken. The grace is there because "read up to its end" is judged on the
+high-water mark of the partition's last fetch, which can predate the held record: a label
+produced just after its impression can arrive while the impressions partition still looks
+empty. Within the grace the consumer's next fetch of that partition (``fetch_max_wait_ms``
+is below the grace) brings the impression or a newer high-water mark. Release keeps offset order
 within a topic and partition. The caller processes what one ``release`` returns in time
 order, as ``merge_order`` gives it.
 
@@ -25,6 +30,7 @@ the embedded broker.)
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -32,6 +38,11 @@ from stream.agents import Record
 
 KINDS = ("impressions", "interactions", "labels")  # the order of one millisecond's records
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
+IDLE_GRACE_S = 0.3
+"""Seconds a record is held before an idle topic lets it pass (module docstring)."""
+FETCH_MAX_WAIT_MS = 100
+"""The consumer's ``fetch_max_wait_ms``: how stale an idle partition's high-water mark can
+be, well under ``IDLE_GRACE_S``."""
 
 
 def order_key(kind: str, record: Record) -> tuple[int, int, int]:
@@ -42,19 +53,25 @@ def order_key(kind: str, record: Record) -> tuple[int, int, int]:
 class EventTimeGate:
     """Per topic kind and partition: held records and the newest order key seen."""
 
-    def __init__(self, max_held: int = 8192) -> None:
-        if max_held < 1:
-            raise ValueError(f"max_held must be positive, got {max_held}")
+    def __init__(self, max_held: int = 8192, idle_grace_s: float = IDLE_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_held < 1 or idle_grace_s < 0:
+            raise ValueError(f"max_held ({max_held}) must be positive and idle_grace_s "
+                             f"({idle_grace_s}) >= 0")
         self.max_held = max_held
+        self.idle_grace_s = idle_grace_s
+        self.clock = clock
         self.released_early: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self._held: dict[str, dict[int, deque[Record]]] = {kind: {} for kind in KINDS}
+        # each held record with the clock reading when it was held
+        self._held: dict[str, dict[int, deque[tuple[float, Record]]]] = {
+            kind: {} for kind in KINDS}
         self._newest: dict[str, dict[int, tuple[int, int, int]]] = {kind: {} for kind in KINDS}
 
     def hold(self, kind: str, records: Iterable[Record]) -> None:
         """Buffer ``records`` of ``kind`` (one of ``KINDS``), given in offset order."""
-        held, newest = self._held[kind], self._newest[kind]
+        held, newest, now = self._held[kind], self._newest[kind], self.clock()
         for r in records:
-            held.setdefault(r.partition, deque()).append(r)
+            held.setdefault(r.partition, deque()).append((now, r))
             newest[r.partition] = order_key(kind, r)
 
     def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[Record]]:
@@ -63,25 +80,22 @@ class EventTimeGate:
         ``idle(kind, p)``: whether partition p of that kind's topic has nothing more to read.
         """
         out: dict[str, list[Record]] = {kind: [] for kind in KINDS}
+        ripe = self.clock() - self.idle_grace_s  # held before this: idle topics let it pass
         for kind, held in self._held.items():
             others = [k for k in KINDS if k != kind]
             for partition, queue in held.items():
                 if not queue:
                     continue
-                bound = min(self._bound(k, partition, idle) for k in others)
-                while queue and order_key(kind, queue[0]) < bound:
-                    out[kind].append(queue.popleft())
+                bounds = [(self._newest[k].get(partition, (-1, 0, 0)), idle(k, partition))
+                          for k in others]
+                while queue and all(
+                        order_key(kind, queue[0][1]) < newest or (is_idle and queue[0][0] <= ripe)
+                        for newest, is_idle in bounds):
+                    out[kind].append(queue.popleft()[1])
                 while len(queue) > self.max_held:
-                    out[kind].append(queue.popleft())
+                    out[kind].append(queue.popleft()[1])
                     self.released_early[kind] += 1
         return out
-
-    def _bound(self, kind: str, partition: int, idle: Callable[[str, int], bool]
-               ) -> tuple[float, int, int]:
-        """Records ordered before this key cannot be overtaken by ``kind``'s partition."""
-        if idle(kind, partition):
-            return (float("inf"), 0, 0)
-        return self._newest[kind].get(partition, (-1, 0, 0))
 
     def held(self, kind: str, partition: int) -> int:
         """How many records of ``kind`` partition ``partition`` holds."""

@@ -109,7 +109,7 @@ from stream.agents import (
 )
 from stream.applier import InteractionApplier
 from stream.drift import DriftConfig, DriftTracker
-from stream.gate import KINDS, EventTimeGate, preceding_interactions
+from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
 from stream.health import DEFAULT_STALL_AFTER_S, LoopHealth
 from stream.http_api import ApiServer, ApiServices, ApiToken
 from stream.kafka_client import kafka_consumer
@@ -382,6 +382,7 @@ class ConsumerLoop:
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             request_timeout_ms=int(max(config.timeout_s, config.session_timeout_s + 5) * 1000),
             fetch_max_bytes=64 << 20,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # idle high-water marks stay fresh (gate)
         )
         self.rebalance = _Rebalance(self)
         topics = self.topics

@@ -113,6 +113,18 @@ def test_loading_a_missing_file_raises_checkpoint_error(tmp_path):
         load(tmp_path / "absent.pt")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_infinity_are_unreadable(tmp_path, value):
+    """A version whose weights are not finite would score and update every user NaN: it
+    is refused like an unreadable file, naming the weight."""
+    model = fresh_model()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = value
+    save(model, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="holds NaN or infinity"):
+        load(tmp_path / "broken.pt")
+
+
 # --------------------------------------------------------------------------- signatures
 
 OTHER_MODELS = {  # reason: a model that differs from fresh_model() in that part only

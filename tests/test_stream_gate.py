@@ -56,16 +56,52 @@ def test_records_of_another_partition_release_nothing() -> None:
     assert gate.release(never_idle)["labels"] == []
 
 
-def test_idle_topics_do_not_hold_anything_back() -> None:
-    gate = EventTimeGate()
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_idle_topics_hold_nothing_back_once_the_grace_has_passed() -> None:
+    clock = Clock()
+    gate = EventTimeGate(idle_grace_s=0.3, clock=clock)
     gate.hold("interactions", [rec(2, 0, 300), rec(2, 1, 100), rec(3, 0, 50)])
 
     def idle(kind: str, partition: int) -> bool:
         return partition == 2 and kind in ("impressions", "labels")
 
+    clock.now = 0.2
+    assert gate.release(idle)["interactions"] == []  # the idle mark may predate them
+    clock.now = 0.3
     released = gate.release(idle)["interactions"]
     assert [(r.partition, r.offset) for r in released] == [(2, 0), (2, 1)]
     assert gate.held("interactions", 3) == 1
+
+
+def test_a_label_is_not_released_ahead_of_its_impression_by_a_stale_idle_mark() -> None:
+    """The impressions partition looks idle (its last fetch saw it empty), a label arrives,
+    and its impression arrives in the next poll, within the grace: the impression goes first."""
+    clock = Clock()
+    gate = EventTimeGate(idle_grace_s=0.3, clock=clock)
+    impressions_fetched = False
+
+    def idle(kind: str, partition: int) -> bool:
+        return kind != "impressions" or not impressions_fetched
+
+    gate.hold("labels", [rec(0, 0, 101)])
+    assert gate.release(idle)["labels"] == []
+    clock.now, impressions_fetched = 0.1, True
+    gate.hold("impressions", [rec(0, 0, 100)])
+    gate.hold("interactions", [rec(0, 0, 100)])
+    released = gate.release(idle)
+    assert offsets(released["impressions"]) == [0]
+    assert released["labels"] == []  # not idle any more, and nothing newer seen
+    clock.now = 0.5
+    assert offsets(gate.release(lambda kind, partition: True)["labels"]) == [0]
 
 
 def test_release_stops_at_the_first_record_not_yet_due_keeping_offset_order() -> None:
