@@ -33,7 +33,8 @@ GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "unirec.json"
 
 # The variables compose requires (``${VAR:?message}``), each with a value for the tests.
-TEST_SECRETS = {"GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password"}
+TEST_SECRETS = {"GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password",
+                "UNIREC_API_TOKEN": "test-only-api-token"}
 
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"

@@ -100,22 +100,40 @@ def test_every_variable_has_a_default_equal_to_env_example() -> None:
     assert {n: example[n] for n in TEST_SECRETS} == dict.fromkeys(TEST_SECRETS, "")
 
 
-@pytest.mark.parametrize("password", [None, ""], ids=["unset", "empty"])
-def test_compose_refuses_to_start_without_a_grafana_password(password: str | None) -> None:
-    """``${GRAFANA_ADMIN_PASSWORD:?...}``: unset or empty (a .env copied from .env.example
-    and not edited), interpolation fails with a message that says what to set."""
-    env = env_example()
-    if password is None:
-        del env["GRAFANA_ADMIN_PASSWORD"]
-    with pytest.raises(KeyError, match=r"GRAFANA_ADMIN_PASSWORD.*set GRAFANA_ADMIN_PASSWORD "
-                                       r"in \.env"):
+@pytest.mark.parametrize("secret", sorted(TEST_SECRETS))
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_compose_refuses_to_start_without_each_secret(secret: str, value: str | None) -> None:
+    """``${GRAFANA_ADMIN_PASSWORD:?...}``, ``${UNIREC_API_TOKEN:?...}``: one unset or empty
+    (a .env copied from .env.example and not edited), the others set, interpolation fails
+    with a message that says what to set."""
+    env = compose_env()
+    if value is None:
+        del env[secret]
+    else:
+        env[secret] = value
+    with pytest.raises(KeyError, match=rf"{secret}.*set {secret} in \.env"):
         compose_config(env)
 
 
 def test_grafana_gets_the_password_from_env() -> None:
-    env = env_example() | {"GRAFANA_ADMIN_PASSWORD": "correct horse battery staple"}
+    env = compose_env() | {"GRAFANA_ADMIN_PASSWORD": "correct horse battery staple"}
     grafana = compose_config(env)["services"]["grafana"]["environment"]
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "correct horse battery staple"
+
+
+def test_the_api_token_reaches_every_api_and_prometheus_scrapes_with_it() -> None:
+    """Every service serving the HTTP API gets UNIREC_API_TOKEN; Prometheus gets it as the
+    secret its worker and trainer jobs read as their bearer credentials."""
+    config = compose_config(compose_env() | {"UNIREC_API_TOKEN": "s3cret"})
+    for name in ("worker", "worker-gpu", "trainer"):
+        assert config["services"][name]["environment"]["UNIREC_API_TOKEN"] == "s3cret", name
+    assert config["secrets"]["unirec_api_token"] == {"environment": "UNIREC_API_TOKEN"}
+    assert "unirec_api_token" in config["services"]["prometheus"]["secrets"]
+    prometheus = yaml.safe_load(PROMETHEUS.read_text())
+    for job in prometheus["scrape_configs"]:
+        if job["job_name"] in ("unirec-worker", "unirec-trainer"):
+            assert job["authorization"] == {
+                "type": "Bearer", "credentials_file": "/run/secrets/unirec_api_token"}
 
 
 # --------------------------------------------------------------------- compose: services
