@@ -49,8 +49,8 @@ from model.checkpoint import save
 from model.config import ModelConfig
 from model.features import FeatureSpec
 from stream.broker import EmbeddedBroker, free_port
-from stream.demo import scrape, total
 from stream.kafka_client import kafka_consumer
+from stream.metrics import scrape, total
 from stream.producer import SyntheticConfig, open_producer, send_interactions, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         argv_worker = [
-            sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
+            sys.executable, "-m", "app.cli", "worker", "--bootstrap-servers", bootstrap,
             "--checkpoint", str(checkpoint), "--store", str(Path(tmp) / "state"),
             "--partitions", str(args.partitions), "--topic-prefix", prefix,
             "--group-id", f"bench-{uuid.uuid4().hex[:8]}", "--web-port", str(port),

@@ -42,9 +42,9 @@ from model.online import OnlineConfig
 from model.scorer import Scorer
 from model.versions import VersionStore
 from state_store import StateStore, StoreConfig
-from stream.agents import WorkerServices
 from stream.applier import InteractionApplier
-from stream.drift import DriftTracker
+from stream.drift_tracker import DriftTracker
+from stream.handlers import WorkerServices
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, ModelUpdate

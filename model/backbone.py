@@ -22,7 +22,7 @@ from torch import nn
 from model.blocks import MixedRMSNorm, UniBlock
 from model.compression import LearnedCompression
 from model.config import ModelConfig
-from model.core import CoreSelection, select_core
+from model.core_behaviours import CoreSelection, select_core
 from model.features import CandidateInputs, FeatureSpec, UserInputs
 from model.gru import UserStateGRU
 from model.head import Compensation, TaskHead
@@ -75,6 +75,8 @@ def plan_layers(cfg: ModelConfig) -> list[LayerPlan]:
 
 class UniRecModel(nn.Module):
     """Scores candidates for users: ``forward(user, cands) -> {task: logits [B, C]}``."""
+
+    kind = "unirec"
 
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ from torch import nn
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import FeatureSpec
-from model.kinds import MODEL_KINDS, build_model, kind_of
+from model.kinds import SERVING_KINDS, ModelKinds, build_model, kind_of
 from model.signature import IncompatibleVersion, ModelSignature, signature_from, signature_of
 
 FORMAT = 1
@@ -69,12 +69,14 @@ def save(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> No
 
 def load(
     path: Path, device: torch.device | str = "cpu", kind: str | None = "unirec",
-    expect: ModelSignature | None = None,
+    expect: ModelSignature | None = None, kinds: ModelKinds = SERVING_KINDS,
 ) -> tuple[UniRecModel, dict[str, Any]]:
     """The model (in eval mode) and the metadata saved with it.
 
     ``kind``: the model kind the caller needs (the stream needs ``"unirec"``); a file of
-    another kind raises ``CheckpointError``. ``None`` accepts every kind in ``MODEL_KINDS``.
+    another kind raises ``CheckpointError``. ``None`` accepts every kind in ``kinds``, the
+    registry the caller knows (default: UniRec alone; offline evaluation passes
+    ``model.baselines.MODEL_KINDS``).
     ``expect``: the signature the model must have; a readable file of another signature
     raises ``IncompatibleVersion`` (its ``reason`` names the difference) before the model is
     built or its weights are read into it. Anything unreadable, and weights holding NaN or
@@ -87,8 +89,8 @@ def load(
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
         found = data.get("kind", "unirec")
-        if found not in MODEL_KINDS:
-            raise CheckpointError(f"{path} holds an unknown model kind {found!r}")
+        if not isinstance(found, str):
+            raise CheckpointError(f"{path} names no model kind")
         cfg, spec = ModelConfig.from_dict(data["config"]), FeatureSpec.from_dict(data["spec"])
         signature = signature_from(found, cfg, spec)
         if "signature" in data and ModelSignature.from_dict(data["signature"]) != signature:
@@ -96,9 +98,12 @@ def load(
                                   "kind, config and feature spec")
         if expect is not None:
             expect.check(signature)
+        if found not in kinds:
+            raise CheckpointError(f"{path} holds a model kind this program does not know: "
+                                  f"{found!r} (known: {', '.join(kinds)})")
         if kind not in (None, found):
             raise CheckpointError(f"{path} holds a {found!r} model, not {kind!r}")
-        model = build_model(found, cfg, spec)
+        model = build_model(found, cfg, spec, kinds)
         model.load_state_dict(data["state_dict"])
         broken = next((name for name, tensor in model.state_dict().items()
                        if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)

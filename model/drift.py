@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from model.metrics import EPS, auc
+from model.prediction_metrics import EPS, auc
 
 
 def symmetric_kl(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:

@@ -98,5 +98,5 @@ def signature_from(kind: str, cfg: ModelConfig, spec: FeatureSpec) -> ModelSigna
 
 
 def signature_of(model: nn.Module) -> ModelSignature:
-    """The signature of a built model (one of ``model.kinds.MODEL_KINDS``)."""
+    """The signature of a built model (one that names its ``kind``, ``model.kinds``)."""
     return signature_from(kind_of(model), model.cfg, model.spec)

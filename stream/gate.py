@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from stream.agents import Record
+from stream.handlers import Record
 
 KINDS = ("impressions", "interactions", "labels")  # the order of one millisecond's records
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}

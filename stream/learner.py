@@ -36,7 +36,7 @@ from model.backbone import UniRecModel
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer
 from model.student import StaticStudent
 from model.versions import VersionStore
-from stream.drift import DriftTracker
+from stream.drift_tracker import DriftTracker
 from stream.metrics import WorkerMetrics
 from stream.model_updates import ModelUpdate
 from stream.serving import JoinedExample, LabelBuffer

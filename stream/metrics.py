@@ -12,11 +12,14 @@ suffixes (``_seconds``), ``_total`` on counters.
 from __future__ import annotations
 
 import contextlib
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream.applier import ApplyReport
 from stream.dead_letters import DeadLetter
@@ -382,3 +385,47 @@ class WorkerMetrics:
     @property
     def content_type(self) -> str:
         return CONTENT_TYPE
+
+
+# ----------------------------------------------- reading a worker's /metrics (demo, benches)
+
+
+def scrape(api: str, timeout_s: float = 5.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """``{sample name: [(labels, value)]}`` of the worker's ``/metrics``; {} if unreachable."""
+    try:
+        with urllib.request.urlopen(f"{api}/metrics", timeout=timeout_s) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for lab, v in samples.get(name, ()) if labels.items() <= lab.items())
+
+
+def histogram_quantile(q: float, samples: dict, name: str) -> float | None:
+    """The ``q`` quantile of histogram ``name`` (all label sets merged), interpolated within
+    its bucket as PromQL's ``histogram_quantile`` does; None without observations."""
+    buckets: dict[float, float] = {}
+    for labels, value in samples.get(f"{name}_bucket", ()):
+        le = float(labels["le"])
+        buckets[le] = buckets.get(le, 0.0) + value
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] == 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, buckets[le]
+    return lower

@@ -44,7 +44,7 @@ from model.checkpoint import CheckpointError
 from model.scorer import Scorer
 from model.signature import IncompatibleVersion, ModelSignature, signature_of
 from model.versions import VersionStore
-from stream.agents import WorkerServices
+from stream.handlers import WorkerServices
 from stream.kafka_client import kafka_consumer
 from stream.metrics import WorkerMetrics
 

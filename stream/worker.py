@@ -6,7 +6,7 @@ the three topics; the range assignor gives a worker the same partition numbers o
 one thread, polls up to ``batch_size`` records at a time and:
 
 - ``impressions``: scored (one multi-get per batch), ``Scores`` published to ``scores``;
-- ``interactions``: applied exactly once through ``InteractionApplier`` (``stream.agents``);
+- ``interactions``: applied exactly once through ``InteractionApplier`` (``stream.handlers``);
 - ``labels``: joined with the scored impressions through the ``LabelBuffer``;
 
 in that order, interactions and labels passing through an ``EventTimeGate`` (``stream.gate``)
@@ -58,7 +58,7 @@ events were deleted would be rebuilt from what is left, without an error. A chec
 shared storage would bound the takeover time, at the cost of that storage and of handling its
 staleness (the events after it must still come from the topic).
 
-Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift``): unless
+Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift_tracker``): unless
 ``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
 labels and publishes versions to ``versions_dir``, announced on ``model-updates`` (one
 trainer per directory and topic, ``stream.trainer_claim``: a ``unirec trainer`` that cannot
@@ -100,16 +100,16 @@ from model.scorer import Scorer
 from model.versions import VersionStore
 from state_store import LogMismatchError, StateStore, StoreConfig
 from stream.admission import RecordLimits
-from stream.agents import (
+from stream.applier import InteractionApplier
+from stream.drift_tracker import DriftConfig, DriftTracker
+from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
+from stream.handlers import (
     Record,
     WorkerServices,
     handle_impressions,
     handle_interactions,
     handle_labels,
 )
-from stream.applier import InteractionApplier
-from stream.drift import DriftConfig, DriftTracker
-from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
 from stream.health import DEFAULT_STALL_AFTER_S, LoopHealth
 from stream.http_api import ApiServer, ApiServices, ApiToken
 from stream.kafka_client import kafka_consumer

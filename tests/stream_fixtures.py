@@ -2,7 +2,7 @@
 
 - ``tiny_checkpoint(path)``: a small model (random weights) whose FeatureSpec is fitted on
   ``synthetic_events``; the worker's contract does not depend on the weights' quality.
-- ``WorkerProcess``: ``python -m stream.cli worker`` with a store, a checkpoint and a free
+- ``WorkerProcess``: ``python -m app.cli worker`` with a store, a checkpoint and a free
   web port, its output in a log file; ``stop`` ends it by its PID (SIGTERM, then SIGKILL).
 - ``wait_for(condition, timeout_s, worker, what)``: polls, failing early (with the worker's
   output) if the worker exits, and on time-out.
@@ -54,7 +54,7 @@ class WorkerProcess:
                  env: dict[str, str] | None = None) -> None:
         self.web_port = free_port()
         argv = [
-            sys.executable, "-m", "stream.cli", command,
+            sys.executable, "-m", "app.cli", command,
             "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
             "--store", str(store), "--partitions", str(partitions),
             "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",

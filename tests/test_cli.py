@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app.cli import main
 from eventlog.movielens import DatasetUnavailable, default_data_dir, load_movielens_100k
-from stream.cli import main
 
 TINY = ["--d-model", "16", "--history-len", "8", "--batch-size", "64"]
 
@@ -88,7 +88,7 @@ def test_the_console_script_runs_train_and_eval_on_movielens(tmp_path):
     except DatasetUnavailable as exc:
         pytest.skip(f"MovieLens-100K not available here: {exc}")
     env_args = ["--checkpoint", str(tmp_path / "model.pt")]
-    cli = [sys.executable, "-m", "stream.cli"]
+    cli = [sys.executable, "-m", "app.cli"]
     subprocess.run(
         [*cli, "train", "--dataset", "movielens-100k", "--max-steps", "3", *TINY, *env_args],
         check=True, capture_output=True,

@@ -41,7 +41,7 @@ from deploy_fixtures import (
     metric_names,
 )
 
-from stream.cli import build_parser
+from app.cli import build_parser
 from stream.config import Settings
 from stream.kafka_client import KafkaSecurity
 

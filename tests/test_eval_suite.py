@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from app.cli import main
+from evaluation.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
+from evaluation.prequential import chunk_bounds, prequential
+from evaluation.results_report import verdict
 from eventlog.loaders import load_events
-from model.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
-from model.prequential import chunk_bounds, prequential
-from model.results_report import verdict
 from model.training import TrainConfig
-from stream.cli import main
 from tests.model_fixtures import one_torch_thread
 from tests.test_cli import _write_events
 

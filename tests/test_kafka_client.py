@@ -243,7 +243,7 @@ def test_the_cli_reports_an_unusable_setting_by_name(
         clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """``unirec produce`` with a bad protocol stops with exit 2 and one line naming the
     variable, before any connection (nothing listens at the address given)."""
-    from stream.cli import main
+    from app.cli import main
 
     clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "TLS")
     code = main(["produce", "--synthetic", "5", "--bootstrap-servers", "127.0.0.1:1"])

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.experiment import Budget, matched_width
 from eventlog.log import EventLog
+from model.baselines import MODEL_KINDS
 from model.checkpoint import CheckpointError, load, save
 from model.dataset import build_examples
-from model.experiment import Budget, matched_width
-from model.kinds import MODEL_KINDS, build_model, parameter_count
-from model.metrics import auc
+from model.kinds import build_model, parameter_count
+from model.prediction_metrics import auc
 from model.training import TrainConfig, fit, predict
 from tests.model_fixtures import (
     FEATURIZER,
@@ -35,7 +36,7 @@ def _one_thread():
 
 def baseline(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(kind, config(dropout=0.0, **overrides), SPEC).eval()
+    return build_model(kind, config(dropout=0.0, **overrides), SPEC, MODEL_KINDS).eval()
 
 
 @pytest.mark.parametrize("kind", BASELINES)
@@ -91,18 +92,19 @@ def test_matched_widths_bring_every_kind_within_20_percent_of_unirec():
     target = parameter_count(build_model("unirec", budget.model_config(0.1), SPEC))
     for kind in BASELINES:
         cfg = budget.model_config(0.1, d_model=matched_width(kind, budget, SPEC, target))
-        count = parameter_count(build_model(kind, cfg, SPEC))
+        count = parameter_count(build_model(kind, cfg, SPEC, MODEL_KINDS))
         assert abs(count - target) <= 0.2 * target, (kind, count, target)
 
 
 @pytest.mark.parametrize("kind", list(MODEL_KINDS))
 def test_checkpoints_round_trip_every_kind(kind, tmp_path):
-    """save/load(kind=None) restores the kind and its scores; the default load (what the
-    stream uses) refuses a baseline with a CheckpointError naming the kind."""
+    """save/load(kind=None, kinds=MODEL_KINDS) restores the kind and its scores; the default
+    load (what the stream uses: it knows UniRec alone) refuses a baseline with a
+    CheckpointError naming the kind."""
     model = baseline(kind)
     path = tmp_path / "model.pt"
     save(model, path, {"dataset": "x"})
-    loaded, meta = load(path, kind=None)
+    loaded, meta = load(path, kind=None, kinds=MODEL_KINDS)
     assert type(loaded) is type(model) and meta == {"dataset": "x"}
     user, cands = inputs(model, make_request(3, n_hist=9, n_cands=4))
     with torch.no_grad():

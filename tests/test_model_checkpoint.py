@@ -24,6 +24,7 @@ from model_fixtures import (
 )
 
 from model.backbone import UniRecModel
+from model.baselines import MODEL_KINDS
 from model.checkpoint import CheckpointError, load, save
 from model.kinds import build_model
 from model.signature import IncompatibleVersion, signature_of
@@ -131,7 +132,7 @@ OTHER_MODELS = {  # reason: a model that differs from fresh_model() in that part
     "state_width": lambda: fresh_model(d_model=64),
     "feature_spec": lambda: UniRecModel(config(), replace(SPEC, id_buckets=8192)).eval(),
     "model_config": lambda: fresh_model(core_k=8),
-    "model_kind": lambda: build_model("deepfm", config(), SPEC).eval(),
+    "model_kind": lambda: build_model("deepfm", config(), SPEC, MODEL_KINDS).eval(),
 }
 
 
@@ -162,7 +163,7 @@ def test_another_signature_is_refused_before_the_weights_are_built(tmp_path, rea
     path = tmp_path / "other.pt"
     save(other, path)
     data = torch.load(path, weights_only=True)
-    assert load(path, kind=None)[0].cfg == other.cfg
+    assert load(path, kind=None, kinds=MODEL_KINDS)[0].cfg == other.cfg
     broken = tmp_path / "broken-weights.pt"
     torch.save({**data, "state_dict": {"not": torch.zeros(1)}}, broken)
     for file in (path, broken):

@@ -24,7 +24,7 @@ from model_fixtures import (
 )
 
 from model.compression import LearnedCompression
-from model.core import select_core
+from model.core_behaviours import select_core
 from model.gru import UserStateGRU
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from model.metrics import auc, gauc, logloss, report
+from model.prediction_metrics import auc, gauc, logloss, report
 
 
 @st.composite

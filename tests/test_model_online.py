@@ -28,8 +28,8 @@ from model_fixtures import (
 from eventlog.schema import Candidate, Impression
 from model.backbone import UniRecModel
 from model.drift import DriftMonitor
-from model.metrics import auc
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer, collate, predict
+from model.prediction_metrics import auc
 from model.student import StaticStudent
 from model.training import guarded_step
 

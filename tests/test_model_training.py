@@ -15,7 +15,7 @@ from eventlog.schema import Interaction
 from model.backbone import UniRecModel
 from model.dataset import build_examples, gather_batch
 from model.features import FeatureSpec, Featurizer
-from model.metrics import logloss
+from model.prediction_metrics import logloss
 from model.training import TrainConfig, make_optimizer, predict, train_step
 
 

@@ -40,7 +40,7 @@ def demo(run_dir: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_RUN_DIR": str(run_dir),
            "UNIREC_DEVICE": "cpu"}
     return subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "demo", "--train-steps", "2", *args],
+        [sys.executable, "-m", "app.cli", "demo", "--train-steps", "2", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )

@@ -5,8 +5,8 @@ the interactions of its user ordered before it."""
 
 from __future__ import annotations
 
-from stream.agents import Record
 from stream.gate import EventTimeGate, preceding_interactions
+from stream.handlers import Record
 
 
 def rec(partition: int, offset: int, ts: int, user: bytes = b"u") -> Record:

@@ -34,7 +34,7 @@ from state_store import StateStore, StoreConfig
 from stream.applier import InteractionApplier
 from stream.broker import EmbeddedBroker
 from stream.dead_letters import ConsumedRecord
-from stream.demo import scrape, total
+from stream.metrics import scrape, total
 from stream.producer import synthetic_events
 from stream.topics import TopicNames, ensure_topics
 

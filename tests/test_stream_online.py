@@ -26,6 +26,7 @@ from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
 from model.backbone import UniRecModel
+from model.baselines import MODEL_KINDS
 from model.checkpoint import save
 from model.kinds import build_model
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer
@@ -33,10 +34,10 @@ from model.scorer import Scorer
 from model.versions import VersionStore
 from state_store import StateStore, StoreConfig
 from stream import learner as learner_module
-from stream.agents import WorkerServices
 from stream.applier import InteractionApplier
 from stream.broker import EmbeddedBroker
-from stream.drift import DriftConfig, DriftTracker
+from stream.drift_tracker import DriftConfig, DriftTracker
+from stream.handlers import WorkerServices
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, ModelUpdate, UpdateListener, announce, starting_model
@@ -67,7 +68,7 @@ INCOMPATIBLE = {  # reason: a model that differs from tiny_model() in that part
     "state_width": lambda: UniRecModel(tiny_config(d_model=32), SPEC).eval(),
     "feature_spec": lambda: UniRecModel(tiny_config(), replace(SPEC, id_buckets=4096)).eval(),
     "model_config": lambda: UniRecModel(tiny_config(core_k=2), SPEC).eval(),
-    "model_kind": lambda: build_model("deepfm", tiny_config(), SPEC).eval(),
+    "model_kind": lambda: build_model("deepfm", tiny_config(), SPEC, MODEL_KINDS).eval(),
 }
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from app.cli import main
 from eventlog.log import EventLog
 from eventlog.schema import Impression, Interaction, Label, decode
 from stream.broker import EmbeddedBroker, free_port
-from stream.cli import main
 from stream.producer import (
     CandidateSampler,
     SyntheticConfig,

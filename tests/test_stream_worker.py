@@ -1,6 +1,6 @@
 """``unirec worker`` end to end, as a subprocess against an embedded Tansu broker.
 
-Each test produces a small synthetic log, runs the worker (``python -m stream.cli worker``)
+Each test produces a small synthetic log, runs the worker (``python -m app.cli worker``)
 with a temporary store and a tiny checkpoint (``stream_fixtures``: random weights and a FeatureSpec
 fitted on the synthetic events: the worker's contract does not depend on the weights'
 quality), and waits for conditions by polling the store read-only or the output topics, with
@@ -30,12 +30,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
 
+from app.cli import main as unirec
 from eventlog.schema import encode
 from state_store import StateStore
-from stream.agents import Record, by_partition
 from stream.broker import EmbeddedBroker, free_port
-from stream.cli import main as unirec
 from stream.dead_letters import ConsumedRecord
+from stream.handlers import Record, by_partition
 from stream.producer import replay_events, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
@@ -383,7 +383,7 @@ def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
 def test_without_a_checkpoint_the_worker_exits_with_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "none.pt"
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers",
+        [sys.executable, "-m", "app.cli", "worker", "--bootstrap-servers",
          f"127.0.0.1:{free_port()}", "--checkpoint", str(missing), "--store",
          str(tmp_path / "store")],
         cwd=REPO, capture_output=True, text=True, timeout=60,

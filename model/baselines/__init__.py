@@ -5,12 +5,18 @@
 - ``SASRecDCN``: a causal self-attention encoder compresses the history to one vector, then
   DCNv2 cross layers mix it with the field tokens ("compress first, then interact").
 
-Each follows ``UniRecModel``'s contract ``forward(user, cands) -> {task: logits [B, C]}`` and
-has ``cfg.use_state == False``, so ``train_step``/``fit``/``predict`` apply unchanged.
+Each follows ``UniRecModel``'s contract ``forward(user, cands) -> {task: logits [B, C]}``,
+names its ``kind``, and has ``cfg.use_state == False``, so ``train_step``/``fit``/``predict``
+apply unchanged.
 """
 
 from model.baselines.deepfm import DeepFM
 from model.baselines.din import DIN
 from model.baselines.sasrec_dcn import SASRecDCN
+from model.kinds import SERVING_KINDS, ModelKinds
 
-__all__ = ["DIN", "DeepFM", "SASRecDCN"]
+MODEL_KINDS: ModelKinds = {**SERVING_KINDS, DeepFM.kind: DeepFM, DIN.kind: DIN,
+                           SASRecDCN.kind: SASRecDCN}
+"""Every kind a run can train and evaluate (``unirec train --model KIND``)."""
+
+__all__ = ["DIN", "MODEL_KINDS", "DeepFM", "SASRecDCN"]

@@ -25,6 +25,8 @@ class DeepFM(Baseline):
 
     kind = "deepfm"
 
+    kind = "deepfm"
+
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(cfg, spec, extra_slots=0)
         sources = [Source.F_U] * spec.n_user_fields + [Source.C_U]

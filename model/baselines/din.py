@@ -38,6 +38,8 @@ class DIN(Baseline):
 
     kind = "din"
 
+    kind = "din"
+
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(cfg, spec, extra_slots=1)
         self.attention = TargetAttention(cfg.d_model)

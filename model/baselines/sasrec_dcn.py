@@ -69,6 +69,8 @@ class SASRecDCN(Baseline):
 
     kind = "sasrec-dcnv2"
 
+    kind = "sasrec-dcnv2"
+
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(cfg, spec, extra_slots=1)
         d = cfg.d_model

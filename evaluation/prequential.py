@@ -20,7 +20,7 @@ from torch import nn
 
 from model.dataset import ExampleSet, gather_batch
 from model.features import Featurizer
-from model.metrics import auc, report
+from model.prediction_metrics import auc, report
 from model.training import TrainConfig, make_optimizer, predict, train_step
 
 

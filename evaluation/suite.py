@@ -19,13 +19,21 @@ from typing import Any
 
 import torch
 
+from evaluation.experiment import (
+    MODELS,
+    VARIANTS,
+    Budget,
+    Hyper,
+    make_splits,
+    matched_width,
+    run_one,
+)
+from evaluation.prequential import prequential
+from evaluation.results_report import write_report
+from evaluation.tuning import GRID, load_tuning, save_tuning, tune
 from eventlog.log import EventLog
-from model.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, matched_width, run_one
 from model.kinds import build_model, parameter_count
-from model.prequential import prequential
-from model.results_report import write_report
 from model.training import TrainConfig
-from model.tuning import GRID, load_tuning, save_tuning, tune
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs in all, what just finished)
 

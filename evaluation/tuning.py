@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from model.experiment import MODELS, Budget, Hyper, Splits, run_one
+from evaluation.experiment import MODELS, Budget, Hyper, Splits, run_one
 
 GRID_LR = (1e-4, 3e-4, 1e-3)
 GRID_DROPOUT = (0.1, 0.2, 0.3)

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from eventlog.log import EventLog, time_split
+from model.baselines import MODEL_KINDS
 from model.config import INPUT_COMPRESSION_WIDTHS, ModelConfig
 from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
-from model.metrics import report
+from model.prediction_metrics import report
 from model.training import TrainConfig, fit, predict
 
 WIDTHS = tuple(range(8, 257, 4))  # d_model candidates for matching (multiples of n_heads)
@@ -123,7 +124,8 @@ def matched_width(kind: str, budget: Budget, spec: FeatureSpec, target: int) -> 
         return budget.d_model
 
     def count(d: int) -> int:
-        return parameter_count(build_model(kind, budget.model_config(0.0, d_model=d), spec))
+        return parameter_count(build_model(kind, budget.model_config(0.0, d_model=d), spec,
+                                           MODEL_KINDS))
 
     low, high = 0, len(WIDTHS) - 1  # find the first width with count >= target
     while low < high:
@@ -162,7 +164,7 @@ def run_one(variant: Variant, hyper: Hyper, seed: int, splits: Splits, budget: B
     started = time.perf_counter()
     torch.manual_seed(seed)
     cfg = budget.model_config(hyper.dropout, d_model=d_model, **variant.overrides)
-    model = build_model(variant.kind, cfg, splits.featurizer.spec).to(device)
+    model = build_model(variant.kind, cfg, splits.featurizer.spec, MODEL_KINDS).to(device)
     train_cfg = TrainConfig(lr=hyper.lr, batch_size=budget.batch_size,
                             max_steps=steps or budget.steps, seed=seed)
     losses = fit(model, splits.featurizer, splits.train, train_cfg, device)

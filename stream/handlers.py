@@ -39,7 +39,7 @@ from state_store import StateStore
 from stream.admission import RecordLimits
 from stream.applier import ApplyReport, InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
-from stream.drift import DriftTracker
+from stream.drift_tracker import DriftTracker
 from stream.isolation import isolate
 from stream.metrics import WorkerMetrics
 from stream.serving import (

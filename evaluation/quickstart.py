@@ -15,11 +15,12 @@ import torch
 
 from eventlog.log import EventLog, time_split
 from model.backbone import UniRecModel
+from model.baselines import MODEL_KINDS
 from model.config import ModelConfig
 from model.dataset import build_examples
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
-from model.metrics import report
+from model.prediction_metrics import report
 from model.training import TrainConfig, fit, predict
 
 
@@ -41,7 +42,7 @@ def train_on_log(
     torch.manual_seed(train_cfg.seed)
     spec = FeatureSpec.fit(train_log.interactions, log.profiles.values())
     featurizer = Featurizer(spec)
-    model = build_model(kind, model_cfg, spec).to(device)
+    model = build_model(kind, model_cfg, spec, MODEL_KINDS).to(device)
     examples = build_examples(train_log, featurizer, model_cfg.history_len)
     started = time.perf_counter()
     losses = fit(model, featurizer, examples, train_cfg, device, on_step)

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evaluation.experiment import Budget
+from evaluation.quickstart import evaluate_on_log, train_on_log
 from eventlog.generic import GenericFormatError
 from eventlog.loaders import DATASETS, EventLog, load_dataset, load_events
 from eventlog.movielens import DatasetUnavailable
+from model.baselines import MODEL_KINDS
 from model.checkpoint import CheckpointError, load, save
 from model.config import ModelConfig
-from model.experiment import Budget
-from model.kinds import MODEL_KINDS
 from model.online import OnlineConfig
-from model.quickstart import evaluate_on_log, train_on_log
 from model.training import TrainConfig
 from stream.admission import RecordLimits
 from stream.config import Settings, SettingsError
@@ -161,7 +161,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings, event_log: EventLog)
     path = args.checkpoint or settings.checkpoint_path(event_log.name)
     device = settings.torch_device()
     try:
-        model, meta = load(path, device, kind=None)
+        model, meta = load(path, device, kind=None, kinds=MODEL_KINDS)
     except CheckpointError as exc:
         raise CliError(f"{exc} (run `unirec train` first or pass --checkpoint)") from exc
     if meta.get("dataset") not in (None, event_log.name):
@@ -189,9 +189,9 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from app.demo import DemoConfig, DemoError
+    from app.demo import run_demo as run
     from stream.broker import BrokerStartError
-    from stream.demo import DemoConfig, DemoError
-    from stream.demo import run_demo as run
 
     if (args.events is not None and args.events < 1) or (args.rate is not None and args.rate <= 0):
         raise CliError("--events and --rate must be positive")
@@ -241,7 +241,7 @@ def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval_suite(args: argparse.Namespace) -> None:
-    from model.suite import run_suite  # matplotlib: loaded only for this command
+    from evaluation.suite import run_suite  # matplotlib: loaded only for this command
 
     if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
         raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
@@ -437,7 +437,7 @@ def _add_learning_flags(parser: argparse.ArgumentParser) -> None:
 
 def _learning_config(args: argparse.Namespace) -> dict:
     """The ``WorkerConfig`` fields of ``_add_learning_flags``."""
-    from stream.drift import DriftConfig
+    from stream.drift_tracker import DriftConfig
     from stream.learner import LearnerConfig
 
     if args.checkpoint_every < 1 or args.train_batch_size < 1 or args.train_lr <= 0:

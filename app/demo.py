@@ -29,8 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,14 +36,14 @@ from typing import IO, Any
 
 import numpy as np
 from kafka import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from eventlog.loaders import DATASETS
 from eventlog.log import EventLog, time_split
 from eventlog.schema import Interaction
-from model.metrics import auc, gauc
+from model.prediction_metrics import auc, gauc
 from stream.broker import EmbeddedBroker, free_port
 from stream.kafka_client import kafka_consumer
+from stream.metrics import histogram_quantile, scrape, total
 from stream.producer import open_producer, replay_events, send_interactions
 from stream.serving import Scores
 from stream.topics import TopicNames, ensure_topics
@@ -128,50 +126,6 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------ worker metrics
-
-
-def scrape(api: str, timeout_s: float = 5.0) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """``{sample name: [(labels, value)]}`` of the worker's ``/metrics``; {} if unreachable."""
-    try:
-        with urllib.request.urlopen(f"{api}/metrics", timeout=timeout_s) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return {}
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
-    return samples
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    return sum(v for lab, v in samples.get(name, ()) if labels.items() <= lab.items())
-
-
-def histogram_quantile(q: float, samples: dict, name: str) -> float | None:
-    """The ``q`` quantile of histogram ``name`` (all label sets merged), interpolated within
-    its bucket as PromQL's ``histogram_quantile`` does; None without observations."""
-    buckets: dict[float, float] = {}
-    for labels, value in samples.get(f"{name}_bucket", ()):
-        le = float(labels["le"])
-        buckets[le] = buckets.get(le, 0.0) + value
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] == 0:
-        return None
-    rank = q * buckets[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for le in bounds:
-        if buckets[le] >= rank:
-            if le == float("inf"):
-                return lower
-            inside = buckets[le] - below
-            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = le, buckets[le]
-    return lower
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -233,7 +187,7 @@ class Demo:
     def _start_worker(self, bootstrap: str, port: int) -> subprocess.Popen:
         c = self.config
         argv = [
-            sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
+            sys.executable, "-m", "app.cli", "worker", "--bootstrap-servers", bootstrap,
             "--checkpoint", str(c.checkpoint), "--store", str(self.home / "state"),
             "--partitions", str(c.partitions), "--web-port", str(port),
             "--batch-size", str(c.batch_size), "--device", c.device,

@@ -1,0 +1,1 @@
+"""The application shell: the ``unirec`` command line and the demo."""
