@@ -37,8 +37,9 @@ from model.features import Featurizer
 from state_store import LogChangedError, PartitionBatch, RecordBatch, StateStore
 from stream.admission import RecordLimits
 from stream.crash_points import crash_point
-from stream.dead_letters import ConsumedRecord, DeadLetter, check_offsets, decode_records
+from stream.dead_letters import DeadLetter, check_offsets, decode_records
 from stream.isolation import isolate
+from stream.records import ConsumedRecord
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,9 @@ class InteractionApplier:
         ``ValueError`` on offsets out of order; store errors propagate (nothing is written).
         """
         start = time.perf_counter()
-        check_offsets(records, last_offset)
+        check_offsets(records, partition, last_offset)
         fresh = self._unapplied(topic, partition, log_id, records)
-        events, dead = decode_records(Interaction, topic, partition, fresh, self.limits)
+        events, dead = decode_records(Interaction, topic, fresh, self.limits)
         decoded = time.perf_counter()
 
         before, stale = self._read(events)

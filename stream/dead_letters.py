@@ -17,26 +17,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import msgspec
 
 from eventlog.schema import M, SchemaError, decode
 from stream.admission import RecordLimits
+from stream.records import ConsumedRecord
 
 DEAD_LETTER_PAYLOAD_BYTES = 4096
 DEAD_LETTER_KEY_BYTES = 256
 DEAD_LETTER_REASON_CHARS = 1000
-
-
-class ConsumedRecord(NamedTuple):
-    """One record as consumed from a partition: its offset, raw key, raw value and broker
-    timestamp in milliseconds (-1: none)."""
-
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp: int = -1
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -75,11 +65,16 @@ class DeadLetter(msgspec.Struct, frozen=True):
 _encoder = msgspec.json.Encoder()
 
 
-def check_offsets(records: Sequence[ConsumedRecord], last_offset: int) -> None:
-    """Raise ``ValueError`` unless the offsets are non-negative, strictly increasing and at
-    most ``last_offset`` (a caller's bug, not bad input)."""
+def check_offsets(records: Sequence[ConsumedRecord], partition: int, last_offset: int
+                  ) -> None:
+    """Raise ``ValueError`` unless the records are of ``partition`` and their offsets are
+    non-negative, strictly increasing and at most ``last_offset`` (a caller's bug, not bad
+    input)."""
     previous = -1
     for record in records:
+        if record.partition != partition:
+            raise ValueError(f"a record of partition {record.partition} in a batch of "
+                             f"partition {partition}")
         if record.offset <= previous:
             raise ValueError(
                 f"record offsets must be non-negative and strictly increasing: "
@@ -91,8 +86,7 @@ def check_offsets(records: Sequence[ConsumedRecord], last_offset: int) -> None:
 
 
 def decode_records(
-    kind: type[M], topic: str, partition: int, records: Sequence[ConsumedRecord],
-    limits: RecordLimits,
+    kind: type[M], topic: str, records: Sequence[ConsumedRecord], limits: RecordLimits,
 ) -> tuple[list[tuple[int, M]], list[DeadLetter]]:
     """Decode ``records`` as ``kind`` messages: ((offset, message) in input order, dead letters).
 
@@ -104,12 +98,13 @@ def decode_records(
     """
     messages: list[tuple[int, M]] = []
     dead: list[DeadLetter] = []
-    for offset, key, value, timestamp in records:
-        reason, message = _admit(kind, key, value, timestamp, limits)
+    for record in records:
+        reason, message = _admit(kind, record.key, record.value, record.timestamp, limits)
         if reason is None:
-            messages.append((offset, message))
+            messages.append((record.offset, message))
         else:
-            dead.append(DeadLetter.of(topic, partition, offset, key, value, reason))
+            dead.append(DeadLetter.of(topic, record.partition, record.offset, record.key,
+                                      record.value, reason))
     return messages, dead
 
 

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from stream.handlers import Record
+from stream.records import ConsumedRecord
 
 KINDS = ("impressions", "interactions", "labels")  # the order of one millisecond's records
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
@@ -45,7 +45,7 @@ FETCH_MAX_WAIT_MS = 100
 be, well under ``IDLE_GRACE_S``."""
 
 
-def order_key(kind: str, record: Record) -> tuple[int, int, int]:
+def order_key(kind: str, record: ConsumedRecord) -> tuple[int, int, int]:
     """Sort key of a record in time order: timestamp, then kind (``KINDS``), then offset."""
     return record.timestamp, _RANK[kind], record.offset
 
@@ -63,23 +63,23 @@ class EventTimeGate:
         self.clock = clock
         self.released_early: dict[str, int] = dict.fromkeys(KINDS, 0)
         # each held record with the clock reading when it was held
-        self._held: dict[str, dict[int, deque[tuple[float, Record]]]] = {
+        self._held: dict[str, dict[int, deque[tuple[float, ConsumedRecord]]]] = {
             kind: {} for kind in KINDS}
         self._newest: dict[str, dict[int, tuple[int, int, int]]] = {kind: {} for kind in KINDS}
 
-    def hold(self, kind: str, records: Iterable[Record]) -> None:
+    def hold(self, kind: str, records: Iterable[ConsumedRecord]) -> None:
         """Buffer ``records`` of ``kind`` (one of ``KINDS``), given in offset order."""
         held, newest, now = self._held[kind], self._newest[kind], self.clock()
         for r in records:
             held.setdefault(r.partition, deque()).append((now, r))
             newest[r.partition] = order_key(kind, r)
 
-    def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[Record]]:
+    def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[ConsumedRecord]]:
         """``{kind: records}`` that can no longer be overtaken, in offset order per partition.
 
         ``idle(kind, p)``: whether partition p of that kind's topic has nothing more to read.
         """
-        out: dict[str, list[Record]] = {kind: [] for kind in KINDS}
+        out: dict[str, list[ConsumedRecord]] = {kind: [] for kind in KINDS}
         ripe = self.clock() - self.idle_grace_s  # held before this: idle topics let it pass
         for kind, held in self._held.items():
             others = [k for k in KINDS if k != kind]
@@ -107,8 +107,9 @@ class EventTimeGate:
         self._newest[kind].pop(partition, None)
 
 
-def preceding_interactions(impressions: Iterable[Record], interactions: Iterable[Record]
-                           ) -> dict[tuple[int, int], list[Record]]:
+def preceding_interactions(impressions: Iterable[ConsumedRecord],
+                           interactions: Iterable[ConsumedRecord]
+                           ) -> dict[tuple[int, int], list[ConsumedRecord]]:
     """For each impression (``(partition, offset)``): the interactions of one release with
     its key (user) ordered before it (``order_key``), oldest first. The caller applies those
     interactions after scoring the batch, so the impression is scored against its user's
@@ -117,8 +118,8 @@ def preceding_interactions(impressions: Iterable[Record], interactions: Iterable
     merged = sorted([(order_key("impressions", r), "impressions", r) for r in impressions]
                     + [(order_key("interactions", r), "interactions", r) for r in interactions],
                     key=lambda item: (item[2].partition, item[0]))
-    pending: dict[tuple[int, bytes | None], list[Record]] = {}
-    out: dict[tuple[int, int], list[Record]] = {}
+    pending: dict[tuple[int, bytes | None], list[ConsumedRecord]] = {}
+    out: dict[tuple[int, int], list[ConsumedRecord]] = {}
     for _, kind, r in merged:
         user = (r.partition, r.key)
         if kind == "interactions":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 from kafka import KafkaProducer
@@ -38,10 +37,11 @@ from eventlog.schema import Impression, Interaction, Label
 from state_store import StateStore
 from stream.admission import RecordLimits
 from stream.applier import ApplyReport, InteractionApplier
-from stream.dead_letters import ConsumedRecord, DeadLetter, decode_records
+from stream.dead_letters import DeadLetter, decode_records
 from stream.drift_tracker import DriftTracker
 from stream.isolation import isolate
 from stream.metrics import WorkerMetrics
+from stream.records import ConsumedRecord
 from stream.serving import (
     FeedbackWindow,
     ImpressionScorer,
@@ -54,17 +54,6 @@ from stream.topics import TopicNames
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT_S = 30.0
-
-
-class Record(NamedTuple):
-    """One consumed record of a topic: its partition, offset, key, value and Kafka timestamp
-    (milliseconds; the worker orders topics by it, ``stream.gate``)."""
-
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp: int = -1  # none
 
 
 @dataclass
@@ -129,18 +118,17 @@ class WorkerServices:
             self.metrics.count_rejected(topic, letter.reason)
 
 
-def by_partition(records: Iterable[Record]) -> dict[int, list[ConsumedRecord]]:
+def by_partition(records: Iterable[ConsumedRecord]) -> dict[int, list[ConsumedRecord]]:
     """``{partition: records in increasing offset order}``; a repeated offset keeps its first
     record (a redelivery within one batch)."""
     grouped: dict[int, dict[int, ConsumedRecord]] = {}
     for r in records:
-        grouped.setdefault(r.partition, {}).setdefault(
-            r.offset, ConsumedRecord(r.offset, r.key, bytes(r.value), r.timestamp)
-        )
+        grouped.setdefault(r.partition, {}).setdefault(r.offset, r)
     return {p: [rs[o] for o in sorted(rs)] for p, rs in sorted(grouped.items())}
 
 
-def handle_interactions(services: WorkerServices, records: Sequence[Record]) -> list[ApplyReport]:
+def handle_interactions(services: WorkerServices, records: Sequence[ConsumedRecord]
+                        ) -> list[ApplyReport]:
     """Apply one micro-batch of ``interactions`` records, partition by partition."""
     topic = services.topics.interactions
     reports = []
@@ -169,8 +157,8 @@ class NonFiniteScoreError(ArithmeticError):
 
 def handle_impressions(
     services: WorkerServices,
-    records: Sequence[Record],
-    preceding: Mapping[tuple[int, int], Sequence[Record]] | None = None,
+    records: Sequence[ConsumedRecord],
+    preceding: Mapping[tuple[int, int], Sequence[ConsumedRecord]] | None = None,
 ) -> int:
     """Score one micro-batch of ``impressions``; returns the number of scores published.
 
@@ -179,13 +167,13 @@ def handle_impressions(
     is scored as if they were applied (records the applier rejects are left out).
     """
     topic, limits = services.topics.impressions, services.limits
-    admitted: list[tuple[int, ConsumedRecord, Impression, list[Interaction]]] = []
+    admitted: list[tuple[ConsumedRecord, Impression, list[Interaction]]] = []
     for partition, consumed in by_partition(records).items():
-        valid, dead = decode_records(Impression, topic, partition, consumed, limits)
+        valid, dead = decode_records(Impression, topic, consumed, limits)
         raw = {r.offset: r for r in consumed}
         for offset, message in valid:
             before = (preceding or {}).get((partition, offset), ())
-            admitted.append((partition, raw[offset], message, _admitted(before, limits)))
+            admitted.append((raw[offset], message, _admitted(before, limits)))
         if dead:
             services.reject(topic, dead)
     services.metrics.count_consumed(topic, len(records))
@@ -194,18 +182,18 @@ def handle_impressions(
     isolated = isolate(admitted, lambda some: _score(services.scorer, some))
     if isolated.failed:
         services.reject(topic, [
-            DeadLetter.of(topic, partition, r.offset, r.key, r.value,
+            DeadLetter.of(topic, r.partition, r.offset, r.key, r.value,
                           f"cannot score the impression: {reason}")
-            for (partition, r, _, _), reason in isolated.failed])
+            for (r, _, _), reason in isolated.failed])
     scored = isolated.result
     metrics = services.metrics
     if scored:
         metrics.observe_store_read(scored[0].read_s)  # the batch's one multi-get
     metrics.count_stale_rebuilt("score", sum(item.state_rebuilt for item in scored))
     published = 0
-    for (partition, record, _, _), item in zip(isolated.kept, scored, strict=True):
+    for (record, _, _), item in zip(isolated.kept, scored, strict=True):
         metrics.observe_scoring(len(item.impression.candidates), item.score_s)
-        if services.publish_scores and not _publish_scores(services, partition, record, item):
+        if services.publish_scores and not _publish_scores(services, record, item):
             continue
         services.window.add(item, limits.stream_time(record.timestamp))
         published += 1
@@ -215,13 +203,13 @@ def handle_impressions(
 
 
 def _score(scorer: ImpressionScorer,
-           admitted: Sequence[tuple[int, ConsumedRecord, Impression, list[Interaction]]]
+           admitted: Sequence[tuple[ConsumedRecord, Impression, list[Interaction]]]
            ) -> list[ScoredImpression]:
     """Score the admitted impressions together; ``NonFiniteScoreError`` if a score is not
     finite (``stream.isolation`` then finds which impression)."""
     if not admitted:
         return []
-    scored = scorer.score_many([i for _, _, i, _ in admitted], [p for _, _, _, p in admitted])
+    scored = scorer.score_many([i for _, i, _ in admitted], [p for _, _, p in admitted])
     for item in scored:
         if not (np.isfinite(item.dynamic).all()
                 and (item.static is None or np.isfinite(item.static).all())):
@@ -230,7 +218,7 @@ def _score(scorer: ImpressionScorer,
     return scored
 
 
-def _publish_scores(services: WorkerServices, partition: int, record: ConsumedRecord,
+def _publish_scores(services: WorkerServices, record: ConsumedRecord,
                     item: ScoredImpression) -> bool:
     """Send the impression's ``Scores``; a send the producer refuses is a dead letter of the
     impression (False)."""
@@ -240,26 +228,25 @@ def _publish_scores(services: WorkerServices, partition: int, record: ConsumedRe
                                value=item.scores.encode())
     except MessageSizeTooLargeError as exc:
         services.reject(topic, [DeadLetter.of(
-            topic, partition, record.offset, record.key, record.value,
+            topic, record.partition, record.offset, record.key, record.value,
             f"cannot publish the scores: {type(exc).__name__}: {exc}")])
         return False
     return True
 
 
-def _admitted(records: Sequence[Record], limits: RecordLimits) -> list[Interaction]:
+def _admitted(records: Sequence[ConsumedRecord], limits: RecordLimits) -> list[Interaction]:
     """The interactions among ``records`` that the applier will admit, in order."""
-    consumed = [ConsumedRecord(r.offset, r.key, bytes(r.value), r.timestamp) for r in records]
-    valid, _ = decode_records(Interaction, "", 0, consumed, limits)
+    valid, _ = decode_records(Interaction, "", records, limits)
     return [message for _, message in valid]
 
 
-def handle_labels(services: WorkerServices, records: Sequence[Record]) -> int:
+def handle_labels(services: WorkerServices, records: Sequence[ConsumedRecord]) -> int:
     """Join one micro-batch of ``labels`` with the scored impressions; returns joined count."""
     topic, limits = services.topics.labels, services.limits
     joined: list[JoinedExample] = []
     unmatched = 0
-    for partition, consumed in by_partition(records).items():
-        valid, dead = decode_records(Label, topic, partition, consumed, limits)
+    for consumed in by_partition(records).values():
+        valid, dead = decode_records(Label, topic, consumed, limits)
         if dead:
             services.reject(topic, dead)
         stamp = {r.offset: r.timestamp for r in consumed}

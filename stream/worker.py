@@ -104,7 +104,6 @@ from stream.applier import InteractionApplier
 from stream.drift_tracker import DriftConfig, DriftTracker
 from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
 from stream.handlers import (
-    Record,
     WorkerServices,
     handle_impressions,
     handle_interactions,
@@ -117,6 +116,7 @@ from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.producer import open_producer
+from stream.records import ConsumedRecord
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import (
     CopartitionError,
@@ -424,10 +424,11 @@ class ConsumerLoop:
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Score the polled impressions, then apply and join what the gate releases."""
         services, gate = self.services, self.gate
-        by_topic: dict[str, list[Record]] = {}
+        by_topic: dict[str, list[ConsumedRecord]] = {}
         for tp, records in polled.items():
             by_topic.setdefault(tp.topic, []).extend(
-                Record(tp.partition, r.offset, r.key, r.value, r.timestamp) for r in records
+                ConsumedRecord(tp.partition, r.offset, r.key, r.value, r.timestamp)
+                for r in records
             )
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1

@@ -81,7 +81,7 @@ def event(
 ) -> Interaction:
     item = int(rng.integers(N_ITEMS)) if item is None else item
     return Interaction(
-        event_id=f"{user}-e{index}",
+        event_id=f"{user[:64]}-e{index}",  # within RecordLimits.max_id_bytes for any user
         user_id=user,
         item_id=f"i{item}",
         action=str(rng.choice(ACTIONS)),

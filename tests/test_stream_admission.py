@@ -9,7 +9,8 @@ import pytest
 
 from eventlog.schema import Impression, Interaction, Label
 from stream.admission import MAX_OUTPUT_BYTES, RecordLimits
-from stream.dead_letters import ConsumedRecord, decode_records
+from stream.dead_letters import decode_records
+from stream.records import ConsumedRecord
 from stream.serving import ScoredItem, Scores
 
 LIMITS = RecordLimits()
@@ -25,7 +26,7 @@ LABEL = {"request_id": "r1", "user_id": "u1", "item_id": "i1", "label": 1,
 def reasons(kind: type, message: dict | bytes, key: bytes | None = b"u1",
             timestamp: int = NOW_MS, limits: RecordLimits = LIMITS) -> list[str]:
     value = message if isinstance(message, bytes) else msgspec.json.encode(message)
-    valid, dead = decode_records(kind, "t", 0, [ConsumedRecord(7, key, value, timestamp)],
+    valid, dead = decode_records(kind, "t", [ConsumedRecord(0, 7, key, value, timestamp)],
                                  limits)
     assert len(valid) + len(dead) == 1
     return [d.reason for d in dead]

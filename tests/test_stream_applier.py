@@ -27,7 +27,8 @@ from model.config import ModelConfig
 from model.features import Featurizer
 from state_store import LogChangedError, StateStore, StoreConfig
 from stream.applier import InteractionApplier, decode_history
-from stream.dead_letters import ConsumedRecord, DeadLetter
+from stream.dead_letters import DeadLetter
+from stream.records import ConsumedRecord
 
 TOPIC = "interactions"
 LOG = "cluster/topic"
@@ -68,9 +69,10 @@ def make_events(users: Sequence[str], seed: int = 0, start: int = 0) -> list[Int
     ]
 
 
-def records(events: Sequence[Interaction], first_offset: int = 0) -> list[ConsumedRecord]:
+def records(events: Sequence[Interaction], first_offset: int = 0, partition: int = 0
+            ) -> list[ConsumedRecord]:
     return [
-        ConsumedRecord(first_offset + k, e.user_id.encode(), encode(e))
+        ConsumedRecord(partition, first_offset + k, e.user_id.encode(), encode(e))
         for k, e in enumerate(events)
     ]
 
@@ -157,7 +159,7 @@ def test_interleaved_users_each_get_their_own_state(users: list[str]) -> None:
         apply(InteractionApplier(mixed, MODEL, 1), records(events))
         one_user = InteractionApplier(alone, MODEL, 1)
         for partition, user in enumerate(set(users)):  # a batch of the user's events only
-            mine = records(of_user(events, user))
+            mine = records(of_user(events, user), partition=partition)
             one_user.apply(TOPIC, partition, LOG, mine, mine[-1].offset)
         for user in set(users):
             np.testing.assert_allclose(mixed.get(user).state, alone.get(user).state, atol=1e-5)
@@ -199,11 +201,11 @@ def test_bad_records_become_dead_letters_and_the_rest_is_applied() -> None:
         6: (msgspec.json.encode({**raw, "user_id": ""}), "user_id"),
     }
     batch = [
-        ConsumedRecord(r.offset, r.key, bad[r.offset][0]) if r.offset in bad else r
+        r._replace(value=bad[r.offset][0]) if r.offset in bad else r
         for r in good
     ]
-    batch[5] = ConsumedRecord(5, b"b", good[5].value)  # a's event under b's key
-    batch[7] = ConsumedRecord(7, None, good[7].value)  # no key: its partition is a guess
+    batch[5] = good[5]._replace(key=b"b")  # a's event under b's key
+    batch[7] = good[7]._replace(key=None)  # no key: its partition is a guess
     with open_store() as store:
         report = apply(InteractionApplier(store, MODEL, 1), batch)
         letters = {d.offset: d for d in report.dead_letters}
@@ -227,7 +229,7 @@ def test_bad_records_become_dead_letters_and_the_rest_is_applied() -> None:
 
 
 def test_poison_batch_still_moves_the_offset() -> None:
-    batch = [ConsumedRecord(o, b"a", b"\xff poison") for o in (10, 11)]
+    batch = [ConsumedRecord(0, o, b"a", b"\xff poison") for o in (10, 11)]
     with open_store() as store:
         applier = InteractionApplier(store, MODEL, 1)
         report = apply(applier, batch, last_offset=12)
@@ -240,7 +242,7 @@ def test_poison_batch_still_moves_the_offset() -> None:
 
 
 def test_dead_letters_are_handed_over_before_the_write() -> None:
-    batch = [*records(make_events(["a"])), ConsumedRecord(1, b"a", b"{}")]
+    batch = [*records(make_events(["a"])), ConsumedRecord(0, 1, b"a", b"{}")]
     seen: list[tuple[list[DeadLetter], object]] = []
     with open_store() as store:
         applier = InteractionApplier(store, MODEL, 1)
@@ -349,7 +351,8 @@ def test_an_oversized_record_is_a_bounded_dead_letter() -> None:
     its hash, so it fits any broker's message limit."""
     huge = b'{"event_id": "' + b"x" * 5_000_000 + b'"}'
     with open_store() as store:
-        report = apply(InteractionApplier(store, MODEL, 1), [ConsumedRecord(0, b"a" * 9000, huge)])
+        report = apply(InteractionApplier(store, MODEL, 1),
+                       [ConsumedRecord(0, 0, b"a" * 9000, huge)])
     (letter,) = report.dead_letters
     assert letter.reason.startswith("record value is 5000016 bytes, over the limit")
     assert (letter.value_bytes, len(letter.value), len(letter.key)) == (len(huge), 4096, 256)

@@ -6,18 +6,18 @@ the interactions of its user ordered before it."""
 from __future__ import annotations
 
 from stream.gate import EventTimeGate, preceding_interactions
-from stream.handlers import Record
+from stream.records import ConsumedRecord
 
 
-def rec(partition: int, offset: int, ts: int, user: bytes = b"u") -> Record:
-    return Record(partition, offset, user, b"{}", ts)
+def rec(partition: int, offset: int, ts: int, user: bytes = b"u") -> ConsumedRecord:
+    return ConsumedRecord(partition, offset, user, b"{}", ts)
 
 
 def never_idle(kind: str, partition: int) -> bool:
     return False
 
 
-def offsets(records: list[Record]) -> list[int]:
+def offsets(records: list[ConsumedRecord]) -> list[int]:
     return [r.offset for r in records]
 
 

@@ -33,9 +33,9 @@ from model.checkpoint import load
 from state_store import StateStore, StoreConfig
 from stream.applier import InteractionApplier
 from stream.broker import EmbeddedBroker
-from stream.dead_letters import ConsumedRecord
 from stream.metrics import scrape, total
 from stream.producer import synthetic_events
+from stream.records import ConsumedRecord
 from stream.topics import TopicNames, ensure_topics
 
 PARTITIONS = 2
@@ -119,7 +119,7 @@ def reference_states(checkpoint: Path, events: list[Interaction]) -> dict[str, n
             Path(directory) / "s", StoreConfig(state_dim=model.cfg.d_model,
                                                history_len=model.cfg.history_len)) as store:
         applier = InteractionApplier(store, model, int(meta["model_version"]))
-        records = [ConsumedRecord(k, e.user_id.encode(), encode(e)) for k, e in
+        records = [ConsumedRecord(0, k, e.user_id.encode(), encode(e)) for k, e in
                    enumerate(events)]
         applier.apply("interactions", 0, "ref", records, len(records) - 1)
         return {e.user_id: store.get(e.user_id).state.copy() for e in events}

@@ -38,7 +38,6 @@ from model.scorer import Scorer
 from state_store import StateStore, StoreConfig
 from state_store.keys import encode_user_ids, state_key
 from stream.applier import InteractionApplier
-from stream.dead_letters import ConsumedRecord
 from stream.health import LoopHealth
 from stream.http_api import (
     MAX_BODY_BYTES,
@@ -56,6 +55,7 @@ from stream.http_api import (
     state_snapshot,
 )
 from stream.metrics import WorkerMetrics
+from stream.records import ConsumedRecord
 from stream.serving import ImpressionScorer
 
 CFG = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
@@ -93,7 +93,7 @@ def apply_events(store: StateStore, users: Sequence[str]) -> list[Interaction]:
     first = 0 if stored is None else stored.next_offset
     rng = np.random.default_rng(first)
     events = [event(rng, u, T0 + 60.0 * (first + k), first + k) for k, u in enumerate(users)]
-    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
+    records = [ConsumedRecord(0, first + k, e.user_id.encode(), encode(e))
                for k, e in enumerate(events)]
     InteractionApplier(store, SCORER.model, VERSION).apply(
         "interactions", 0, "log", records, records[-1].offset

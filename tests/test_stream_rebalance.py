@@ -46,8 +46,8 @@ from model.checkpoint import load
 from state_store import StateStore, StoreConfig
 from stream.applier import InteractionApplier
 from stream.broker import EmbeddedBroker, free_port
-from stream.dead_letters import ConsumedRecord
 from stream.producer import replay_events, synthetic_events
+from stream.records import ConsumedRecord
 from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
 from stream.worker import WorkerConfig, run_worker
 
@@ -101,7 +101,7 @@ def read_interactions(bootstrap: str, topic: str, expected: int
         while count < expected and time.monotonic() < deadline:
             for tp, records in consumer.poll(timeout_ms=300).items():
                 by_partition[tp.partition].extend(
-                    ConsumedRecord(r.offset, r.key, r.value) for r in records)
+                    ConsumedRecord(tp.partition, r.offset, r.key, r.value) for r in records)
                 count += len(records)
     finally:
         consumer.close()

@@ -27,7 +27,7 @@ from model.config import ModelConfig
 from model.scorer import Scorer
 from state_store import StateStore, StoreConfig
 from stream.applier import InteractionApplier, unroll_states
-from stream.dead_letters import ConsumedRecord
+from stream.records import ConsumedRecord
 from stream.serving import (
     FeedbackWindow,
     ImpressionScorer,
@@ -68,7 +68,7 @@ def apply_events(store: StateStore, users: Sequence[str], version: int = 1
     first = 0 if stored is None else stored.next_offset
     rng = np.random.default_rng(first)
     events = [event(rng, u, T0 + 60.0 * (first + k), first + k) for k, u in enumerate(users)]
-    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
+    records = [ConsumedRecord(0, first + k, e.user_id.encode(), encode(e))
                for k, e in enumerate(events)]
     InteractionApplier(store, SCORER.model, version).apply(
         "interactions", 0, "log", records, records[-1].offset
@@ -160,7 +160,7 @@ def test_pending_interactions_score_as_if_they_were_applied(store: StateStore) -
     scorer = ImpressionScorer(store, SCORER, 1, PROFILES, static=TWIN)
     ahead = scorer.score_many(requests, pending)
     first = store.offset("interactions", 0).next_offset
-    records = [ConsumedRecord(first + k, e.user_id.encode(), encode(e))
+    records = [ConsumedRecord(0, first + k, e.user_id.encode(), encode(e))
                for k, e in enumerate([*pending[0], *pending[2]])]
     InteractionApplier(store, SCORER.model, 1).apply("interactions", 0, "log", records,
                                                      records[-1].offset)

@@ -34,9 +34,9 @@ from app.cli import main as unirec
 from eventlog.schema import encode
 from state_store import StateStore
 from stream.broker import EmbeddedBroker, free_port
-from stream.dead_letters import ConsumedRecord
-from stream.handlers import Record, by_partition
+from stream.handlers import by_partition
 from stream.producer import replay_events, synthetic_events
+from stream.records import ConsumedRecord
 from stream.topics import TopicNames, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,12 +394,12 @@ def test_without_a_checkpoint_the_worker_exits_with_a_clear_error(tmp_path: Path
 
 
 def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
-    records = [Record(1, 5, b"a", b"x"), Record(0, 3, None, b"y"), Record(1, 2, b"b", b"z"),
-               Record(1, 5, b"a", b"again")]
+    records = [ConsumedRecord(1, 5, b"a", b"x"), ConsumedRecord(0, 3, None, b"y"),
+               ConsumedRecord(1, 2, b"b", b"z"), ConsumedRecord(1, 5, b"a", b"again")]
     grouped = by_partition(records)
     assert list(grouped) == [0, 1]
     assert [r.offset for r in grouped[1]] == [2, 5] and grouped[1][1].value == b"x"
-    assert grouped[0] == [ConsumedRecord(3, None, b"y")]
+    assert grouped[0] == [ConsumedRecord(0, 3, None, b"y")]
 
 
 def test_broker_restarted_under_a_running_worker_stops_it(
