@@ -303,6 +303,15 @@ class StateStore:
         value = self._offsets.get(key)
         return None if value is None else PartitionOffset(*decode_offset(key, value))
 
+    def offset_in_log(self, topic: str, partition: int, log_id: str) -> PartitionOffset | None:
+        """The partition's stored position, which must belong to the log ``log_id``: None if
+        nothing of it was applied; ``LogChangedError`` if it was stored for another log.
+        The one check of a stored offset's log (resume, new events, the applier)."""
+        stored = self.offset(topic, partition)
+        if stored is not None:
+            _check_log(topic, partition, stored.log_id, log_id)
+        return stored
+
     def offsets(self) -> dict[TopicPartition, PartitionOffset]:
         """Every stored partition position."""
         return {
@@ -318,11 +327,9 @@ class StateStore:
         ``OffsetBeyondEndError`` if the last applied offset is not below ``end_offset`` (the
         partition's end, the offset the next produced message will get).
         """
-        stored = self.offset(topic, partition)
+        stored = self.offset_in_log(topic, partition, log_id)
         if stored is None:
             return None
-        if stored.log_id != log_id:
-            raise LogChangedError(topic, partition, stored.log_id, log_id)
         if stored.last_offset >= end_offset:
             raise OffsetBeyondEndError(topic, partition, stored.last_offset, end_offset)
         return stored.next_offset
@@ -344,11 +351,9 @@ class StateStore:
 
         Raises ``LogChangedError`` if the partition's offsets were stored for another log.
         """
-        stored = self.offset(batch.topic, batch.partition)
+        stored = self.offset_in_log(batch.topic, batch.partition, batch.log_id)
         if stored is None:
             return batch
-        if stored.log_id != batch.log_id:
-            raise LogChangedError(batch.topic, batch.partition, stored.log_id, batch.log_id)
         return batch.select(batch.offsets > stored.last_offset)
 
     # ----------------------------------------------------------------------------- writes
@@ -408,8 +413,7 @@ class StateStore:
         stored_last = -1
         if stored_value is not None:
             stored_last, stored_log = decode_offset(okey, stored_value)
-            if stored_log != batch.log_id:
-                raise LogChangedError(batch.topic, batch.partition, stored_log, batch.log_id)
+            _check_log(batch.topic, batch.partition, stored_log, batch.log_id)
         fresh = batch.offsets > stored_last
         n_fresh = np.bincount(event_user[fresh], minlength=len(before))
         skipped = len(batch) - int(n_fresh.sum())
@@ -537,3 +541,9 @@ class StateStore:
     def _require_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyStoreError(f"state store {self.path} is open read-only")
+
+
+def _check_log(topic: str, partition: int, stored_log_id: str, log_id: str) -> None:
+    """``LogChangedError`` unless the stored offsets of the partition belong to ``log_id``."""
+    if stored_log_id != log_id:
+        raise LogChangedError(topic, partition, stored_log_id, log_id)

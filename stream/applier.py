@@ -34,7 +34,7 @@ import torch
 from eventlog.schema import Interaction, decode, encode
 from model.backbone import UniRecModel
 from model.features import Featurizer
-from state_store import LogChangedError, PartitionBatch, RecordBatch, StateStore
+from state_store import PartitionBatch, RecordBatch, StateStore
 from stream.admission import RecordLimits
 from stream.crash_points import crash_point
 from stream.dead_letters import DeadLetter, check_offsets, decode_records
@@ -269,11 +269,9 @@ class InteractionApplier:
         self, topic: str, partition: int, log_id: str, records: Sequence[ConsumedRecord]
     ) -> list[ConsumedRecord]:
         """The records above the partition's stored offset; raises ``LogChangedError``."""
-        stored = self.store.offset(topic, partition)
+        stored = self.store.offset_in_log(topic, partition, log_id)
         if stored is None:
             return list(records)
-        if stored.log_id != log_id:
-            raise LogChangedError(topic, partition, stored.log_id, log_id)
         return [r for r in records if r.offset > stored.last_offset]
 
     def _read(self, events: Sequence[tuple[int, Interaction]]) -> tuple[RecordBatch, np.ndarray]:
