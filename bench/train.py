@@ -49,6 +49,7 @@ from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, ModelUpdate
 from stream.producer import CandidateSampler, synthetic_events
+from stream.publisher import DiscardingPublisher
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import TopicNames
 
@@ -86,8 +87,8 @@ class Pipeline:
                                   static=Scorer(UniRecModel(cfg, spec).eval(), CPU))
         self.services = WorkerServices(
             store=store, applier=InteractionApplier(store, model, 0), scorer=scorer,
-            window=window, labels=self.labels, producer=None,  # type: ignore[arg-type]
-            topics=TopicNames(), model_version=0, metrics=metrics, drift=drift)
+            labels=self.labels, publisher=DiscardingPublisher(), topics=TopicNames(),
+            metrics=metrics, drift=drift)
         versions = VersionStore(tmp / "versions", keep=3)
         self.announced: list[tuple[ModelUpdate, int]] = []  # (update, labels trained so far)
         self._offered = 0  # announcements already offered to the hot swap
@@ -107,7 +108,7 @@ class Pipeline:
         scored = self.services.scorer.score_many([i for i, _ in batch])
         times = []
         for item, (impression, labels) in zip(scored, batch, strict=True):
-            self.services.window.add(item, impression.ts)
+            self.services.labels.window.add(item, impression.ts)
             for candidate, y in zip(impression.candidates, labels, strict=True):
                 joined = self.labels.offer(Label(impression.request_id, impression.user_id,
                                                  candidate.item_id, y, impression.ts),

@@ -30,7 +30,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError
 
 from eventlog.schema import Impression, Interaction, Label
@@ -41,9 +40,9 @@ from stream.dead_letters import DeadLetter, decode_records
 from stream.drift_tracker import DriftTracker
 from stream.isolation import isolate
 from stream.metrics import WorkerMetrics
+from stream.publisher import Publisher
 from stream.records import ConsumedRecord
 from stream.serving import (
-    FeedbackWindow,
     ImpressionScorer,
     JoinedExample,
     LabelBuffer,
@@ -53,7 +52,6 @@ from stream.topics import TopicNames
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -70,12 +68,10 @@ class WorkerServices:
 
     store: StateStore
     applier: InteractionApplier
-    scorer: ImpressionScorer
-    window: FeedbackWindow
-    labels: LabelBuffer
-    producer: KafkaProducer
+    scorer: ImpressionScorer  # the serving model and its version (``scorer.model_version``)
+    labels: LabelBuffer  # and, in ``labels.window``, the scored impressions awaiting labels
+    publisher: Publisher
     topics: TopicNames
-    model_version: int
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     drift: DriftTracker | None = None
     publish_scores: bool = True  # False in `unirec trainer`: it scores to learn, not to serve
@@ -86,8 +82,8 @@ class WorkerServices:
     def publish_dead_letters(self, dead: Sequence[DeadLetter]) -> None:
         """Send ``dead`` to ``dead-letters`` and wait until the broker has them."""
         for letter in dead:
-            self.producer.send(self.topics.dead_letters, key=letter.key, value=letter.encode())
-        self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            self.publisher.publish(self.topics.dead_letters, letter.key, letter.encode())
+        self.publisher.flush()
         # Not counted here: the applier's are counted by ``observe_apply`` (its report), the
         # others by their handler (``count_rejected``).
 
@@ -195,10 +191,10 @@ def handle_impressions(
         metrics.observe_scoring(len(item.impression.candidates), item.score_s)
         if services.publish_scores and not _publish_scores(services, record, item):
             continue
-        services.window.add(item, limits.stream_time(record.timestamp))
+        services.labels.window.add(item, limits.stream_time(record.timestamp))
         published += 1
     if services.publish_scores:
-        services.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        services.publisher.flush()
     return published
 
 
@@ -224,8 +220,8 @@ def _publish_scores(services: WorkerServices, record: ConsumedRecord,
     impression (False)."""
     topic = services.topics.impressions
     try:
-        services.producer.send(services.topics.scores, key=item.scores.user_id.encode(),
-                               value=item.scores.encode())
+        services.publisher.publish(services.topics.scores, item.scores.user_id.encode(),
+                                   item.scores.encode())
     except MessageSizeTooLargeError as exc:
         services.reject(topic, [DeadLetter.of(
             topic, record.partition, record.offset, record.key, record.value,

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import msgspec
 import torch
-from kafka import KafkaProducer, TopicPartition
+from kafka import TopicPartition
 
 from model.backbone import UniRecModel
 from model.checkpoint import CheckpointError
@@ -47,6 +47,7 @@ from model.versions import VersionStore
 from stream.handlers import WorkerServices
 from stream.kafka_client import kafka_consumer
 from stream.metrics import WorkerMetrics
+from stream.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,10 @@ class ModelUpdate(msgspec.Struct, frozen=True):
         return msgspec.json.decode(value, type=cls)
 
 
-def announce(producer: KafkaProducer, topic: str, update: ModelUpdate,
-             timeout_s: float = 30.0) -> None:
+def announce(publisher: Publisher, topic: str, update: ModelUpdate) -> None:
     """Send ``update`` to ``topic`` and wait until the broker has it."""
-    producer.send(topic, key=b"model", value=update.encode())
-    producer.flush(timeout=timeout_s)
+    publisher.publish(topic, b"model", update.encode())
+    publisher.flush()
 
 
 class UpdateListener:
@@ -170,7 +170,6 @@ class HotSwap:
         old = services.scorer.scorer
         services.scorer.swap(Scorer(model, self.device, old.task, old.max_batch), version)
         services.applier.swap(model, version)
-        services.model_version = version
         services.metrics.set_model_version(version)
         return True
 

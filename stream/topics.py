@@ -79,6 +79,20 @@ class TopicNames:
     def all(self) -> tuple[str, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
 
+    def of(self, kind: str) -> str:
+        """The topic of ``kind``, a field name (``"interactions"``, ``"model_updates"``, ...);
+        ``KeyError`` names the kinds."""
+        if kind not in {f.name for f in fields(self)}:
+            raise KeyError(f"no topic kind {kind!r}; kinds: {[f.name for f in fields(self)]}")
+        return getattr(self, kind)
+
+    def kind_of(self, topic: str) -> str:
+        """The kind (field name) whose topic is ``topic``; ``KeyError`` if none is."""
+        for f in fields(self):
+            if getattr(self, f.name) == topic:
+                return f.name
+        raise KeyError(f"{topic!r} is none of these topics: {self.all()}")
+
     def inputs(self) -> tuple[str, str, str]:
         """The topics a worker reads together, partition p of each in one worker: they must
         be co-partitioned (``check_copartitioned``)."""

@@ -116,6 +116,7 @@ from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.producer import open_producer
+from stream.publisher import KafkaPublisher
 from stream.records import ConsumedRecord
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import (
@@ -246,7 +247,6 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
             raise WorkerError(f"cannot load the profiles of {config.profiles_dataset}: "
                               f"{exc}") from exc
         log.info("%d user profiles from %s", len(profiles), config.profiles_dataset)
-    window = FeedbackWindow(config.feedback_window_s, config.feedback_max)
     log.info("model %s: version %d, d_model %d, on %s", config.checkpoint, version,
              model.cfg.d_model, device)
     metrics.set_model_version(version)
@@ -256,11 +256,10 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
         applier=InteractionApplier(store, model, version, config.limits),
         scorer=ImpressionScorer(store, Scorer(model, device), version, profiles,
                                static=Scorer(static, device)),
-        window=window,
-        labels=LabelBuffer(window, config.label_capacity),
-        producer=producer,
+        labels=LabelBuffer(FeedbackWindow(config.feedback_window_s, config.feedback_max),
+                           config.label_capacity),
+        publisher=KafkaPublisher(producer, config.timeout_s),
         topics=config.topics,
-        model_version=version,
         metrics=metrics,
         drift=DriftTracker(metrics, config.drift),
         publish_scores=config.publish_scores,
@@ -364,10 +363,6 @@ class ConsumerLoop:
         self.between_batches = between_batches
         self.topics = config.topics
         self.gate = EventTimeGate(config.max_held)
-        topics = self.topics
-        self.topic_of = dict(zip(KINDS, (topics.impressions, topics.interactions, topics.labels),
-                                 strict=True))
-        self.kind_of = {topic: kind for kind, topic in self.topic_of.items()}
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.processed: dict[TopicPartition, int] = {}  # after the last record processed
         self.consumer = kafka_consumer(
@@ -396,7 +391,7 @@ class ConsumerLoop:
             if tp.topic == topics.interactions:
                 services.log_ids.pop(tp.partition, None)
                 services.metrics.forget_partition(tp.topic, tp.partition)
-            self.gate.forget(self.kind_of[tp.topic], tp.partition)
+            self.gate.forget(self.topics.kind_of(tp.topic), tp.partition)
             self.next_offsets.pop(tp, None)
             self.processed.pop(tp, None)
 
@@ -423,22 +418,18 @@ class ConsumerLoop:
 
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Score the polled impressions, then apply and join what the gate releases."""
-        services, gate = self.services, self.gate
-        by_topic: dict[str, list[ConsumedRecord]] = {}
+        services, gate, topics = self.services, self.gate, self.topics
         for tp, records in polled.items():
-            by_topic.setdefault(tp.topic, []).extend(
+            gate.hold(topics.kind_of(tp.topic), [
                 ConsumedRecord(tp.partition, r.offset, r.key, r.value, r.timestamp)
-                for r in records
-            )
+                for r in records])
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1
-        for kind, topic in self.topic_of.items():
-            gate.hold(kind, by_topic.get(topic, []))
         early = dict(gate.released_early)
         released = gate.release(self.idle)
-        for kind, topic in self.topic_of.items():
+        for kind in KINDS:
             if gate.released_early[kind] > early[kind]:
-                services.metrics.released_early.labels(topic).inc(
+                services.metrics.released_early.labels(topics.of(kind)).inc(
                     gate.released_early[kind] - early[kind])
         impressions, interactions = released["impressions"], released["interactions"]
         if impressions:
@@ -448,9 +439,9 @@ class ConsumerLoop:
             handle_interactions(services, interactions)
         if released["labels"]:
             handle_labels(services, released["labels"])
-        for kind, topic in self.topic_of.items():
+        for kind in KINDS:
             for r in released[kind]:
-                tp = TopicPartition(topic, r.partition)
+                tp = TopicPartition(topics.of(kind), r.partition)
                 self.processed[tp] = max(self.processed.get(tp, 0), r.offset + 1)
 
     def processed_offsets(self, tps: Iterable[TopicPartition] | None = None
@@ -493,7 +484,7 @@ class ConsumerLoop:
     def idle(self, kind: str, partition: int) -> bool:
         """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
         the last fetch)."""
-        tp = TopicPartition(getattr(self.topics, kind), partition)
+        tp = TopicPartition(self.topics.of(kind), partition)
         try:
             end = self.consumer.highwater(tp)
         except Exception:  # not assigned (rebalancing)
@@ -594,7 +585,7 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
                                               config.timeout_s), identity)
             learner = OnlineLearner(
                 services.scorer.scorer.model, services.labels, versions,
-                lambda update: announce(services.producer, topics.model_updates, update),
+                lambda update: announce(services.publisher, topics.model_updates, update),
                 services.metrics, config.learner, services.drift, watch,
             )
 
@@ -625,7 +616,7 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
         if listener is not None:
             listener.close()
         log.info("worker stopping: %s", services.summary())
-        services.producer.close(timeout=config.timeout_s)
+        services.publisher.close()
         if server is not None:
             server.stop()
         services.store.close()

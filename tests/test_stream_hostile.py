@@ -71,7 +71,7 @@ class Stream:
 
     def send(self, records: list[tuple[str, bytes | None, bytes]]) -> list[Sent]:
         """Send ``(kind, key, value)`` records in order; where each landed."""
-        futures = [self.producer.send(getattr(self.topics, kind), key=key, value=value)
+        futures = [self.producer.send(self.topics.of(kind), key=key, value=value)
                    for kind, key, value in records]
         self.producer.flush(30)
         return [(m.topic, m.partition, m.offset) for m in (f.get(30) for f in futures)]
@@ -360,7 +360,7 @@ def send_paced(stream: Stream, records: list[tuple[str, bytes | None, bytes]],
     try:
         for begin in range(0, len(records), chunk):
             for kind, key, value in records[begin:begin + chunk]:
-                producer.send(getattr(stream.topics, kind), key=key, value=value)
+                producer.send(stream.topics.of(kind), key=key, value=value)
             producer.flush(30)
             time.sleep(pause_s)
     finally:

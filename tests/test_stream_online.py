@@ -42,6 +42,7 @@ from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, ModelUpdate, UpdateListener, announce, starting_model
 from stream.producer import open_producer, replay_events, synthetic_events
+from stream.publisher import DiscardingPublisher, KafkaPublisher
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer, ScoredImpression
 from stream.topics import TopicNames, ensure_topics
 from stream.trainer_claim import RivalWatch, TrainerIdentity
@@ -102,8 +103,8 @@ class InProcessWorker:
                                   static=Scorer(copy.deepcopy(model), CPU))
         self.services = WorkerServices(
             store=self.store, applier=InteractionApplier(self.store, model, 1), scorer=scorer,
-            window=window, labels=self.labels, producer=None,  # type: ignore[arg-type]
-            topics=TopicNames(), model_version=1, metrics=self.metrics, drift=self.drift)
+            labels=self.labels, publisher=DiscardingPublisher(), topics=TopicNames(),
+            metrics=self.metrics, drift=self.drift)
         self.versions = VersionStore(tmp / "versions")
         self.updates: list[ModelUpdate] = []
 
@@ -124,7 +125,7 @@ class InProcessWorker:
         self.scored += scored
         joined = []
         for item, (impression, label) in zip(scored, chunk, strict=True):
-            self.services.window.add(item, impression.ts)
+            self.services.labels.window.add(item, impression.ts)
             joined.append(self.labels.offer(Label(impression.request_id, impression.user_id,
                                                   impression.candidates[0].item_id, label,
                                                   impression.ts), impression.ts))
@@ -321,10 +322,10 @@ def test_the_younger_of_two_trainers_on_one_topic_yields_and_the_elder_keeps_pub
     with EmbeddedBroker(log_dir=tmp_path) as broker:
         bootstrap = broker.bootstrap_servers
         ensure_topics(bootstrap, 1, topics=topics)
-        producer = open_producer(bootstrap)
+        publisher = KafkaPublisher(open_producer(bootstrap))
 
         def send(update: ModelUpdate) -> None:
-            announce(producer, topics.model_updates, update)
+            announce(publisher, topics.model_updates, update)
 
         def watch(identity: TrainerIdentity) -> RivalWatch:
             return RivalWatch(UpdateListener(bootstrap, topics.model_updates), identity)
@@ -366,7 +367,7 @@ def test_the_younger_of_two_trainers_on_one_topic_yields_and_the_elder_keeps_pub
             for worker in (elder, younger):
                 worker.learner.watch.close()
                 worker.store.close()
-            producer.close()
+            publisher.close()
 
 
 # ------------------------------------------------------------------- a worker subprocess

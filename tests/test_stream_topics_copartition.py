@@ -126,7 +126,7 @@ def test_assignment_on_uneven_topics_ends_the_loop_with_its_exit_status(
         give_up.cancel()
         if loop is not None:
             loop.close()
-        services.producer.close(timeout=config.timeout_s)
+        services.publisher.close()
         services.store.close()
     assert code == EXIT_NOT_COPARTITIONED
     assert loop.rebalance.fatal is not None
