@@ -1,4 +1,4 @@
-"""``unirec demo``: the whole loop on one machine, no Docker (SYSTEM.md, "Embedded default").
+"""``unirec demo``: the whole loop on one machine, no Docker (docs/system.md, "Deployment").
 
 1. A model: the checkpoint in the run directory, or one trained now on the time-ordered
    first 80% of MovieLens-100K (``train_steps`` steps).

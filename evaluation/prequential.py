@@ -5,7 +5,7 @@ the model as it stands, then learned from with ``train_step`` (the shared optimi
 mini-batches in time order, before the next chunk is scored. The users' GRU states and
 histories follow the stream in both arms: an example's history holds every earlier event of
 its user (test events included), and u_t is the GRU unrolled over it under the current
-weights (a stale state rebuilt under new weights, MODEL.md). So "frozen" and "fine-tuned"
+weights (a stale state rebuilt: docs/model.md, "The user state"). So "frozen" and "fine-tuned"
 differ only in the weights.
 """
 

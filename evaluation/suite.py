@@ -1,4 +1,4 @@
-"""``unirec eval-suite``: the whole evaluation table of MODEL.md's protocol on one event log.
+"""``unirec eval-suite``: the whole evaluation table of docs/model.md's protocol on one event log.
 
 For every variant (the four models and UniRec's ablations) and every seed: train under the
 matched budget on the training part, score the test part. For the four models, also run the

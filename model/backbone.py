@@ -1,4 +1,4 @@
-"""The unified backbone: one Transformer over S, U-side NS and G-side NS tokens (MODEL.md).
+"""The unified backbone: one Transformer over S, U-side NS and G-side NS tokens (docs/model.md).
 
 Token order per request: [S_1..S_n | F_u, C_u, U | F_g, C_g, H]. With UG-Sep the user side
 never reads the item side, so ``encode_user`` runs it once per request and caches every

@@ -14,7 +14,7 @@ INPUT_COMPRESSION_WIDTHS = (0.125,) * 8
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes and switches of the backbone (MODEL.md). Ablations are plain values here.
+    """Sizes and switches of the backbone (docs/model.md). Ablations are plain values here.
 
     - ``layer_widths``: per layer, the fraction of the ``history_len`` S tokens that layer works
       on. The default is UniRec's delayed schedule (n, n, n/2, n/2, n/4, n/4, n/8, n/8);

@@ -1,4 +1,4 @@
-"""The surrogate distance between the dynamic model and its static twin (MODEL.md), windowed.
+"""The surrogate distance between the dynamic model and its static twin (docs/model.md), windowed.
 
 ``DriftMonitor.update(p_dyn, p_stat, label=None)`` takes the two models' probabilities of the
 same predictions (scalars or [B] arrays, in stream order) and, where known, their labels.

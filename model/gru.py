@@ -1,4 +1,4 @@
-"""The GRU user state of MODEL.md, written out as its equations.
+"""The GRU user state (docs/model.md, "The user state"), written out as its equations.
 
     z  = sigma(W_z e + U_z u + b_z)
     r  = sigma(W_r e + U_r u + b_r)

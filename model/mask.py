@@ -1,4 +1,4 @@
-"""The mixed attention mask of MODEL.md (True = the row may attend to the column).
+"""The mixed attention mask, docs/model.md "The mixed mask" (True = row may attend to column).
 
 | row \\ column | S           | U-side NS | G-side NS |
 |--------------|-------------|-----------|-----------|

@@ -1,6 +1,6 @@
 """The static student: an upper bound on the paper's infimum over static predictors.
 
-MODEL.md defines D_T against the best static predictor; we approximate it from above with a
+docs/model.md defines D_T against the best static predictor; we approximate it from above with a
 student that sees everything the dynamic model sees except its user state (u_t = 0: same
 architecture, the state token fed zeros), trained online by distillation: an ``OnlineTrainer``
 step (``unroll_state=False``) on BCE against the dynamic model's probabilities as soft

@@ -1,4 +1,4 @@
-"""Structure-preserving tokenization (MODEL.md "Tokens"): every input becomes tokens in R^d.
+"""Structure-preserving tokenization (docs/model.md, "Tokens"): every input becomes tokens in R^d.
 
 - Sequence token: Phi_S(s_i) = E_item(item_i) + E_action(action_i) + Pool(content_i) + T(t_i);
   content_i is the event's item-side fields and its own context, each embedded, then averaged;

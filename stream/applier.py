@@ -15,7 +15,7 @@ One call of ``InteractionApplier.apply`` handles one batch of ONE partition:
 A stored state produced by another model version than the applier's is stale: it is rebuilt
 under the current weights from the user's stored history, then the new events are applied to
 it (in the same unroll). The rebuilt state covers only the stored history window (the store's
-``history_len`` newest events), as MODEL.md says: events older than the window no longer count.
+``history_len`` newest events): events older than the window no longer count (docs/model.md).
 
 History rows are the events' JSON (``eventlog.schema.encode``); ``decode_history`` reads them
 back as ``Interaction``s, oldest first.

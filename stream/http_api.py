@@ -17,7 +17,7 @@ time), 413 (a body over ``max_body_bytes``, or more than ``max_candidates`` cand
 (a corrupt stored value, named; never a traceback), 503 (scoring not available or saturated;
 ``/healthz`` while not ready, with the reason).
 
-Nothing from outside can take the server down (SYSTEM.md): a body is read whole (by
+Nothing from outside can take the server down (docs/system.md): a body is read whole (by
 Content-Length or chunked) within ``max_body_bytes`` and ``body_timeout_s``, never in part; a
 connection that sends no complete request head within ``idle_timeout_s`` of opening or of its
 last response is closed (aiohttp's keep-alive timer, armed from the connection's start), and

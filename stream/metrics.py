@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics, in a registry of their own.
 
 ``WorkerMetrics`` owns a ``CollectorRegistry`` (not prometheus_client's global one, so several
-workers, or tests, in one process do not clash) holding every metric SYSTEM.md lists. The
+workers, or tests, in one process do not clash) holding every metric (docs/system.md). The
 worker calls its ``observe_*`` / ``set_*`` / ``count_*`` methods; ``render`` gives the text
 exposition that ``GET /metrics`` serves with ``CONTENT_TYPE``.
 

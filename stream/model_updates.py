@@ -18,7 +18,7 @@ HTTP request scoring meanwhile finishes on the old model and the next one uses t
 weights are never changed in place. A version that does not load is skipped with one error
 line and counted (``unirec_model_versions_skipped_total``); the old weights keep serving.
 
-Every model version comes from outside the worker's control (SYSTEM.md), so before any weights
+Every model version comes from outside the worker's control (docs/system.md), so before weights
 are built a version must (1) move forward: its number is greater than the one serving, and
 (2) be compatible: the same ``ModelSignature`` (``model.signature``: model kind, the config
 fields that change shapes or semantics, feature-spec fingerprint, and a state width equal to

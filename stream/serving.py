@@ -99,7 +99,7 @@ class ImpressionScorer:
     is stale: it is rebuilt in memory from the stored history under the current weights (the
     writer rebuilds and stores it when the user's next interaction is applied). ``static`` is
     the static twin: it scores every impression in shadow with the same history and no user
-    state (a zero state), standing for MODEL.md's frozen model. ``profiles`` maps user ids to
+    state (a zero state): the frozen model of docs/model.md. ``profiles`` maps user ids to
     profiles (a user without one scores with missing profile fields).
 
     ``swap(scorer, version)`` replaces the live model from any thread: the (scorer, version)

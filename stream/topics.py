@@ -1,10 +1,10 @@
 """The topics, their creation, and what a partition's offsets belong to.
 
-``TopicNames`` holds the six topic names (SYSTEM.md, "Topics"), optionally with a prefix.
+``TopicNames`` holds the six topic names (docs/system.md, "Topics"), optionally with a prefix.
 ``ensure_topics`` creates the missing ones; ``check_copartitioned`` refuses input topics
 whose partition counts differ. ``log_identity`` names the log that a topic's
 offsets belong to, and ``end_offsets`` gives each partition's end offset; together they let the
-worker refuse offsets stored for another log (SYSTEM.md, "State and the exactly-once effect").
+worker refuse offsets stored for another log (docs/system.md, "Exactly once").
 
 Log identity, as found with the embedded broker (Tansu 0.6.0) and kafka-python 3.0.12:
 

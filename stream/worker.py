@@ -18,7 +18,7 @@ agent over ``take_events`` with a handler that does nothing delivers about 7,000
 (each event goes through several asyncio tasks), while a kafka-python consumer reads
 about 58,000/s. The 10,000 interactions/s the worker must apply cannot pass through faust.
 
-Exactly once (SYSTEM.md, "State and the exactly-once effect"): the group's committed offsets
+Exactly once (docs/system.md, "Exactly once"): the group's committed offsets
 matter only for impressions and labels; they are committed every ``lag_interval_s``, on
 revocation and at the end, up to what was processed (not merely polled: the gate may hold
 records), so impressions and labels are processed at least once, and after a clean
@@ -68,7 +68,7 @@ worker reads ``model-updates`` outside its group and swaps an announced version 
 batches. At start it serves the newest readable version of ``versions_dir`` (a training worker
 with an empty directory publishes its checkpoint there as the first version). The static twin,
 the ``--checkpoint`` model (or ``static_checkpoint``) frozen at start, scores every impression
-in shadow with a zero user state (MODEL.md's "or none": a per-user snapshot of every state at
+in shadow with a zero user state (docs/model.md, "Static twin": a per-user snapshot at
 deploy time would cost a copy of the store, and users first seen later have none); the joined
 labels feed the ``DriftTracker`` behind ``GET /drift`` and the drift metrics.
 

@@ -45,7 +45,7 @@ BASE_CONFIG = ModelConfig(
     d_model=32, n_heads=4, history_len=16, core_k=4, dropout=0.0, interest_bins=5
 )
 
-# Every ablation of MODEL.md's protocol that the cached path supports (UG-Sep on).
+# Every ablation of the evaluation protocol (docs/model.md) the cached path supports (UG-Sep on).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "pyramid": {"compression": "pyramid"},

@@ -1,4 +1,4 @@
-"""The mixed attention mask matches MODEL.md's table, and the causality it guarantees holds in
+"""The mixed attention mask matches its table (docs/model.md); the causality it guarantees holds in
 the model: an S token at position i never reads a later event j > i where the design says so
 (ordered S -> S blocks; all layers when S and NS do not mix; the first layer always)."""
 
@@ -72,8 +72,8 @@ def expected_seq_block(mask: LayerMask) -> np.ndarray:
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(layer_masks())
-def test_user_and_joint_masks_match_the_table_of_model_md(case):
-    """user() and joint() blocks are exactly MODEL.md's table: S->S causal (open among
+def test_user_and_joint_masks_match_the_mask_table(case):
+    """user() and joint() blocks are exactly the mask table: S->S causal (open among
     unordered compressed tokens), S->U open, S->G closed, U->S open, U->U open, U->G closed
     (open with ug_sep=False), G->S = the candidate's readable S columns, G->U and G->G open;
     seq_feature_mixing=False closes S<->NS; padding S columns are readable by no row but

@@ -1,4 +1,4 @@
-"""The pieces of the backbone against their definitions in MODEL.md: the GRU user state's
+"""The pieces of the backbone against their definitions in docs/model.md: the GRU user state's
 equations, CDNet core-behaviour selection (top-k, interest histogram, straight-through
 estimator), and learned compression (padding gets no weight)."""
 
@@ -49,7 +49,7 @@ def sigmoid(x):
 
 
 def gru_by_hand(e, u, w_z=W_Z, w_r=W_R):
-    """MODEL.md: z = sigma(W_z e + U_z u + b_z); r = sigma(W_r e + U_r u + b_r);
+    """docs/model.md: z = sigma(W_z e + U_z u + b_z); r = sigma(W_r e + U_r u + b_r);
     h~ = tanh(W_h e + U_h (r * u) + b_h); u' = (1 - z) * u + z * h~."""
     z = sigmoid(w_z @ e + U_Z @ u + B_Z)
     r = sigmoid(w_r @ e + U_R @ u + B_R)
@@ -72,8 +72,8 @@ E_CASES = np.array([[1.0, -2.0], [0.3, 0.8], [-1.5, 0.2]])
 U_CASES = np.array([[0.5, -0.25], [-0.9, 0.4], [0.0, 0.0]])
 
 
-def test_gru_cell_matches_the_equations_of_model_md():
-    """With hand-set weights (d = 2), UserStateGRU gives the u' that MODEL.md's equations
+def test_gru_cell_matches_its_equations():
+    """With hand-set weights (d = 2), UserStateGRU gives the u' that the equations
     give when computed by hand; the example distinguishes the equations from a GRU with z and
     r swapped or with transposed weights."""
     gru = hand_gru()

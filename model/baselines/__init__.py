@@ -1,4 +1,4 @@
-"""Baselines of MODEL.md's evaluation protocol, on the backbone's featurization and head.
+"""Baselines of the evaluation protocol (docs/model.md), on the backbone's featurization and head.
 
 - ``DeepFM``: no sequence; FM second-order term plus the deep head over the field tokens.
 - ``DIN``: target attention of the candidate over the history, one interest vector.
