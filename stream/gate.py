@@ -17,9 +17,10 @@ no longer be overtaken. The grace is there because "read up to its end" is judge
 high-water mark of the partition's last fetch, which can predate the held record: a label
 produced just after its impression can arrive while the impressions partition still looks
 empty. Within the grace the consumer's next fetch of that partition (``fetch_max_wait_ms``
-is below the grace) brings the impression or a newer high-water mark. Release keeps offset order
-within a topic and partition. The caller processes what one ``release`` returns in time
-order, as ``merge_order`` gives it.
+is below the grace) brings the impression or a newer high-water mark. Release keeps offset
+order within a topic and partition. The caller processes what one ``release`` returns as the
+worker does: the impressions first, each scored with the interactions of the same release
+ordered before it (``preceding_interactions``), then the interactions, then the labels.
 
 The gate holds at most ``max_held`` records per topic and partition: past that, the oldest
 are released anyway (one topic far behind, or silent for a while) and counted in
