@@ -22,7 +22,10 @@ values whose bound exceeds ``MAX_OUTPUT_BYTES`` (a dead letter is bounded by
 
 ``stream_time(record_timestamp_ms)`` is the worker's clock for a record: its broker timestamp,
 bounded by the local clock plus ``clock_skew_s``, so that no record can move a clock (the
-feedback window's) further ahead than that.
+feedback window's) further ahead than that. ``bounded_timestamp`` is what the consume loop
+keeps of a record's broker timestamp: one more than ``clock_skew_s`` ahead of the local clock
+(a producer's clock, or a hostile CreateTime) is replaced by the local clock, so that no
+record can hold the event-time merge (``stream.gate``) back until the clock reaches it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ class RecordLimits:
         its keys (about 50 bytes); the envelope adds two ids, a version and its keys."""
         per_item = 2 * self.max_id_bytes + 2 * 24 + 64
         return self.max_candidates * per_item + 4 * self.max_id_bytes + 128
+
+    def bounded_timestamp(self, timestamp_ms: int, now_ms: int) -> int:
+        """``timestamp_ms``, or ``now_ms`` (the local clock) when it is more than
+        ``clock_skew_s`` ahead of it; -1 (none) stays -1."""
+        if timestamp_ms > now_ms + self.clock_skew_s * 1000:
+            return now_ms
+        return timestamp_ms
 
     def stream_time(self, timestamp_ms: int) -> float:
         """Seconds: the record's broker timestamp, at most the local clock + ``clock_skew_s``

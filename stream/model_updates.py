@@ -95,14 +95,14 @@ class UpdateListener:
             self.consumer.position(tp)
 
     def poll(self) -> list[ModelUpdate]:
-        """Announcements received since the last call, in topic order; malformed ones are
-        logged and skipped."""
+        """Announcements received since the last call, in topic order; malformed ones
+        (a tombstone included) are logged and skipped."""
         updates = []
         for records in self.consumer.poll(timeout_ms=0).values():
             for record in records:
                 try:
                     updates.append(ModelUpdate.decode(record.value))
-                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
                     log.error("model-updates offset %d: not a model update (%s): skipped",
                               record.offset, exc)
         return updates

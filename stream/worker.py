@@ -419,9 +419,11 @@ class ConsumerLoop:
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Score the polled impressions, then apply and join what the gate releases."""
         services, gate, topics = self.services, self.gate, self.topics
+        now_ms, limits = int(time.time() * 1000), self.config.limits
         for tp, records in polled.items():
             gate.hold(topics.kind_of(tp.topic), [
-                ConsumedRecord(tp.partition, r.offset, r.key, r.value, r.timestamp)
+                ConsumedRecord(tp.partition, r.offset, r.key, r.value,
+                               limits.bounded_timestamp(r.timestamp, now_ms))
                 for r in records])
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1

@@ -91,3 +91,13 @@ def test_stream_time_is_the_broker_time_bounded_by_the_local_clock() -> None:
     assert LIMITS.stream_time(int(now * 1000) - 5000) == pytest.approx(now - 5, abs=0.01)
     assert LIMITS.stream_time(2**62) <= time.time() + LIMITS.clock_skew_s
     assert LIMITS.stream_time(-1) == pytest.approx(time.time(), abs=1.0)
+
+
+def test_a_broker_timestamp_far_ahead_of_the_local_clock_is_replaced_by_it() -> None:
+    """A CreateTime decades ahead cannot hold the event-time merge back: the consume loop
+    keeps the local clock instead; timestamps within the skew, and none (-1), are kept."""
+    now_ms = 1_700_000_000_000
+    assert LIMITS.bounded_timestamp(4_000_000_000_000, now_ms) == now_ms
+    assert LIMITS.bounded_timestamp(now_ms + 30_000, now_ms) == now_ms + 30_000
+    assert LIMITS.bounded_timestamp(now_ms - 5, now_ms) == now_ms - 5
+    assert LIMITS.bounded_timestamp(-1, now_ms) == -1

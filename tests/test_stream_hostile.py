@@ -69,7 +69,7 @@ class Stream:
         self.dead: list[dict[str, Any]] = []
         self.scores: list[dict[str, Any]] = []
 
-    def send(self, records: list[tuple[str, bytes | None, bytes]]) -> list[Sent]:
+    def send(self, records: list[tuple[str, bytes | None, bytes | None]]) -> list[Sent]:
         """Send ``(kind, key, value)`` records in order; where each landed."""
         futures = [self.producer.send(self.topics.of(kind), key=key, value=value)
                    for kind, key, value in records]
@@ -180,7 +180,8 @@ def test_every_reported_crash_is_a_dead_letter_and_the_worker_goes_on(
         broker: EmbeddedBroker, checkpoint: Path, tmp_path: Path) -> None:
     """The records that crash-looped the worker: a NUL user id, a 5 MB invalid interaction,
     an impression of 13,000 candidates, ts = -1e300; a label with ts = 1e300 that stopped
-    every later join; a record without a key. Labels sent after them still join."""
+    every later join; a record without a key; and on ``model-updates`` a tombstone and
+    garbage. Labels sent after them still join."""
     stream = Stream(broker.bootstrap_servers, "crash-")
     store = tmp_path / "store"
     worker = start(stream, checkpoint, store, tmp_path / "w.log", "g-crash")
@@ -200,6 +201,8 @@ def test_every_reported_crash_is_a_dead_letter_and_the_worker_goes_on(
         ]
         sent = stream.send([interaction(e) for e in good[:15]] + hostile)
         bad = sent[15:]
+        stream.producer.send(stream.topics.model_updates, key=b"model", value=None)
+        stream.send([("model_updates", b"model", b"\xff not an update")])
         after = good[15:]
         follow = [impression_of(after[k], f"r-after-{k}") for k in range(3)]
         stream.send(follow + [interaction(e) for e in after])
