@@ -25,8 +25,9 @@ from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import Featurizer
+from model.user_state import decode_history
 from state_store import LogChangedError, StateStore, StoreConfig
-from stream.applier import InteractionApplier, decode_history
+from stream.applier import InteractionApplier
 from stream.dead_letters import ConsumedRecord, DeadLetter
 
 TOPIC = "interactions"

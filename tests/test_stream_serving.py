@@ -25,8 +25,9 @@ from eventlog.schema import Candidate, Impression, Interaction, Label, encode
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.scorer import Scorer
+from model.user_state import rebuild
 from state_store import StateStore, StoreConfig
-from stream.applier import InteractionApplier, unroll_states
+from stream.applier import InteractionApplier
 from stream.dead_letters import ConsumedRecord
 from stream.serving import (
     FeedbackWindow,
@@ -225,8 +226,7 @@ def test_a_stale_state_scores_as_rebuilt_from_the_history(store: StateStore) -> 
     apply_events(store, ["u2"] * 8)
     scored = ImpressionScorer(store, SCORER, 2, PROFILES).score(impression("r4", "u2"))
     assert scored.state_rebuilt and len(scored.history) == STORE.history_len
-    rebuilt = unroll_states(SCORER.model, SCORER.featurizer, ["u2"], [scored.history],
-                            np.zeros((1, 16), dtype=np.float32))[0]
+    rebuilt = rebuild(SCORER.model, SCORER.featurizer, [scored.history])[0]
     np.testing.assert_allclose(scored.state, rebuilt, atol=1e-6)
     assert not np.allclose(scored.state, store.get("u2").state, atol=1e-4)
 
