@@ -495,11 +495,11 @@ class Featurizer:
     def left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:
         """[B, width] rows of B concatenated event runs of ``lengths`` (each <= width), newest
         last, -1 where a row has fewer events (on the left)."""
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        owner = np.repeat(np.arange(len(lengths)), lengths)  # [E] each event's row
+        rank = np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner]  # within its run
         index = np.full((len(lengths), width), -1, dtype=np.int64)
-        start = 0
-        for b, length in enumerate(lengths):
-            index[b, width - length :] = np.arange(start, start + length)
-            start += length
+        index[owner, width - lengths[owner] + rank] = np.arange(len(owner))
         return index
 
     def request(
