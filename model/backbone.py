@@ -14,7 +14,7 @@ layers whose S keys are the n full-resolution tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -93,25 +93,9 @@ class UniRecModel(nn.Module):
              if p.compress_to is not None}
         )
         self.final_norm = MixedRMSNorm(d, n_user + n_item)
-        self.gru = UserStateGRU(d)
+        self.gru = UserStateGRU(d)  # u_t's update; ``model.user_state`` unrolls it
         self.compensation = Compensation(d) if cfg.compensation else None
         self.heads = nn.ModuleDict({task: TaskHead(n_item, d) for task in cfg.tasks})
-
-    # -- user state -------------------------------------------------------------------------
-
-    def unroll_state(self, user: UserInputs, u0: torch.Tensor | None = None) -> torch.Tensor:
-        """The GRU state after the user's history events (oldest first), from u0 (default 0).
-
-        Returns [B, d]. Training uses it as u_t; the stream uses it to apply new events.
-        """
-        events = self.tokenizer.interaction(user)
-        if u0 is None:
-            u0 = events.new_zeros(events.shape[0], self.cfg.d_model)
-        return self.gru.unroll(events, user.hist_valid, u0)
-
-    def with_history_state(self, user: UserInputs) -> UserInputs:
-        """``user`` with u_t replaced by the GRU unrolled over its history (training)."""
-        return replace(user, state=self.unroll_state(user))
 
     # -- the cached path --------------------------------------------------------------------
 

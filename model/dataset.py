@@ -82,7 +82,8 @@ def gather_batch(
 ) -> tuple[UserInputs, CandidateInputs]:
     """Model inputs for examples ``rows`` (B of them; one candidate each, C = 1).
 
-    The state is zeros: training replaces it with the GRU unrolled over the history.
+    The state is zeros: training replaces it with the GRU unrolled over the history
+    (``model.user_state.with_history_state``).
     """
     spec = featurizer.spec
     own = examples.event_index[rows]

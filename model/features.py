@@ -19,6 +19,8 @@ embedding.
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
 ``CandidateInputs``). Training gathers from arrays encoded once; serving encodes a request's
 history and candidates on the fly; both go through ``assemble_user`` so they cannot drift.
+The GRU user state reads events only: ``assemble_events`` (which ``assemble_user`` builds on)
+and ``sequences`` give it ``EventInputs`` without any user-side fields.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import math
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -146,6 +148,10 @@ class FeatureSpec:
         return cls(**{f.name: _tuples(data[f.name]) for f in fields(cls)})
 
 
+def _as_long(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+
 def _tuples(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -191,26 +197,34 @@ class ContextArrays:
 
 
 @dataclass
-class UserInputs:
-    """The user side of B requests, as tensors (n = history_len, left-padded, newest last)."""
+class EventInputs:
+    """B users' event sequences as tensors (n steps, left-padded, newest last): what the
+    interaction embedding e_t reads, and so all that the GRU user state needs."""
 
     hist_item: torch.Tensor  # [B, n] long
     hist_action: torch.Tensor  # [B, n] long
     hist_cat: torch.Tensor  # [B, n, Fc, L] long
     hist_num: torch.Tensor  # [B, n, Fn] float
     hist_num_present: torch.Tensor  # [B, n, Fn] bool
-    hist_age: torch.Tensor  # [B, n] float, seconds before the request (>= 0)
     hist_valid: torch.Tensor  # [B, n] bool
-    user_cat: torch.Tensor  # [B, F_u, L] long
-    user_num: torch.Tensor  # [B, user_numeric_dim] float
-    state: torch.Tensor  # [B, d] float: the GRU state u_t (zeros for a new user)
 
-    def to(self, device: torch.device | str) -> UserInputs:
-        return UserInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str) -> Self:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @property
     def batch_size(self) -> int:
         return self.hist_item.shape[0]
+
+
+@dataclass
+class UserInputs(EventInputs):
+    """The user side of B requests, as tensors (n = history_len, left-padded, newest last):
+    the history's events, and the request's user fields, context and state."""
+
+    hist_age: torch.Tensor  # [B, n] float, seconds before the request (>= 0)
+    user_cat: torch.Tensor  # [B, F_u, L] long
+    user_num: torch.Tensor  # [B, user_numeric_dim] float
+    state: torch.Tensor  # [B, d] float: the GRU state u_t (zeros for a new user)
 
 
 @dataclass
@@ -357,6 +371,35 @@ class Featurizer:
             events.num_present[index][..., :n_item_num],
         )
 
+    @staticmethod
+    def assemble_events(history: EventArrays, hist_index: np.ndarray) -> EventInputs:
+        """Gather B event sequences. ``hist_index``: [B, n] rows of ``history``, -1 = pad
+        (left-padded: position n-1 is the newest event). No user, context or request time is
+        needed: this is all the user state reads (``model.user_state``)."""
+        history = history.with_placeholder_row()
+        valid = hist_index >= 0
+        safe = np.where(valid, hist_index, 0)
+        return EventInputs(
+            hist_item=_as_long(np.where(valid, history.item[safe], 0)),
+            hist_action=_as_long(np.where(valid, history.action[safe], 0)),
+            hist_cat=_as_long(np.where(valid[..., None, None], history.cat[safe], 0)),
+            hist_num=torch.from_numpy(np.where(valid[..., None], history.num[safe], 0.0)).float(),
+            hist_num_present=torch.from_numpy(valid[..., None] & history.num_present[safe]),
+            hist_valid=torch.from_numpy(valid),
+        )
+
+    def sequences(self, sequences: Sequence[Sequence[Interaction]], width: int | None = None
+                  ) -> EventInputs:
+        """B users' events (each oldest first, any number, zero included) as ``EventInputs``
+        left-padded to ``width`` steps (default: the longest sequence); a sequence longer than
+        ``width`` keeps its newest ``width`` events."""
+        width = max(map(len, sequences), default=0) if width is None else width
+        recent = [list(s)[-width:] if width else [] for s in sequences]
+        return self.assemble_events(
+            self.events([e for events in recent for e in events]),
+            self.left_padded_index(list(map(len, recent)), width),
+        )
+
     def assemble_user(
         self,
         history: EventArrays,
@@ -370,6 +413,7 @@ class Featurizer:
 
         Histories are left-padded: position n-1 is the newest event.
         """
+        events = self.assemble_events(history, hist_index)
         history = history.with_placeholder_row()
         valid = hist_index >= 0
         safe = np.where(valid, hist_index, 0)
@@ -395,16 +439,10 @@ class Featurizer:
             [context.num, context.num_present.astype(np.float32), derived], axis=1
         )
         user_cat = np.concatenate([users, context.cat], axis=1)
-        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return UserInputs(
-            hist_item=as_long(np.where(valid, history.item[safe], 0)),
-            hist_action=as_long(np.where(valid, history.action[safe], 0)),
-            hist_cat=as_long(np.where(valid[..., None, None], history.cat[safe], 0)),
-            hist_num=torch.from_numpy(np.where(valid[..., None], history.num[safe], 0.0)).float(),
-            hist_num_present=torch.from_numpy(valid[..., None] & history.num_present[safe]),
+            **{f.name: getattr(events, f.name) for f in fields(EventInputs)},
             hist_age=torch.from_numpy(age).float(),
-            hist_valid=torch.from_numpy(valid),
-            user_cat=as_long(user_cat),
+            user_cat=_as_long(user_cat),
             user_num=torch.from_numpy(user_num).float(),
             state=torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)),
         )
@@ -441,7 +479,7 @@ class Featurizer:
         recent = [list(h)[-history_len:] if history_len else [] for h in histories]
         user = self.assemble_user(
             self.events([e for events in recent for e in events]),
-            self._left_padded_index(list(map(len, recent)), history_len),
+            self.left_padded_index(list(map(len, recent)), history_len),
             np.asarray([i.ts for i in impressions], dtype=np.float64),
             self.users([i.user_id for i in impressions], profiles),
             self.contexts([i.context for i in impressions]),
@@ -454,14 +492,14 @@ class Featurizer:
         return user, self.assemble_candidates(batched)
 
     @staticmethod
-    def _left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:
+    def left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:
         """[B, width] rows of B concatenated event runs of ``lengths`` (each <= width), newest
         last, -1 where a row has fewer events (on the left)."""
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        owner = np.repeat(np.arange(len(lengths)), lengths)  # [E] each event's row
+        rank = np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner]  # within its run
         index = np.full((len(lengths), width), -1, dtype=np.int64)
-        start = 0
-        for b, length in enumerate(lengths):
-            index[b, width - length :] = np.arange(start, start + length)
-            start += length
+        index[owner, width - lengths[owner] + rank] = np.arange(len(owner))
         return index
 
     def request(

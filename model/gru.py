@@ -7,6 +7,7 @@
 
 ``e`` is the interaction embedding of the event (the backbone tokenizer's
 E_item + E_action + Pool(content)), so updating a state needs no backbone pass.
+``model.user_state`` is where states are computed with it.
 """
 
 from __future__ import annotations

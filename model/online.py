@@ -34,6 +34,7 @@ from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
 from model.features import CandidateInputs, Featurizer, ItemArrays, UserInputs
 from model.training import TrainConfig, guarded_step, make_optimizer
+from model.user_state import with_history_state
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def predict(
     user, cands, _ = collate(featurizer, examples, model.cfg.history_len, model.cfg.d_model)
     user, cands = user.to(device), cands.to(device)
     if model.cfg.use_state and unroll_state:
-        user = model.with_history_state(user)
+        user = with_history_state(model, user)
     return torch.sigmoid(model(user, cands)[task][:, 0]).double().cpu().numpy()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.config import ModelConfig
-from model.features import CandidateInputs, FeatureSpec, UserInputs
+from model.features import CandidateInputs, EventInputs, FeatureSpec, UserInputs
 
 TIME_FREQUENCIES = 16
 
@@ -106,12 +106,13 @@ class Tokenizer(nn.Module):
         )
         return self.table(item) + pooled
 
-    def interaction(self, user: UserInputs) -> torch.Tensor:
-        """e_t for every history event: E_item + E_action + Pool(content), [B, n, d]."""
+    def interaction(self, events: EventInputs) -> torch.Tensor:
+        """e_t for every event: E_item + E_action + Pool(content), [B, n, d]. Reads the events
+        only (a ``UserInputs`` is one), so the user state needs no user-side inputs."""
         pooled = self.content(
-            user.hist_cat, user.hist_num, user.hist_num_present, slice(None)
+            events.hist_cat, events.hist_num, events.hist_num_present, slice(None)
         )
-        return self.table(user.hist_item) + self.table(user.hist_action) + pooled
+        return self.table(events.hist_item) + self.table(events.hist_action) + pooled
 
     def time(self, age: torch.Tensor) -> torch.Tensor:
         """T(t): [B, n] ages in seconds -> [B, n, d]."""

@@ -2,7 +2,8 @@
 
 ``guarded_step`` is the one optimizer step every learner here shares (the offline quick-start
 through ``train_step``, the online trainer, its static student, and the prequential
-evaluation): u_t is the GRU unrolled over the example's history, the loss is binary
+evaluation): u_t is the GRU unrolled over the example's history
+(``model.user_state.with_history_state``, the one code path of the state), the loss is binary
 cross-entropy of the click head, and an update whose loss or gradient is not finite (or that
 a guard refuses) is not applied.
 """
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 from model.backbone import UniRecModel
 from model.dataset import ExampleSet, gather_batch
 from model.features import CandidateInputs, Featurizer, UserInputs
+from model.user_state import with_history_state
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def guarded_step(
     """
     model.train()
     if model.cfg.use_state and unroll_state:
-        user = model.with_history_state(user)
+        user = with_history_state(model, user)
     logits = model(user, cands)[task][:, 0]
     loss = F.binary_cross_entropy_with_logits(logits, targets.float())
     value = float(loss.detach())
@@ -166,6 +168,6 @@ def predict(
         user, cands = gather_batch(examples, featurizer, rows, model.cfg.d_model)
         user, cands = user.to(device), cands.to(device)
         if model.cfg.use_state:
-            user = model.with_history_state(user)
+            user = with_history_state(model, user)
         out[rows] = torch.sigmoid(model(user, cands)[task][:, 0]).double().cpu().numpy()
     return out

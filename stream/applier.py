@@ -6,7 +6,7 @@ One call of ``InteractionApplier.apply`` handles one batch of ONE partition:
 2. the others are decoded; a record that does not decode, does not validate or whose key is not
    its user id becomes a ``DeadLetter`` and is not applied;
 3. the users of the valid events are read in one multi-get;
-4. every user's new GRU state is computed in ONE batched unroll of ``UniRecModel.unroll_state``
+4. every user's new GRU state is computed in ONE batched unroll (``model.user_state.advance``)
    over the user's new events in offset order, from the stored state (zeros for a new user);
 5. one ``StateStore.apply`` writes the states, the history rows and the batch's last offset in
    one WriteBatch: a crash leaves all of it or none of it, and the offset is stored even when
@@ -17,8 +17,8 @@ under the current weights from the user's stored history, then the new events ar
 it (in the same unroll). The rebuilt state covers only the stored history window (the store's
 ``history_len`` newest events): events older than the window no longer count (docs/model.md).
 
-History rows are the events' JSON (``eventlog.schema.encode``); ``decode_history`` reads them
-back as ``Interaction``s, oldest first.
+History rows are the events' JSON (``eventlog.schema.encode``);
+``model.user_state.decode_history`` reads them back as ``Interaction``s, oldest first.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from eventlog.schema import Interaction, decode, encode
+from eventlog.schema import Interaction, encode
+from model import user_state
 from model.backbone import UniRecModel
 from model.features import Featurizer
 from state_store import PartitionBatch, RecordBatch, StateStore
@@ -48,63 +48,9 @@ class NonFiniteStateError(ArithmeticError):
     """A GRU state computed from a batch's events came out NaN or infinite."""
 
 
-def decode_history(rows: Sequence[bytes]) -> list[Interaction]:
-    """Stored history rows as ``Interaction``s, in the same order (oldest first).
-
-    Raises ``eventlog.schema.SchemaError`` on a row that is not an Interaction's JSON.
-    """
-    return [decode(Interaction, row) for row in rows]
-
-
 def check_state_dim(store: StateStore, model: UniRecModel) -> None:
     """Raise ``ValueError`` unless the store's state vectors fit the model's GRU (d_model)."""
-    if store.config.state_dim != model.cfg.d_model:
-        raise ValueError(
-            f"the state store at {store.path} holds states of dimension "
-            f"{store.config.state_dim}, but the model's d_model is {model.cfg.d_model}: "
-            "open a store created for this model size"
-        )
-
-
-@torch.no_grad()
-def unroll_states(
-    model: UniRecModel,
-    featurizer: Featurizer,
-    user_ids: Sequence[str],
-    sequences: Sequence[Sequence[Interaction]],
-    u0: np.ndarray,
-) -> np.ndarray:
-    """Each user's GRU state after its events, oldest first, from ``u0``, in one batched unroll.
-
-    ``sequences[u]`` are user ``user_ids[u]``'s events (any number, zero included); ``u0`` is
-    [U, d] float. The events are padded on the left to [U, T] (T = the longest sequence) as a
-    history; a padded step leaves the state unchanged. Returns [U, d] float32.
-    """
-    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
-    u0 = np.asarray(u0, dtype=np.float32)
-    if not lengths.any():
-        return u0.copy()
-    events = featurizer.events([e for sequence in sequences for e in sequence])
-    width = int(lengths.max())
-    starts = np.cumsum(lengths) - lengths
-    owner = np.repeat(np.arange(len(lengths)), lengths)  # (E,) each event's user
-    column = width - lengths[owner] + np.arange(len(owner)) - starts[owner]
-    hist_index = np.full((len(lengths), width), -1, dtype=np.int64)  # [U, T], -1 = padding
-    hist_index[owner, column] = np.arange(len(owner))
-    newest = hist_index[:, -1]
-    request_ts = np.where(newest >= 0, events.ts[np.maximum(newest, 0)], 0.0)
-    user = featurizer.assemble_user(
-        events,
-        hist_index,
-        request_ts,
-        featurizer.users(user_ids, [None] * len(user_ids)),
-        featurizer.contexts([{}] * len(user_ids)),
-        u0,
-    )
-    parameter = next(model.parameters())
-    user = user.to(parameter.device)
-    states = model.unroll_state(user, user.state.to(parameter.dtype))  # [U, d]
-    return states.float().cpu().numpy()
+    user_state.check_state_dim(model, store.config.state_dim, f"the state store at {store.path}")
 
 
 def partition_batch(
@@ -294,13 +240,13 @@ class InteractionApplier:
         the batch's users), from its stored state, or from zeros through its stored history if
         ``stale``. Raises ``NonFiniteStateError`` if a state comes out NaN or infinite."""
         position = {user: u for u, user in enumerate(before.user_ids)}
-        sequences: list[list[Interaction]] = [[] for _ in before.user_ids]
-        for u in np.flatnonzero(stale).tolist():
-            sequences[u] = decode_history(before.histories[u])
+        new: list[list[Interaction]] = [[] for _ in before.user_ids]
         for _, event in events:
-            sequences[position[event.user_id]].append(event)
-        u0 = np.where(stale[:, None], 0.0, before.states)
-        states = unroll_states(self.model, self.featurizer, before.user_ids, sequences, u0)
+            new[position[event.user_id]].append(event)
+        histories = [user_state.decode_history(before.histories[u]) if stale[u] else []
+                     for u in range(len(new))]
+        states = user_state.advance(self.model, self.featurizer, before.states, stale,
+                                    histories, new)
         bad = ~np.isfinite(states).all(axis=1)
         if bad.any():
             raise NonFiniteStateError(

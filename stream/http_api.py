@@ -62,10 +62,10 @@ import msgspec
 from aiohttp import web
 
 from eventlog.schema import Impression, SchemaError, decode, to_builtins
+from model.user_state import decode_history
 from state_store import StateStore, StateStoreError, UserRecord
 from state_store.keys import encode_user_ids
 from stream.admission import RecordLimits
-from stream.applier import decode_history
 from stream.health import LoopHealth
 from stream.metrics import WorkerMetrics
 from stream.serving import ImpressionScorer

@@ -21,9 +21,10 @@ import msgspec
 import numpy as np
 
 from eventlog.schema import Candidate, Impression, Interaction, Label, UserProfile
+from model import user_state
 from model.scorer import Scorer
 from state_store import StateStore
-from stream.applier import check_state_dim, decode_history, unroll_states
+from stream.applier import check_state_dim
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class ScoredImpression:
     dynamic, static: [C] probabilities in the order of ``impression.candidates``; ``static``
         is None without a static twin.
     read_s: seconds of the multi-get it was read in (shared by a batch), history decoding and
-        any state rebuild included; score_s: seconds scoring this impression: impressions
-        with the same candidate count are scored together (one model call each for the live
-        model and the static twin), and each gets an equal share of that batch's time.
+        the state unroll (stale rebuilds, pending interactions) included; score_s: seconds
+        scoring this impression: impressions with the same candidate count are scored
+        together (one model call each for the live model and the static twin), and each gets
+        an equal share of that batch's time.
     """
 
     impression: Impression
@@ -83,8 +85,9 @@ class ScoredImpression:
 
 @dataclass(frozen=True, eq=False)
 class _Read:
-    """What the multi-get gave one impression: its user's history, state ([d] float32, rebuilt
-    if stale), whether it was rebuilt, and the seconds of the read."""
+    """What the multi-get gave one impression: its user's history and state ([d] float32,
+    rebuilt if stale), both advanced by its pending interactions, whether the state was
+    rebuilt, and the seconds of the read."""
 
     history: list[Interaction]
     state: np.ndarray
@@ -156,17 +159,16 @@ class ImpressionScorer:
         scorer, version = self._live
         users = list(dict.fromkeys(i.user_id for i in impressions))
         records = self.store.get_many(users, history=True)
-        histories = [decode_history(rows) for rows in records.histories]
+        histories = [user_state.decode_history(rows) for rows in records.histories]
         stale = (~records.is_new) & (records.model_versions != version)
-        states = self._current_states(scorer, users, histories, records.states, stale)
+        row = {user: u for u, user in enumerate(users)}
+        position = np.asarray([row[i.user_id] for i in impressions], dtype=np.int64)
+        ahead = [list(p) for p in pending] if pending is not None else [[] for _ in impressions]
+        states = self._current_states(scorer, records.states[position], stale[position],
+                                      [histories[u] for u in position], ahead)
         read_s = time.perf_counter() - start
-        position = {user: u for u, user in enumerate(users)}
-        reads = [
-            _Read(histories[u], states[u], bool(stale[u]), read_s)
-            for u in (position[i.user_id] for i in impressions)
-        ]
-        if pending is not None and any(pending):
-            reads = self._advanced(scorer, impressions, reads, pending)
+        reads = [_Read(histories[u] + ahead[i], states[i], bool(stale[u]), read_s)
+                 for i, u in enumerate(position.tolist())]
         scored: dict[int, ScoredImpression] = {}
         for batch in scorer.batches(impressions):
             results = self._score_batch(scorer, version, [impressions[i] for i in batch],
@@ -175,39 +177,21 @@ class ImpressionScorer:
         return [scored[i] for i in range(len(impressions))]
 
     @staticmethod
-    def _advanced(scorer: Scorer, impressions: Sequence[Impression], reads: list[_Read],
-                  pending: Sequence[Sequence[Interaction]]) -> list[_Read]:
-        """``reads`` with each impression's ``pending`` events appended to its history and
-        folded into its state."""
-        ahead = [i for i, events in enumerate(pending) if events]
-        states = unroll_states(
-            scorer.model, scorer.featurizer, [impressions[i].user_id for i in ahead],
-            [pending[i] for i in ahead], np.stack([reads[i].state for i in ahead]),
-        )
-        out = list(reads)
-        for row, i in enumerate(ahead):
-            r = reads[i]
-            out[i] = _Read(r.history + list(pending[i]), states[row], r.rebuilt, r.read_s)
-        return out
-
-    @staticmethod
     def _current_states(
-        scorer: Scorer, users: list[str], histories: list[list[Interaction]],
-        states: np.ndarray, stale: np.ndarray,
+        scorer: Scorer, stored: np.ndarray, stale: np.ndarray,
+        histories: list[list[Interaction]], pending: list[list[Interaction]],
     ) -> np.ndarray:
-        """[U, d] states of ``users``, the ``stale`` ones ([U] bool) rebuilt in one batched
-        unroll of their histories under the current weights."""
-        if not stale.any():
-            return states
-        rebuild = np.flatnonzero(stale).tolist()
-        states = states.copy()
-        states[rebuild] = unroll_states(
-            scorer.model,
-            scorer.featurizer,
-            [users[u] for u in rebuild],
-            [histories[u] for u in rebuild],
-            np.zeros((len(rebuild), states.shape[1]), dtype=np.float32),
-        )
+        """[B, d]: each impression's state: its user's stored state (``stored`` [B, d]) or, if
+        ``stale`` ([B] bool), the state rebuilt from its stored history under the current
+        weights, advanced by its ``pending`` events; one batched unroll
+        (``model.user_state.advance``) for the impressions that need one."""
+        states = np.array(stored, dtype=np.float32)
+        work = [i for i in range(len(states)) if stale[i] or pending[i]]
+        if work:
+            states[work] = user_state.advance(
+                scorer.model, scorer.featurizer, states[work], stale[work],
+                [histories[i] for i in work], [pending[i] for i in work],
+            )
         return states
 
     def _score_batch(

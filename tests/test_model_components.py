@@ -26,6 +26,7 @@ from model_fixtures import (
 from model.compression import LearnedCompression
 from model.core_behaviours import select_core
 from model.gru import UserStateGRU
+from model.user_state import unroll
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,12 +107,12 @@ def test_gru_unroll_applies_valid_events_in_order_and_invalid_steps_keep_the_sta
 
 
 def test_model_state_is_the_gru_over_the_history_interaction_embeddings():
-    """UniRecModel.unroll_state = the GRU stepped by hand over e_t (the tokenizer's
+    """model.user_state.unroll = the GRU stepped by hand over e_t (the tokenizer's
     interaction embeddings) of the valid events, from zeros; padding slots are skipped."""
     model = shared_model("default")
     user, _ = inputs(model, make_request(21, 5, 1))
     with torch.no_grad():
-        state = model.unroll_state(user)
+        state = unroll(model, user)
         events = model.tokenizer.interaction(user)[0]
         u = torch.zeros(1, model.cfg.d_model)
         for t in np.flatnonzero(user.hist_valid[0].numpy()):
@@ -288,7 +289,7 @@ def test_padding_slot_contents_never_change_a_score(name):
     assert max_diff(reference_logits(model, user, cands),
                     reference_logits(model, noisy, cands)) <= 1e-6
     with torch.no_grad():
-        assert max_diff(model.unroll_state(user), model.unroll_state(noisy)) <= 1e-6
+        assert max_diff(unroll(model, user), unroll(model, noisy)) <= 1e-6
     # control: the same garbage marked valid does change the scores
     seen = replace(noisy, hist_valid=torch.ones_like(pad))
     assert max_diff(cached_logits(model, user, cands), cached_logits(model, seen, cands)) > 1e-3

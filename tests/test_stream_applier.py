@@ -25,8 +25,9 @@ from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import Featurizer
+from model.user_state import advance, decode_history, unroll_events
 from state_store import LogChangedError, StateStore, StoreConfig
-from stream.applier import InteractionApplier, decode_history
+from stream.applier import InteractionApplier
 from stream.dead_letters import DeadLetter
 from stream.records import ConsumedRecord
 
@@ -187,6 +188,39 @@ def test_replays_change_nothing(users: list[str], data: st.DataObject) -> None:
         assert (rest.applied, rest.skipped) == (len(batch) - cut, overlap)
         apply(InteractionApplier(once, MODEL, 1), batch)
         assert_same_records(store, once)
+
+
+@examples
+@given(users=user_lists, data=st.data())
+def test_the_stored_state_is_the_user_state_modules_unroll_over_the_users_events(
+    users: list[str], data: st.DataObject
+) -> None:
+    """Whatever the batching, a user's stored state is ``model.user_state.unroll_events`` of
+    all its events from zero; after a weight update (a new version) it is ``advance``: the
+    stored history window rebuilt under the new weights, then the new events."""
+    events = make_events(users)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(events)), max_size=3), "cuts")))
+    bounds = list(zip([0, *cuts], [*cuts, len(events)], strict=True))
+    with open_store() as store:
+        applier = InteractionApplier(store, MODEL, 1)
+        for a, b in bounds:
+            if a < b:
+                apply(applier, records(events[a:b], a))
+        mine = [of_user(events, user) for user in USERS]
+        expected = unroll_events(MODEL, FEATURIZER, mine, np.zeros((len(USERS), 16)))
+        for u, user in enumerate(USERS):
+            if mine[u]:
+                np.testing.assert_allclose(store.get(user).state, expected[u], atol=1e-5)
+        stored = {user: store.get(user, history=True) for user in USERS}
+        later = make_events(list(USERS), seed=3, start=len(events))
+        apply(InteractionApplier(store, OTHER_MODEL, 2), records(later, len(events)))
+        expected = advance(
+            OTHER_MODEL, FEATURIZER, np.stack([stored[user].state for user in USERS]),
+            np.asarray([not stored[user].is_new for user in USERS]),
+            [decode_history(stored[user].history or []) for user in USERS],
+            [of_user(later, user) for user in USERS])
+        for u, user in enumerate(USERS):
+            np.testing.assert_allclose(store.get(user).state, expected[u], atol=1e-5)
 
 
 def test_bad_records_become_dead_letters_and_the_rest_is_applied() -> None:

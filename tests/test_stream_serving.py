@@ -25,8 +25,9 @@ from eventlog.schema import Candidate, Impression, Interaction, Label, encode
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.scorer import Scorer
+from model.user_state import rebuild
 from state_store import StateStore, StoreConfig
-from stream.applier import InteractionApplier, unroll_states
+from stream.applier import InteractionApplier
 from stream.records import ConsumedRecord
 from stream.serving import (
     FeedbackWindow,
@@ -151,19 +152,25 @@ def test_a_batch_of_impressions_is_read_in_one_multi_get(
         assert_scored_alike(a, b)
 
 
-def test_pending_interactions_score_as_if_they_were_applied(store: StateStore) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_pending_interactions_score_as_if_they_were_applied(store: StateStore, version: int
+                                                            ) -> None:
+    """At version 2 the stored states (written at 1) are stale: the scorer rebuilds them and
+    advances them by the pending events in one unroll, as the applier does when it applies
+    them."""
     apply_events(store, ["u0", "u1"])
     requests = [impression("ra", "u0"), impression("rbb", "u1"), impression("rccc", "new")]
     rng = np.random.default_rng(7)
     pending = [[event(rng, "u0", T0 + 5000.0, 90), event(rng, "u0", T0 + 5060.0, 91)], [],
                [event(rng, "new", T0 + 5100.0, 92)]]
-    scorer = ImpressionScorer(store, SCORER, 1, PROFILES, static=TWIN)
+    scorer = ImpressionScorer(store, SCORER, version, PROFILES, static=TWIN)
     ahead = scorer.score_many(requests, pending)
+    assert [s.state_rebuilt for s in ahead] == [version == 2, version == 2, False]
     first = store.offset("interactions", 0).next_offset
     records = [ConsumedRecord(0, first + k, e.user_id.encode(), encode(e))
                for k, e in enumerate([*pending[0], *pending[2]])]
-    InteractionApplier(store, SCORER.model, 1).apply("interactions", 0, "log", records,
-                                                     records[-1].offset)
+    InteractionApplier(store, SCORER.model, version).apply("interactions", 0, "log", records,
+                                                           records[-1].offset)
     applied = scorer.score_many(requests)
     for a, b in zip(ahead, applied, strict=True):
         assert a.history == b.history
@@ -225,8 +232,7 @@ def test_a_stale_state_scores_as_rebuilt_from_the_history(store: StateStore) -> 
     apply_events(store, ["u2"] * 8)
     scored = ImpressionScorer(store, SCORER, 2, PROFILES).score(impression("r4", "u2"))
     assert scored.state_rebuilt and len(scored.history) == STORE.history_len
-    rebuilt = unroll_states(SCORER.model, SCORER.featurizer, ["u2"], [scored.history],
-                            np.zeros((1, 16), dtype=np.float32))[0]
+    rebuilt = rebuild(SCORER.model, SCORER.featurizer, [scored.history])[0]
     np.testing.assert_allclose(scored.state, rebuilt, atol=1e-6)
     assert not np.allclose(scored.state, store.get("u2").state, atol=1e-4)
 
