@@ -18,7 +18,6 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     reference_logits,
     shared_model,
 )
@@ -27,10 +26,7 @@ from model.compression import LearnedCompression
 from model.core_behaviours import select_core
 from model.gru import UserStateGRU
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- 7. the GRU ------------------------------------------------------------------------------
