@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unirec", description="unirec-stream: a streaming, online-learning recommender"
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: our INFO logs; -vv: our DEBUG and the libraries' INFO logs "
+                             "(default: warnings only, but INFO for worker and trainer)")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train on the first part of a time-ordered log")
     _add_data_flags(train)
@@ -531,12 +533,39 @@ COMMANDS = {"train": run_train, "eval": run_eval, "eval-suite": run_eval_suite, 
             "state": run_state}
 
 
+OUR_LOGGERS = frozenset({"unirec", "app", "stream", "model", "state_store", "eventlog",
+                         "evaluation"})
+SERVICES = frozenset({"worker", "trainer"})  # long-running: their lifecycle lines are the log
+
+
+def configure_logging(verbose: int, command: str) -> None:
+    """Quiet by default: warnings only, from our loggers and the libraries' (kafka-python,
+    aiohttp...). ``-v``: our INFO; ``-vv``: our DEBUG and the libraries' INFO; ``-vvv``: all
+    DEBUG. ``worker`` and ``trainer`` log our INFO without ``-v`` (a service's lifecycle:
+    partitions assigned and resumed, versions published). Like ``logging.basicConfig``,
+    nothing changes when the root logger already has handlers (an embedding application)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    ours = (logging.DEBUG if verbose >= 2
+            else logging.INFO if verbose >= 1 or command in SERVICES else logging.WARNING)
+    libraries = (logging.DEBUG if verbose >= 3
+                 else logging.INFO if verbose >= 2 else logging.WARNING)
+
+    def by_origin(record: logging.LogRecord) -> bool:
+        is_ours = record.name.split(".", 1)[0] in OUR_LOGGERS
+        return record.levelno >= (ours if is_ours else libraries)
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(by_origin)
+    root.addHandler(handler)
+    root.setLevel(min(ours, libraries))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose, args.command)
     try:
         COMMANDS[args.command](args)
     except (CliError, SettingsError, KafkaSecurityError) as exc:

@@ -82,17 +82,27 @@ class EventTimeGate:
         """
         out: dict[str, list[ConsumedRecord]] = {kind: [] for kind in KINDS}
         ripe = self.clock() - self.idle_grace_s  # held before this: idle topics let it pass
-        for kind, held in self._held.items():
-            others = [k for k in KINDS if k != kind]
-            for partition, queue in held.items():
-                if not queue:
-                    continue
-                bounds = [(self._newest[k].get(partition, (-1, 0, 0)), idle(k, partition))
-                          for k in others]
-                while queue and all(
-                        order_key(kind, queue[0][1]) < newest or (is_idle and queue[0][0] <= ripe)
-                        for newest, is_idle in bounds):
-                    out[kind].append(queue.popleft()[1])
+        is_idle: dict[tuple[str, int], bool] = {}
+        partitions = {p for held in self._held.values() for p, queue in held.items() if queue}
+        for partition in sorted(partitions):
+            queues = {kind: queue for kind in KINDS
+                      if (queue := self._held[kind].get(partition))}
+            # in time order across the kinds: a record held back holds back every later one
+            # (an idle topic lets a record pass, but not ahead of an earlier held record)
+            while queues:
+                key, kind = min((order_key(k, q[0][1]), k) for k, q in queues.items())
+                since = queues[kind][0][0]
+                for k in KINDS:
+                    if k != kind and (k, partition) not in is_idle:
+                        is_idle[(k, partition)] = idle(k, partition)
+                if not all(key < self._newest[k].get(partition, (-1, 0, 0))
+                           or (is_idle[(k, partition)] and since <= ripe)
+                           for k in KINDS if k != kind):
+                    break
+                out[kind].append(queues[kind].popleft()[1])
+                if not queues[kind]:
+                    del queues[kind]
+            for kind, queue in queues.items():
                 while len(queue) > self.max_held:
                     out[kind].append(queue.popleft()[1])
                     self.released_early[kind] += 1

@@ -8,7 +8,7 @@ compression schedule over 16 history slots) so that every layer plan is exercise
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -20,19 +20,6 @@ from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
 from model.config import INPUT_COMPRESSION_WIDTHS, ModelConfig
 from model.features import CandidateInputs, FeatureSpec, Featurizer, UserInputs
-
-
-def one_torch_thread() -> Iterator[None]:
-    """For a module-scoped autouse fixture: torch on one thread while the module runs (these
-    models are tiny; on a loaded 2-core machine, two threads spin against each other and run
-    several times slower), restored afterwards so that other modules are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 GENRES = ("action", "comedy", "drama", "horror", "scifi", "western")
 DEVICES = ("ios", "android", "web")

@@ -80,6 +80,7 @@ def test_an_unknown_device_is_refused(tmp_path, capsys):
     assert "device" in capsys.readouterr().err
 
 
+@pytest.mark.broker
 def test_the_console_script_runs_train_and_eval_on_movielens(tmp_path):
     """`unirec train --dataset movielens-100k` then `unirec eval ... --json`, as a user runs
     them, in a subprocess."""

@@ -361,6 +361,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
             if ln and not ln.startswith("#")]
 
 
+@pytest.mark.broker
 def test_dockerfile_lints_clean_under_hadolint() -> None:
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(
         Path(__import__("sys").executable).parent))

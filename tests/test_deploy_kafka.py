@@ -24,6 +24,8 @@ from stream.broker import free_port
 from stream.producer import replay_events, synthetic_events
 from stream.topics import BrokerUnavailable, TopicNames, ensure_topics
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 N_EVENTS = 200
 PARTITIONS = 2
 KAFKA_START_S = 120.0

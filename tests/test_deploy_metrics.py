@@ -81,6 +81,7 @@ def test_dashboard_queries_only_unirec_metrics() -> None:
         assert metric_names(expr), f"panel {title!r} queries no unirec_* metric: {expr}"
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("name", DASHBOARD_METRICS)
 def test_dashboard_metric_is_exported_by_a_live_worker(exposition: str, name: str) -> None:
     assert name in sample_names(exposition), (

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from deploy_fixtures import REPO
+
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
 
 SCRIPT = REPO / "deploy" / "claim_slot.py"
 # The command run under the slot: prints its store and slot, then sleeps until killed.

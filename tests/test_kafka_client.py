@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import ast
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from deploy_fixtures import REPO
 
-from stream.broker import EmbeddedBroker
 from stream.kafka_client import (
     SECURITY_KWARGS,
     KafkaSecurity,
@@ -194,12 +192,6 @@ def test_every_kafka_client_is_built_by_the_factory_module() -> None:
 
 
 # ---------------------------------------------------------------- against the real broker
-
-
-@pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("kafka-client")) as broker:
-        yield broker.bootstrap_servers
 
 
 def test_plaintext_default_talks_to_the_embedded_broker(

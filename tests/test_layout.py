@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -22,16 +22,13 @@ from tests.model_fixtures import (
     config,
     inputs,
     make_request,
-    one_torch_thread,
     training_log,
 )
 
 BASELINES = ("deepfm", "din", "sasrec-dcnv2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def baseline(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -26,7 +26,6 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     reference_logits,
     shared_model,
 )
@@ -36,10 +35,7 @@ from model.features import CandidateInputs, UserInputs
 from model.mask import LayerMask
 from model.scorer import Scorer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOL = 1e-4

@@ -18,16 +18,12 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     seq_positions,
 )
 
 from model.mask import LayerMask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- 6. the mask table ------------------------------------------------------------------------

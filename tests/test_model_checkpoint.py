@@ -19,7 +19,6 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     reference_logits,
 )
 
@@ -29,10 +28,7 @@ from model.checkpoint import CheckpointError, load, save
 from model.kinds import build_model
 from model.signature import IncompatibleVersion, signature_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("overrides", [{}, {"compression": "pyramid", "use_state": False}])

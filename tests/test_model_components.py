@@ -18,7 +18,6 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     reference_logits,
     shared_model,
 )
@@ -28,10 +27,7 @@ from model.core_behaviours import select_core
 from model.gru import UserStateGRU
 from model.user_state import unroll
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- 7. the GRU ------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from model_fixtures import (
     inputs,
     make_request,
     max_diff,
-    one_torch_thread,
     reordered,
     shared_model,
     with_features,
@@ -29,10 +28,7 @@ from model_fixtures import (
 from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.scorer import Scorer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -22,7 +22,6 @@ from model_fixtures import (
     context,
     fresh_model,
     make_history,
-    one_torch_thread,
 )
 
 from eventlog.schema import Candidate, Impression
@@ -33,10 +32,7 @@ from model.prediction_metrics import auc
 from model.student import StaticStudent
 from model.training import guarded_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> UniRecModel:

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from model_fixtures import DEVICES, T0, config, one_torch_thread
+from model_fixtures import DEVICES, T0, config
 
 from eventlog.log import EventLog
 from eventlog.schema import Interaction
@@ -18,10 +18,7 @@ from model.features import FeatureSpec, Featurizer
 from model.prediction_metrics import logloss
 from model.training import TrainConfig, make_optimizer, predict, train_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TASK_GENRES = ("action", "comedy", "drama", "horror")

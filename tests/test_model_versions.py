@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import fresh_model, one_torch_thread
+from model_fixtures import fresh_model
 
 from model.checkpoint import CheckpointError
 from model.versions import VersionStore
@@ -21,9 +21,7 @@ from model.versions import VersionStore
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -62,6 +60,7 @@ KILLERS = {
 }
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("when", list(KILLERS))
 def test_a_kill_during_save_leaves_the_previous_version_loadable(tmp_path, when):
     """A publisher process SIGKILLed while saving version 2 leaves a temporary file behind

@@ -28,6 +28,8 @@ from state_store_fixtures import apply_events
 
 from state_store import PartitionBatch, ReadOnlyStoreError, StateStore, StoreConfig
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 TOPIC = "interactions"
 LOG = "test-cluster/interactions"
 PARTITIONS = 2

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_fixtures import SPEC, T0, event, one_torch_thread
+from model_fixtures import SPEC, T0, event
 
 from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
@@ -41,7 +41,7 @@ USERS = ("a", "b", "c")
 # RocksDB syncs files as it creates a store; on tmpfs that costs nothing.
 FAST_TMP = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
-one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int) -> UniRecModel:

@@ -33,17 +33,12 @@ def _gone(pid: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 @pytest.fixture
 def topics() -> TopicNames:
     return TopicNames.with_prefix(f"t{uuid.uuid4().hex[:8]}-")
 
 
+@pytest.mark.broker
 def test_broker_starts_answers_and_stops_leaving_no_process(tmp_path: Path) -> None:
     """A started broker answers metadata requests on loopback with its own cluster id, logs to
     the file asked for, and leaves no process behind when the block exits."""
@@ -62,6 +57,7 @@ def test_broker_starts_answers_and_stops_leaving_no_process(tmp_path: Path) -> N
     broker.stop()  # idempotent
 
 
+@pytest.mark.broker
 def test_start_failure_raises_with_the_broker_output(tmp_path: Path) -> None:
     """A broker binary that exits at start gives BrokerStartError quoting its output."""
     fake = tmp_path / "tansu"
@@ -91,6 +87,7 @@ def test_ensure_topics_is_idempotent_and_makes_the_partitions_asked_for(
     assert ensure_topics(broker.bootstrap_servers, partitions=5, topics=topics) == first
 
 
+@pytest.mark.broker
 def test_log_identity_is_stable_and_changes_with_a_restarted_broker() -> None:
     """The identity is the same across calls on one broker and differs after a restart with
     the same topic names, even when the restarted broker reuses the cluster id."""

@@ -18,6 +18,8 @@ import pytest
 from eventlog.log import EventLog, time_split
 from eventlog.movielens import DatasetUnavailable, default_data_dir, load_movielens_100k
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 EVENTS = 200
 

@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, KafkaProducer
-from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
+from stream_fixtures import WorkerProcess, wait_for
 
 from eventlog.schema import Interaction, Label, encode
 from model.checkpoint import load
@@ -38,20 +38,11 @@ from stream.producer import synthetic_events
 from stream.records import ConsumedRecord
 from stream.topics import TopicNames, ensure_topics
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 PARTITIONS = 2
 START_TIMEOUT_S = 60.0
 Sent = tuple[str, int, int]  # topic, partition, offset
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", model_version=3)
 
 
 class Stream:

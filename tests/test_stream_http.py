@@ -27,7 +27,6 @@ from model_fixtures import (
     event,
     fresh_model,
     make_candidates,
-    one_torch_thread,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -63,7 +62,7 @@ STORE = StoreConfig(state_dim=16, history_len=6)
 VERSION = 3
 FAST_TMP = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
-one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int) -> UniRecModel:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import PROFILES, SPEC, T0, USERS, config, context, one_torch_thread
+from model_fixtures import PROFILES, SPEC, T0, USERS, config, context
 from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
@@ -50,9 +50,7 @@ from stream.trainer_claim import RivalWatch, TrainerIdentity
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides: object):
@@ -309,6 +307,7 @@ def test_outranking_goes_by_start_then_id_and_an_announcement_without_id_always_
     assert elder.outranked_by(ModelUpdate(1, "v1", 1, 0.0))
 
 
+@pytest.mark.broker
 def test_the_younger_of_two_trainers_on_one_topic_yields_and_the_elder_keeps_publishing(
         tmp_path: Path) -> None:
     """Two learners with their own versions directories announce on one model-updates topic
@@ -401,6 +400,7 @@ def score_versions(bootstrap: str, topic: str) -> set[int]:
         consumer.close()
 
 
+@pytest.mark.broker
 def test_worker_learns_swaps_under_load_and_serves_drift(tmp_path: Path) -> None:
     """A training worker over a replay: its version rises (in /healthz, the scores topic and
     /users/{id}/state), every POST /score sent from four threads meanwhile is answered 200,

@@ -25,6 +25,8 @@ from stream.broker import EmbeddedBroker
 from stream.producer import replay_events, synthetic_events
 from stream.topics import TopicNames, ensure_topics
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 TOKEN = "openapi-test-token"
 PREFIX = "openapi-"
 EXAMPLES = 25  # per operation: six operations stay well within a minute on two cores

@@ -32,12 +32,6 @@ logging.getLogger("kafka").setLevel(logging.ERROR)
 USERS = ("alice", "bob", "carol", "dave")
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 @pytest.fixture
 def topics(broker: EmbeddedBroker) -> TopicNames:
     names = TopicNames.with_prefix(f"p{uuid.uuid4().hex[:8]}-")

@@ -51,6 +51,8 @@ from stream.records import ConsumedRecord
 from stream.topics import TopicNames, end_offsets, ensure_topics, log_identity
 from stream.worker import WorkerConfig, run_worker
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 PARTITIONS = 4
 FIRST, SECOND = 400, 400  # interactions produced before and after B joins
 BATCH = 64  # the workers' --batch-size (WorkerProcess)

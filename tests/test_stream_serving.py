@@ -18,7 +18,6 @@ from model_fixtures import (
     event,
     fresh_model,
     make_candidates,
-    one_torch_thread,
 )
 
 from eventlog.schema import Candidate, Impression, Interaction, Label, encode
@@ -41,7 +40,7 @@ CFG = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
 STORE = StoreConfig(state_dim=16, history_len=6)
 FAST_TMP = "/dev/shm" if Path("/dev/shm").is_dir() else None  # RocksDB's syncs cost nothing
 
-one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int) -> UniRecModel:

@@ -33,13 +33,9 @@ from stream.topics import (
 )
 from stream.worker import EXIT_NOT_COPARTITIONED, ConsumerLoop, WorkerConfig, build_services
 
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
+
 TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory):
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as running:
-        yield running
 
 
 def uneven_topics(bootstrap: str, prefix: str) -> TopicNames:

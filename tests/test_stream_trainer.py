@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import msgspec
+import pytest
 from kafka import KafkaConsumer
 from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
@@ -17,6 +18,8 @@ from stream.broker import EmbeddedBroker
 from stream.producer import replay_events, synthetic_events
 from stream.serving import Scores
 from stream.topics import TopicNames, ensure_topics
+
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
 
 N_EVENTS = 400
 LATER = 40

@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from stream_fixtures import TINY, WorkerProcess, http_get, tiny_checkpoint, wait_for
 
@@ -18,6 +19,8 @@ from model.versions import VersionStore
 from stream.broker import EmbeddedBroker
 from stream.producer import replay_events, synthetic_events
 from stream.topics import TopicNames, ensure_topics
+
+pytestmark = pytest.mark.broker  # every test here starts a broker or a subprocess
 
 PARTITIONS = 2
 

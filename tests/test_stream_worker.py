@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
-from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
+from stream_fixtures import WorkerProcess, wait_for
 
 from app.cli import main as unirec
 from eventlog.schema import encode
@@ -45,18 +45,6 @@ START_TIMEOUT_S = 60.0
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model (random weights) with a FeatureSpec fitted on the synthetic events."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", model_version=3)
 
 
 def topics_for(prefix: str) -> TopicNames:
@@ -358,6 +346,7 @@ def test_poison_and_invalid_messages_go_to_dead_letters(
     assert worker.stop() == 0
 
 
+@pytest.mark.broker
 def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
         checkpoint: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]) -> None:
     store, topics = tmp_path / "store", topics_for("")
@@ -380,6 +369,7 @@ def test_restarted_broker_stops_the_worker_unless_reset_on_new_log(
         assert reset.stop() == 0
 
 
+@pytest.mark.broker
 def test_without_a_checkpoint_the_worker_exits_with_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "none.pt"
     result = subprocess.run(
@@ -402,6 +392,7 @@ def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
     assert grouped[0] == [ConsumedRecord(0, 3, None, b"y")]
 
 
+@pytest.mark.broker
 def test_broker_restarted_under_a_running_worker_stops_it(
         checkpoint: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]) -> None:
     """The rejoin after the restart re-checks the log: the worker exits with status 3 and an

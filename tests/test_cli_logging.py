@@ -1,0 +1,42 @@
+"""Quiet by default: ``unirec`` prints no library INFO log (kafka-python's, aiohttp's) and none
+of our own INFO unless asked with ``-v``/``-vv``; ``worker`` and ``trainer`` keep our INFO."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from stream_fixtures import REPO
+
+from stream.broker import EmbeddedBroker
+
+pytestmark = pytest.mark.broker
+
+INFO_LINE = re.compile(r" (INFO|DEBUG) (\S+): ")
+
+
+def produce(bootstrap: str, *verbosity: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *verbosity, "produce", "--bootstrap-servers",
+         bootstrap, "--synthetic", "20", "--partitions", "1", "--topic-prefix", "quiet-"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def info_loggers(stderr: str) -> set[str]:
+    return {m[2] for m in INFO_LINE.finditer(stderr)}
+
+
+def test_produce_prints_no_info_lines_without_v_and_library_ones_with_vv(
+        broker: EmbeddedBroker) -> None:
+    quiet = produce(broker.bootstrap_servers)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert info_loggers(quiet.stderr) == set(), quiet.stderr[-2000:]
+    loud = produce(broker.bootstrap_servers, "-vv")
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert any(name.startswith("kafka") for name in info_loggers(loud.stderr)), (
+        loud.stderr[-2000:])
+
