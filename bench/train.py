@@ -86,7 +86,8 @@ class Pipeline:
         scorer = ImpressionScorer(store, Scorer(model, CPU), 0,
                                   static=Scorer(UniRecModel(cfg, spec).eval(), CPU))
         self.services = WorkerServices(
-            store=store, applier=InteractionApplier(store, model, 0), scorer=scorer,
+            store=store, applier=InteractionApplier.following(store, scorer.serving_model),
+            scorer=scorer,
             labels=self.labels, publisher=DiscardingPublisher(), topics=TopicNames(),
             metrics=metrics, drift=drift)
         versions = VersionStore(tmp / "versions", keep=3)

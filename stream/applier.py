@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -110,6 +111,24 @@ class ApplyReport:
     stages: StageTimes
 
 
+ServingModel = Callable[[], tuple[UniRecModel, int]]
+"""The model and version to apply a batch with, read once per batch."""
+
+
+class _Serving(NamedTuple):
+    """The model, version and featurizer one batch is applied with."""
+
+    model: UniRecModel
+    version: int
+    featurizer: Featurizer
+
+
+def _check_serving(store: StateStore, model: UniRecModel, version: int) -> None:
+    check_state_dim(store, model)
+    if version < 0:
+        raise ValueError(f"model_version must be a non-negative integer, got {version}")
+
+
 class InteractionApplier:
     """Applies consumed ``interactions`` batches to ``store`` with ``model``'s GRU, exactly once.
 
@@ -117,25 +136,38 @@ class InteractionApplier:
     registry's version counter); stored states of any other version are stale and rebuilt.
     The model is used as it is (its device and dtype; no gradients); it must not be trained
     while a batch is applied.
+
+    ``InteractionApplier(store, model, version)`` applies with that model; ``following(store,
+    serving)`` applies each batch with whatever ``serving()`` gives at its start: the worker
+    passes its scorer's ``ImpressionScorer.serving_model``, so the scorer is the one owner of
+    the serving model and its version, and a hot swap moves scoring and applying together.
     """
 
     def __init__(self, store: StateStore, model: UniRecModel, model_version: int,
                  limits: RecordLimits | None = None) -> None:
-        check_state_dim(store, model)
-        if model_version < 0:
-            raise ValueError(f"model_version must be a non-negative integer, got {model_version}")
+        _check_serving(store, model, model_version)
         self.store = store
-        self.model = model
-        self.model_version = model_version
-        self.featurizer = Featurizer(model.spec)
+        self.serving: ServingModel = lambda: (model, model_version)
         self.limits = limits if limits is not None else RecordLimits()
+        self._featurizer = (model, Featurizer(model.spec))
 
-    def swap(self, model: UniRecModel, model_version: int) -> None:
-        """Apply with ``model`` as ``model_version`` from the next batch on (call between
-        batches, from the thread that calls ``apply``)."""
-        check_state_dim(self.store, model)
-        self.model, self.model_version = model, model_version
-        self.featurizer = Featurizer(model.spec)
+    @classmethod
+    def following(cls, store: StateStore, serving: ServingModel,
+                  limits: RecordLimits | None = None) -> InteractionApplier:
+        """An applier whose model and version are ``serving()``'s at each batch."""
+        applier = cls(store, *serving(), limits)
+        applier.serving = serving
+        return applier
+
+    @property
+    def model_version(self) -> int:
+        """The version the next batch is applied with."""
+        return self.serving()[1]
+
+    def _featurizer_of(self, model: UniRecModel) -> Featurizer:
+        if self._featurizer[0] is not model:
+            self._featurizer = (model, Featurizer(model.spec))
+        return self._featurizer[1]
 
     def apply(
         self,
@@ -159,15 +191,18 @@ class InteractionApplier:
         ``ValueError`` on offsets out of order; store errors propagate (nothing is written).
         """
         start = time.perf_counter()
+        model, version = self.serving()
+        _check_serving(self.store, model, version)
+        serving = _Serving(model, version, self._featurizer_of(model))
         check_offsets(records, partition, last_offset)
         fresh = self._unapplied(topic, partition, log_id, records)
         events, dead = decode_records(Interaction, topic, fresh, self.limits)
         decoded = time.perf_counter()
 
-        before, stale = self._read(events)
+        before, stale = self._read(events, version)
         read = time.perf_counter()
 
-        isolated = isolate(events, lambda some: self._new_states(before, stale, some))
+        isolated = isolate(events, lambda some: self._new_states(serving, before, stale, some))
         states = isolated.result
         if isolated.failed:
             raw = {r.offset: r for r in fresh}
@@ -177,15 +212,15 @@ class InteractionApplier:
                 for (offset, _), reason in isolated.failed
             ], key=lambda letter: letter.offset)
             events = isolated.kept
-            before, stale = self._read(events)
-            states = self._new_states(before, stale, events)
+            before, stale = self._read(events, version)
+            states = self._new_states(serving, before, stale, events)
         batch = partition_batch(topic, partition, log_id, last_offset, events)
         computed = time.perf_counter()
 
         if dead and on_dead_letters is not None:
             on_dead_letters(dead)
             crash_point("after-dead-letters")
-        result = self.store.apply(batch, before, states, model_version=self.model_version)
+        result = self.store.apply(batch, before, states, model_version=version)
         end = time.perf_counter()
 
         if dead:
@@ -196,7 +231,7 @@ class InteractionApplier:
         if stale.any():
             log.info(
                 "%s[%d]: rebuilt %d stale states from their histories under model version %d",
-                topic, partition, int(stale.sum()), self.model_version,
+                topic, partition, int(stale.sum()), version,
             )
         return ApplyReport(
             applied=result.applied,
@@ -220,18 +255,21 @@ class InteractionApplier:
             return list(records)
         return [r for r in records if r.offset > stored.last_offset]
 
-    def _read(self, events: Sequence[tuple[int, Interaction]]) -> tuple[RecordBatch, np.ndarray]:
+    def _read(self, events: Sequence[tuple[int, Interaction]], version: int
+              ) -> tuple[RecordBatch, np.ndarray]:
         """The stored records of the events' users (in order of first event) and which of them
-        are stale ([U] bool); histories are read when any is stale."""
+        are stale (written by another version than ``version``; [U] bool); histories are read
+        when any is stale."""
         users = list(dict.fromkeys(e.user_id for _, e in events))
         before = self.store.get_many(users)
-        stale = (~before.is_new) & (before.model_versions != self.model_version)
+        stale = (~before.is_new) & (before.model_versions != version)
         if stale.any():
             before = self.store.get_many(users, history=True)
         return before, stale
 
+    @staticmethod
     def _new_states(
-        self,
+        serving: _Serving,
         before: RecordBatch,
         stale: np.ndarray,
         events: Sequence[tuple[int, Interaction]],
@@ -245,7 +283,7 @@ class InteractionApplier:
             new[position[event.user_id]].append(event)
         histories = [user_state.decode_history(before.histories[u]) if stale[u] else []
                      for u in range(len(new))]
-        states = user_state.advance(self.model, self.featurizer, before.states, stale,
+        states = user_state.advance(serving.model, serving.featurizer, before.states, stale,
                                     histories, new)
         bad = ~np.isfinite(states).all(axis=1)
         if bad.any():

@@ -112,7 +112,8 @@ class UpdateListener:
 
 
 class HotSwap:
-    """Swaps announced versions into ``services`` (the scorer and the applier); call from the
+    """Swaps announced versions into ``services`` (the scorer, which owns the serving model;
+    the applier follows it: ``InteractionApplier.following``); call from the
     consumer loop's thread, between batches.
 
     ``expected``: the signature every version must have, that of the model serving at
@@ -169,7 +170,6 @@ class HotSwap:
             return False
         old = services.scorer.scorer
         services.scorer.swap(Scorer(model, self.device, old.task, old.max_batch), version)
-        services.applier.swap(model, version)
         services.metrics.set_model_version(version)
         return True
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from eventlog.schema import Candidate, Impression, Interaction, Label, UserProfile
 from model import user_state
+from model.backbone import UniRecModel
 from model.scorer import Scorer
 from state_store import StateStore
 from stream.applier import check_state_dim
@@ -131,6 +132,11 @@ class ImpressionScorer:
     @property
     def model_version(self) -> int:
         return self._live[1]
+
+    def serving_model(self) -> tuple[UniRecModel, int]:
+        """The live model and its version, read together (``InteractionApplier.following``)."""
+        scorer, version = self._live
+        return scorer.model, version
 
     def swap(self, scorer: Scorer, model_version: int) -> None:
         """Serve ``scorer``'s model as ``model_version`` from the next ``score_many`` on."""

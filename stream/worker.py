@@ -251,11 +251,12 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
              model.cfg.d_model, device)
     metrics.set_model_version(version)
     metrics.set_users(sum(1 for _ in store.iter_users()))
+    scorer = ImpressionScorer(store, Scorer(model, device), version, profiles,
+                              static=Scorer(static, device))
     return WorkerServices(
         store=store,
-        applier=InteractionApplier(store, model, version, config.limits),
-        scorer=ImpressionScorer(store, Scorer(model, device), version, profiles,
-                               static=Scorer(static, device)),
+        applier=InteractionApplier.following(store, scorer.serving_model, config.limits),
+        scorer=scorer,
         labels=LabelBuffer(FeedbackWindow(config.feedback_window_s, config.feedback_max),
                            config.label_capacity),
         publisher=KafkaPublisher(producer, config.timeout_s),

@@ -392,3 +392,22 @@ def test_an_oversized_record_is_a_bounded_dead_letter() -> None:
     assert (letter.value_bytes, len(letter.value), len(letter.key)) == (len(huge), 4096, 256)
     assert letter.value_sha256 == hashlib.sha256(huge).hexdigest()
     assert len(letter.encode()) < 8192
+
+
+def test_an_applier_following_a_serving_model_applies_each_batch_with_its_current_pair() -> None:
+    """``InteractionApplier.following``: the model and version are read at each batch from
+    the one owner (the worker's scorer), so a swap there moves the applier too; the states
+    written equal those of an applier fixed to each model in turn."""
+    live = [(MODEL, 1)]
+    events = make_events(["a", "b", "a", "b"])
+    with open_store() as followed, open_store() as fixed:
+        follower = InteractionApplier.following(followed, lambda: live[0])
+        apply(follower, records(events[:2]))
+        apply(InteractionApplier(fixed, MODEL, 1), records(events[:2]))
+        live[0] = (OTHER_MODEL, 2)
+        assert follower.model_version == 2
+        apply(follower, records(events[2:], 2))
+        apply(InteractionApplier(fixed, OTHER_MODEL, 2), records(events[2:], 2))
+        for user in "ab":
+            assert followed.get(user).model_version == 2
+            np.testing.assert_array_equal(followed.get(user).state, fixed.get(user).state)

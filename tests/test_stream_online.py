@@ -100,7 +100,8 @@ class InProcessWorker:
         scorer = ImpressionScorer(self.store, Scorer(model, CPU), 1, PROFILES,
                                   static=Scorer(copy.deepcopy(model), CPU))
         self.services = WorkerServices(
-            store=self.store, applier=InteractionApplier(self.store, model, 1), scorer=scorer,
+            store=self.store, scorer=scorer,
+            applier=InteractionApplier.following(self.store, scorer.serving_model),
             labels=self.labels, publisher=DiscardingPublisher(), topics=TopicNames(),
             metrics=self.metrics, drift=self.drift)
         self.versions = VersionStore(tmp / "versions")
