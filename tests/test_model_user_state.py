@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_fixtures import FEATURIZER, T0, event, fresh_model, one_torch_thread
+from model_fixtures import FEATURIZER, T0, event, fresh_model
 
 from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
@@ -33,7 +33,7 @@ from model.user_state import (
     with_history_state,
 )
 
-one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = fresh_model(0, d_model=16, n_heads=2, history_len=8, core_k=4)
 D = MODEL.cfg.d_model

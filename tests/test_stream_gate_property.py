@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream.gate import FETCH_MAX_WAIT_MS, IDLE_GRACE_S, KINDS, EventTimeGate, order_key
-from stream.handlers import Record
+from stream.records import ConsumedRecord
 
 PARTITIONS = (0, 1)
 SPEC_RANK = {"impressions": 0, "interactions": 1, "labels": 2}  # one millisecond's order
@@ -34,7 +34,7 @@ STALE_S = FETCH_MAX_WAIT_MS / 1000  # how old the idle signal's high-water mark 
 Stream = tuple[str, int]  # (kind, partition)
 
 
-def spec_key(kind: str, r: Record) -> tuple[int, int, int]:
+def spec_key(kind: str, r: ConsumedRecord) -> tuple[int, int, int]:
     return r.timestamp, SPEC_RANK[kind], r.offset
 
 
@@ -50,8 +50,8 @@ class Clock:
 class World:
     """The records of every stream, what was produced (and when) and delivered so far."""
 
-    records: dict[Stream, list[Record]]
-    production: list[tuple[str, Record]]  # every record, in event-time order
+    records: dict[Stream, list[ConsumedRecord]]
+    production: list[tuple[str, ConsumedRecord]]  # every record, in event-time order
     produced_at: dict[tuple[str, int, int], float] = field(default_factory=dict)
     delivered: dict[Stream, int] = field(default_factory=dict)  # how many, per stream
 
@@ -62,13 +62,13 @@ class World:
         for kind, r in self.production[self.produced():self.produced() + n]:
             self.produced_at[(kind, r.partition, r.offset)] = now
 
-    def deliverable(self, stream: Stream) -> list[Record]:
+    def deliverable(self, stream: Stream) -> list[ConsumedRecord]:
         kind, _ = stream
         done = self.delivered.get(stream, 0)
         return [r for r in self.records[stream][done:]
                 if (kind, r.partition, r.offset) in self.produced_at]
 
-    def deliver(self, stream: Stream, n: int) -> list[Record]:
+    def deliver(self, stream: Stream, n: int) -> list[ConsumedRecord]:
         batch = self.deliverable(stream)[:n]
         self.delivered[stream] = self.delivered.get(stream, 0) + len(batch)
         return batch
@@ -83,19 +83,19 @@ class World:
 
 @st.composite
 def worlds(draw: st.DrawFn) -> World:
-    records: dict[Stream, list[Record]] = {}
+    records: dict[Stream, list[ConsumedRecord]] = {}
     for p in PARTITIONS:
         for kind in KINDS:
             stamps = sorted(draw(st.lists(st.integers(0, 12), max_size=6)))
             users = draw(st.lists(st.sampled_from([b"a", b"b"]), min_size=len(stamps),
                                   max_size=len(stamps)))
-            records[(kind, p)] = [Record(p, offset, b"p%d-" % p + user, b"{}", ts)
+            records[(kind, p)] = [ConsumedRecord(p, offset, b"p%d-" % p + user, b"{}", ts)
                                   for offset, (ts, user) in enumerate(zip(stamps, users,
                                                                           strict=True))]
     production = sorted(((kind, r) for (kind, _), rs in records.items() for r in rs),
                         key=lambda kr: (kr[1].partition, spec_key(*kr)))
     # partitions' productions interleave arbitrarily; within one, event-time order
-    order: list[tuple[str, Record]] = []
+    order: list[tuple[str, ConsumedRecord]] = []
     queues = {p: [kr for kr in production if kr[1].partition == p] for p in PARTITIONS}
     while any(queues.values()):
         p = draw(st.sampled_from([p for p in PARTITIONS if queues[p]]))
@@ -103,7 +103,7 @@ def worlds(draw: st.DrawFn) -> World:
     return World(records, order)
 
 
-def in_time_order(released: dict[str, list[Record]]) -> list[tuple[str, Record]]:
+def in_time_order(released: dict[str, list[ConsumedRecord]]) -> list[tuple[str, ConsumedRecord]]:
     """One release's records as the worker takes them: by the gate's ``order_key``."""
     return sorted(((kind, r) for kind in KINDS for r in released[kind]),
                   key=lambda kr: (kr[1].partition, order_key(*kr)))
@@ -113,9 +113,9 @@ ADVANCES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 
 
 def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
-        steps: int) -> list[tuple[str, Record]]:
+        steps: int) -> list[tuple[str, ConsumedRecord]]:
     """Drive ``gate`` through ``steps`` drawn actions, then the end; what it released."""
-    out: list[tuple[str, Record]] = []
+    out: list[tuple[str, ConsumedRecord]] = []
     streams = list(world.records)
 
     def release(idle: dict[Stream, bool]) -> None:
@@ -151,7 +151,7 @@ def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
     return out
 
 
-def check(world: World, out: list[tuple[str, Record]]) -> None:
+def check(world: World, out: list[tuple[str, ConsumedRecord]]) -> None:
     everything = sorted((kind, r.partition, r.offset) for kind, r in world.production)
     given_out = [(kind, r.partition, r.offset) for kind, r in out]
     assert sorted(given_out) == everything, "(b, d) not each record exactly once"
