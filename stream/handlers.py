@@ -7,7 +7,8 @@ place the worker counts anything: ``summary`` reads its totals back for the clos
 
 - ``handle_interactions`` groups a batch by partition (offset order kept) and calls
   ``InteractionApplier.apply`` once per partition; dead letters are published and flushed
-  before the store write (at least once, never lost);
+  before the store write (at least once, never lost); after the write, the changed users'
+  records go to the ``user-states`` changelog (``stream.changelog``, when configured);
 - ``handle_impressions`` decodes and admits (``stream.admission``), scores all admitted
   impressions with ONE multi-get, publishes the ``Scores`` keyed by user id and adds each to
   the feedback window at the record's stream time;

@@ -43,20 +43,26 @@ error naming each topic, its count and the command that fixes it: at start (a
 (it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
-Partition ownership (issue #7): each worker keeps, in its own store, the state of the
-``interactions`` partitions it is assigned. One its store has never applied is rebuilt from
-the topic's retained events: with no stored offset the worker seeks to offset 0 and replays
-the GRU over every event of the partition (one it owned before resumes where its store
-stopped: those states are exactly the log's prefix up to there). A worker that loses a
-partition stops writing it (above); its store keeps the stale states until the partition
-comes back. The trade-off, chosen over restoring a ``StateStore.checkpoint`` from shared
-storage: no shared storage, and the rebuilt states equal an uninterrupted run's
-(``tests/test_stream_rebalance.py``); but a takeover takes time proportional to the
-partition's whole history, and the ``interactions`` topic must retain every event
-(``retention.ms=-1``; compaction will not do, every event counts): a partition whose oldest
-events were deleted would be rebuilt from what is left, without an error. A checkpoint on
-shared storage would bound the takeover time, at the cost of that storage and of handling its
-staleness (the events after it must still come from the topic).
+Partition ownership (issues #7, #13): each worker keeps, in its own store, the state of the
+``interactions`` partitions it is assigned, and after each applied batch publishes the changed
+users' records and the partition's offset to the compacted ``user-states`` changelog
+(``stream.changelog``; from ``handle_interactions``). The changelog rule: it is written after
+the store's WriteBatch (states, history and offset together, the exactly-once write), so a
+crash between the two leaves the changelog one batch behind the store, possibly with some of
+that batch's user records sent but not its marker. Restore is still exact: per user the record
+with the highest offset wins (duplicates are harmless), ``interactions`` is read from the
+offset of the newest marker, and an event at or below its user's record offset is skipped.
+On assignment the listener (kafka-python's IO thread, where nothing may block on the consumer)
+checks the partitions (``plan_resume``), pauses them with their impressions and labels and
+marks them restoring; the loop's thread then restores each one whose store lacks it or holds it
+older than the changelog, seeks it to the offset the changelog reflects, resumes it and
+announces the worker's partitions and API URL on ``workers`` (``stream.ownership``). A
+partition the worker owned in the previous generation and lost cleanly resumes at once. A
+partition with no changelog is replayed from offset 0; one whose needed ``interactions``
+events were deleted stops the worker (``EXIT_CHANGELOG``), and a changelog of another log
+without ``reset_on_new_log`` does too (``EXIT_LOG_CHANGED``). A worker that loses a partition
+stops writing it; its API answers 421 with the owner's URL for those users instead of its
+stale states. A restore blocks the loop: it must end within ``rebalance_timeout_s``.
 
 Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift_tracker``): unless
 ``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
