@@ -509,7 +509,8 @@ def _add_state_parser(commands: argparse._SubParsersAction) -> None:
     state.add_argument("user_id")
     source = state.add_mutually_exclusive_group()
     source.add_argument("--api", help="a running worker's HTTP API, e.g. http://127.0.0.1:6066 "
-                        "(sends env UNIREC_API_TOKEN as its bearer token when set)")
+                        "(sends env UNIREC_API_TOKEN as its bearer token when set; a worker that "
+                        "does not own the user answers 421 with the owner's URL: followed)")
     source.add_argument("--store", type=Path,
                         help="a state store, opened read-only (default: <data dir>/state)")
     state.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")

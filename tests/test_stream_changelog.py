@@ -23,8 +23,12 @@ these tests also show that duplicates do not change the result.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
+from stream_fixtures import REPO, WorkerProcess, http_get, tiny_checkpoint, wait_for
 from test_stream_rebalance import (
     BATCH,
     PARTITIONS,
@@ -156,6 +160,11 @@ def test_takeover_after_kill_restores_from_the_changelog(
         assert followed["user_id"] == user_b
         p_b = partition_of(user_b, PARTITIONS)
         assert followed["partition"] == p_b and followed["offset"] == ends[p_b]
+        cli = subprocess.run([sys.executable, "-m", "app.cli", "state", user_b, "--api", a.url],
+                             capture_output=True, text=True, timeout=60, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["offset"] == ends[p_b], cli.stdout
 
         # kill -9 B; A takes its partitions over through the changelog.
         b.stop(signal.SIGKILL)
