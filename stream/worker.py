@@ -280,8 +280,10 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
         drift=DriftTracker(metrics, config.drift),
         publish_scores=config.publish_scores,
         limits=config.limits,
+        # `unirec trainer` (no scores) is a group of its own over the same topics: it neither
+        # writes the serving workers' changelog nor restores from it.
         changelog=ChangelogWriter(KafkaPublisher(producer, config.timeout_s),
-                                  config.topics.user_states),
+                                  config.topics.user_states) if config.publish_scores else None,
     )
 
 
@@ -511,7 +513,12 @@ class ConsumerLoop:
                 return services.applier.apply(topic, p, log_id, records, last,
                                               on_dead_letters=services.publish_dead_letters)
 
-            assert services.changelog is not None
+            if services.changelog is None:  # no changelog: the listener's seek stands
+                services.log_ids[p] = log_id
+                self.consumer.resume(*self._partition_tps({p}))
+                self.restoring.discard(p)
+                self.owned.add(p)
+                continue
             try:
                 report = restore_partition(
                     services.store, services.changelog, apply_batch, config.bootstrap_servers,
@@ -690,11 +697,14 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
         plan_resume(services, config, stored)
         drift = services.drift
         health = LoopHealth(config.stall_after_s)
-        directory = WorkerDirectory(config.bootstrap_servers, topics.workers, config.timeout_s)
-        ownership = Ownership(advertised_url(config.web_bind, config.web_port,
-                                             config.advertised_url),
-                              counts[topics.interactions], topics.interactions, services.store,
-                              directory)
+        ownership = None
+        if config.publish_scores:  # a serving worker (not `unirec trainer`: its own group)
+            directory = WorkerDirectory(config.bootstrap_servers, topics.workers,
+                                        config.timeout_s)
+            ownership = Ownership(advertised_url(config.web_bind, config.web_port,
+                                                 config.advertised_url),
+                                  counts[topics.interactions], topics.interactions,
+                                  services.store, directory)
         api = ApiServices(store=services.store, scorer=services.scorer, ownership=ownership,
                           metrics=services.metrics, drift=None if drift is None else drift.report,
                           model_version=lambda: services.scorer.model_version,
