@@ -375,6 +375,10 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
     parser.add_argument("--web-port", type=int, default=port, help="HTTP API port")
     parser.add_argument("--web-bind", help="HTTP API address (env UNIREC_WEB_BIND, default "
                         "127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--advertised-url", help="this API's URL as the other workers and "
+                        "`unirec state --api` reach it, for redirects to a partition's owner "
+                        "(env UNIREC_ADVERTISED_URL; default http://BIND:PORT, the host name "
+                        "for 0.0.0.0)")
     parser.add_argument("--api-token", help="bearer token every HTTP endpoint but /healthz "
                         "requires (env UNIREC_API_TOKEN, preferred: a flag shows in ps)")
     parser.add_argument("--stall-after", type=float, default=30.0,
@@ -479,6 +483,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
         web_bind=args.web_bind or os.environ.get("UNIREC_WEB_BIND") or "127.0.0.1",
         api_token=ApiToken.optional(args.api_token or os.environ.get("UNIREC_API_TOKEN")),
         stall_after_s=args.stall_after,
+        advertised_url=args.advertised_url or os.environ.get("UNIREC_ADVERTISED_URL") or None,
         reset_on_new_log=args.reset_on_new_log,
         torch_threads=args.torch_threads,
         group_id=args.group_id,
@@ -506,7 +511,8 @@ def _add_state_parser(commands: argparse._SubParsersAction) -> None:
     state.add_argument("user_id")
     source = state.add_mutually_exclusive_group()
     source.add_argument("--api", help="a running worker's HTTP API, e.g. http://127.0.0.1:6066 "
-                        "(sends env UNIREC_API_TOKEN as its bearer token when set)")
+                        "(sends env UNIREC_API_TOKEN as its bearer token when set; a worker that "
+                        "does not own the user answers 421 with the owner's URL: followed)")
     source.add_argument("--store", type=Path,
                         help="a state store, opened read-only (default: <data dir>/state)")
     state.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")

@@ -505,6 +505,70 @@ class StateStore:
         self._db.write(wb, self._write_options)
         self._write_mark = object()
 
+    def restore_partition(
+        self,
+        topic: str,
+        partition: int,
+        log_id: str,
+        last_offset: int | None,
+        records: Sequence[UserRecord],
+        *,
+        chunk: int = 2048,
+    ) -> None:
+        """Write ``records`` (each with its ``history``, oldest first, and its own model
+        version) as they are, replacing those users' records and histories, then set the
+        partition's stored offset to ``last_offset`` in log ``log_id`` (None: forget it).
+
+        For restoring a partition from a changelog (``stream.changelog``). The users are
+        written in WriteBatches of ``chunk`` users and the offset in the last one: a crash
+        part-way leaves some users restored under the partition's old offset, and restoring
+        again from the same records gives the same store (idempotent). A record's history may
+        hold at most ``history_len`` rows (the newest are kept) and at most its update count.
+        Raises ``ValueError`` on a state of the wrong shape or not finite, a record with no
+        update, or more history rows than updates.
+        """
+        self._require_writable()
+        okey = offset_key(topic, partition)
+        n = self.config.history_len
+        for start in range(0, max(len(records), 1), chunk):
+            part = records[start : start + chunk]
+            wb = WriteBatch(raw_mode=True)
+            if part:
+                uids = encode_user_ids([r.user_id for r in part])
+                states = np.stack([np.asarray(r.state, dtype=np.float32) for r in part])
+                if states.shape != (len(part), self.config.state_dim):
+                    raise ValueError(f"restored states have shape {states.shape}, the store "
+                                     f"holds dimension {self.config.state_dim}")
+                if not np.isfinite(states).all():
+                    raise ValueError("a restored state holds NaN or infinity")
+                counts = np.array([r.update_count for r in part], dtype=np.int64)
+                if (counts < 1).any():
+                    raise ValueError("a restored record has no applied event")
+                versions = np.array([r.model_version for r in part], dtype=np.int64)
+                ts = np.array([r.last_event_ts for r in part], dtype=np.float64)
+                values = self._codec.encode(counts, versions, ts, states)  # type: ignore[arg-type]
+                for uid, record, count, value in zip(uids, part, counts.tolist(), values,
+                                                     strict=True):
+                    rows = list(record.history or [])[-n:]
+                    if len(rows) > count:
+                        raise ValueError(f"user {record.user_id!r}: {len(rows)} history rows "
+                                         f"but {count} updates")
+                    wb.delete_range(*history_range(uid), self._users_cf)
+                    first = count - len(rows)
+                    for seq, row in enumerate(rows, start=first):
+                        wb.put(history_prefix(uid) + self._suffixes[seq % n],
+                               encode_row(seq, row), self._users_cf)
+                    wb.put(state_key(uid), value, self._users_cf)
+            if start + chunk >= len(records):
+                if last_offset is None:
+                    wb.delete(okey, self._offsets_cf)
+                else:
+                    wb.put(okey, encode_offset(last_offset, log_id), self._offsets_cf)
+            with self._write_lock:
+                self._write(wb)
+        log.info("restored %d users of %s[%d] at offset %s", len(records), topic, partition,
+                 last_offset)
+
     def delete_user(self, user_id: str) -> bool:
         """Remove a user's state and history (a data-removal request); False if absent."""
         self._require_writable()

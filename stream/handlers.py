@@ -7,7 +7,8 @@ place the worker counts anything: ``summary`` reads its totals back for the clos
 
 - ``handle_interactions`` groups a batch by partition (offset order kept) and calls
   ``InteractionApplier.apply`` once per partition; dead letters are published and flushed
-  before the store write (at least once, never lost);
+  before the store write (at least once, never lost); after the write, the changed users'
+  records go to the ``user-states`` changelog (``stream.changelog``, when configured);
 - ``handle_impressions`` decodes and admits (``stream.admission``), scores all admitted
   impressions with ONE multi-get, publishes the ``Scores`` keyed by user id and adds each to
   the feedback window at the record's stream time;
@@ -36,6 +37,7 @@ from eventlog.schema import Impression, Interaction, Label
 from state_store import StateStore
 from stream.admission import RecordLimits
 from stream.applier import ApplyReport, InteractionApplier
+from stream.changelog import ChangelogWriter
 from stream.dead_letters import DeadLetter, decode_records
 from stream.drift_tracker import DriftTracker
 from stream.isolation import isolate
@@ -78,6 +80,9 @@ class WorkerServices:
     limits: RecordLimits = field(default_factory=RecordLimits)
     log_ids: dict[int, str] = field(default_factory=dict)
     last_reports: dict[int, ApplyReport] = field(default_factory=dict)
+    # issue #13: the `user-states` changelog, published after every applied batch (None: not
+    # published, e.g. benches; stream.changelog)
+    changelog: ChangelogWriter | None = None
 
     def publish_dead_letters(self, dead: Sequence[DeadLetter]) -> None:
         """Send ``dead`` to ``dead-letters`` and wait until the broker has them."""
@@ -141,6 +146,10 @@ def handle_interactions(services: WorkerServices, records: Sequence[ConsumedReco
             on_dead_letters=services.publish_dead_letters,
         )
         services.last_reports[partition] = report
+        if services.changelog is not None:  # after the store's write: stream.changelog
+            services.changelog.publish_batch(
+                services.store, partition, log_id, consumed, report.last_offset,
+                changed=report.skipped < len(consumed))
         # consumed, applied, skipped, rejected, dead letters by reason, latencies, offset
         services.metrics.observe_apply(topic, partition, report)
         reports.append(report)

@@ -4,7 +4,9 @@
                             ready, 503 while not (loop not started or stalled, no partitions)
     GET  /metrics           Prometheus text exposition
     GET  /users/{id}/state  the user's snapshot: state vector, model version, update count,
-                            last event time, recent history (oldest first)
+                            last event time, recent history (oldest first); on a worker, also
+                            the user's partition and the offset the store reflects, or 421
+                            with the owner's URL when another worker owns the partition
     POST /score             an ``Impression`` -> the ``scores`` payload (as the stream scores)
     GET  /drift             the drift provider's report, or {"configured": false, ...}
     GET  /openapi.json      the OpenAPI 3 document of this API (``stream/openapi.json``)
@@ -68,6 +70,7 @@ from state_store.keys import encode_user_ids
 from stream.admission import RecordLimits
 from stream.health import LoopHealth
 from stream.metrics import WorkerMetrics
+from stream.ownership import Ownership
 from stream.serving import ImpressionScorer
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,9 @@ class ApiServices:
     max_body_bytes: larger request bodies get 413.
     max_candidates: a ``POST /score`` with more candidates gets 413 (the worker's
         ``max_candidates``: the most candidates one impression may have).
+    ownership: a worker's partition ownership (``stream.ownership``): ``/users/{id}/state``
+        answers only for its own partitions (with the offset it reflects), 421 Misdirected
+        Request with the owner's URL for others, 503 while the partition is restored.
     """
 
     store: StateStore | Callable[[], StateStore]
@@ -163,6 +169,9 @@ class ApiServices:
     token: ApiToken | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     max_candidates: int = MAX_CANDIDATES
+    # issue #13: which partitions this worker owns, and who owns the others (None: answer
+    # from the store whatever the partition, e.g. `unirec serve` over a store directory)
+    ownership: Ownership | None = None
 
     def state_store(self) -> StateStore:
         store = self.store if isinstance(self.store, StateStore) else self.store()
@@ -254,8 +263,24 @@ def user_state(services: ApiServices, quoted_user_id: str) -> HttpResponse:
     problem = user_id_problem(user_id)
     if problem is not None:
         return error(400, problem)
+    placed: dict[str, Any] = {}
+    if services.ownership is not None:
+        where = services.ownership.locate(user_id)
+        if where.restoring:
+            return error(503, f"partition {where.partition} of user {user_id!r} is being "
+                              "restored on this worker", {"Retry-After": "1"})
+        if not where.owned:
+            if where.owner is None:
+                return error(503, f"partition {where.partition} of user {user_id!r} has no "
+                                  "known owner (rebalancing)", {"Retry-After": "1"})
+            return json_response(421, {
+                "error": f"partition {where.partition} of user {user_id!r} is owned by "
+                         f"{where.owner}", "owner": where.owner, "partition": where.partition},
+                {"Location": f"{where.owner}/users/{quoted_user_id}/state"})
+        placed = {"partition": where.partition, "offset": where.offset}
     try:
-        return json_response(200, read_user_state(services.state_store(), user_id))
+        return json_response(200, {**read_user_state(services.state_store(), user_id),
+                                   **placed})
     except UnknownUserError as exc:
         return error(404, str(exc))
     except (StateStoreError, SchemaError) as exc:
@@ -595,10 +620,14 @@ class ApiRequestError(RuntimeError):
     """The API could not be reached or answered with an error."""
 
 
+MAX_REDIRECTS = 3
+
+
 def fetch_state(base_url: str, user_id: str, timeout: float = 10.0,
-                token: str | None = None) -> dict[str, Any]:
+                token: str | None = None, redirects: int = MAX_REDIRECTS) -> dict[str, Any]:
     """``GET {base_url}/users/{user_id}/state``: the user's snapshot (with ``token`` as the
-    bearer token when given).
+    bearer token when given). A 421 (another worker owns the user's partition) is followed to
+    the owner's URL it names, at most ``redirects`` times.
 
     Raises ``UnknownUserError`` on 404 and ``ApiRequestError`` on any other failure (with the
     server's error message).
@@ -610,6 +639,11 @@ def fetch_state(base_url: str, user_id: str, timeout: float = 10.0,
                                     timeout=timeout) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 421:
+            owner = _owner(exc)
+            if owner is None or redirects <= 0:
+                raise ApiRequestError(f"{url}: HTTP 421 and no owner to follow") from None
+            return fetch_state(owner, user_id, timeout, token, redirects - 1)
         message = _error_message(exc)
         if exc.code == 404:
             raise UnknownUserError(message) from None
@@ -619,6 +653,15 @@ def fetch_state(base_url: str, user_id: str, timeout: float = 10.0,
         raise ApiRequestError(f"cannot reach the API at {base_url}: {reason}") from None
     except ValueError as exc:
         raise ApiRequestError(f"{url}: the reply is not JSON: {exc}") from None
+
+
+def _owner(exc: urllib.error.HTTPError) -> str | None:
+    """The owner URL of a 421 answer's JSON body."""
+    try:
+        owner = json.loads(exc.read())["owner"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    return owner if isinstance(owner, str) and owner.startswith("http") else None
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

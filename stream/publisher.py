@@ -22,8 +22,9 @@ FLUSH_TIMEOUT_S = 30.0
 class Publisher(Protocol):
     """Where the worker's output records go."""
 
-    def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Queue one record for ``topic``."""
+    def publish(self, topic: str, key: bytes | None, value: bytes,
+                partition: int | None = None) -> None:
+        """Queue one record for ``topic`` (in ``partition`` when given, else by its key)."""
 
     def flush(self) -> None:
         """Return once every queued record is acknowledged."""
@@ -39,8 +40,9 @@ class KafkaPublisher:
         self.producer = producer
         self.timeout_s = timeout_s
 
-    def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self.producer.send(topic, key=key, value=value)
+    def publish(self, topic: str, key: bytes | None, value: bytes,
+                partition: int | None = None) -> None:
+        self.producer.send(topic, key=key, value=value, partition=partition)
 
     def flush(self) -> None:
         self.producer.flush(timeout=self.timeout_s)
@@ -55,7 +57,8 @@ class DiscardingPublisher:
     def __init__(self) -> None:
         self.published: dict[str, int] = {}
 
-    def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def publish(self, topic: str, key: bytes | None, value: bytes,
+                partition: int | None = None) -> None:
         self.published[topic] = self.published.get(topic, 0) + 1
 
     def flush(self) -> None:

@@ -70,6 +70,8 @@ class TopicNames:
     labels: str = "labels"
     model_updates: str = "model-updates"
     dead_letters: str = "dead-letters"
+    user_states: str = "user-states"  # compacted changelog of the state store (stream.changelog)
+    workers: str = "workers"  # compacted: each worker's API URL and partitions (stream.ownership)
 
     @classmethod
     def with_prefix(cls, prefix: str) -> TopicNames:
@@ -98,10 +100,23 @@ class TopicNames:
         be co-partitioned (``check_copartitioned``)."""
         return self.interactions, self.impressions, self.labels
 
+    def copartitioned(self) -> tuple[str, ...]:
+        """The inputs and the ``user-states`` changelog: partition p of the changelog holds the
+        states of the users of ``interactions`` partition p, so all must have one count."""
+        return (*self.inputs(), self.user_states)
+
     def partitions(self, keyed: int) -> dict[str, int]:
         """The partition count of each topic: ``keyed`` for the topics keyed by user id, one for
-        ``model-updates`` (model versions form one total order that every scorer reads)."""
-        return {name: 1 if name == self.model_updates else keyed for name in self.all()}
+        ``model-updates`` (model versions form one total order that every scorer reads) and
+        ``workers`` (every worker reads all of it)."""
+        single = (self.model_updates, self.workers)
+        return {name: 1 if name in single else keyed for name in self.all()}
+
+    def compacted(self) -> tuple[str, str]:
+        """The topics created with ``cleanup.policy=compact``: only the last record of each
+        key matters (``user-states``: a user's latest state; ``workers``: a worker's latest
+        announcement)."""
+        return self.user_states, self.workers
 
 
 @contextlib.contextmanager
@@ -144,7 +159,9 @@ def ensure_topics(
     partition count, ``{name: partitions}``.
 
     New keyed topics get ``partitions`` partitions (``model-updates`` one, see
-    ``TopicNames.partitions``); ``interactions`` is created with ``retention.ms=-1``.
+    ``TopicNames.partitions``); ``interactions`` is created with ``retention.ms=-1`` (a
+    finite retention is safe once every partition's changelog is ahead of it: docs/operations.md),
+    ``user-states`` and ``workers`` with ``cleanup.policy=compact``.
     Existing topics are left as they are, even with another partition count (a warning says
     so). Idempotent, and safe against a concurrent creator.
     Raises ``BrokerUnavailable`` or ``TopicError``.
@@ -158,10 +175,13 @@ def ensure_topics(
         existing = _partition_counts(admin, list(wanted))
         missing = {name: n for name, n in wanted.items() if name not in existing}
         if missing:
-            # Every interaction is kept: a worker taking over a partition it has no state for
-            # rebuilds the states by replaying the partition from its start (stream.worker).
+            # A new owner restores from `user-states` and reads `interactions` only from the
+            # offsets the changelog reflects (stream.changelog); kept forever by default all
+            # the same, for a partition whose changelog is empty (replayed from offset 0).
+            compact = {"cleanup.policy": "compact"}
             _create(admin, missing, replication, timeout_s,
-                    {topics.interactions: {"retention.ms": "-1"}})
+                    {topics.interactions: {"retention.ms": "-1"},
+                     **{name: compact for name in topics.compacted()}})
         counts = _partition_counts(admin, list(wanted))
     for name, n in wanted.items():
         if name not in counts:

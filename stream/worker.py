@@ -43,20 +43,26 @@ error naming each topic, its count and the command that fixes it: at start (a
 (it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
 applied until it is assigned and checked again, and what the gate held of it is dropped.
 
-Partition ownership (issue #7): each worker keeps, in its own store, the state of the
-``interactions`` partitions it is assigned. One its store has never applied is rebuilt from
-the topic's retained events: with no stored offset the worker seeks to offset 0 and replays
-the GRU over every event of the partition (one it owned before resumes where its store
-stopped: those states are exactly the log's prefix up to there). A worker that loses a
-partition stops writing it (above); its store keeps the stale states until the partition
-comes back. The trade-off, chosen over restoring a ``StateStore.checkpoint`` from shared
-storage: no shared storage, and the rebuilt states equal an uninterrupted run's
-(``tests/test_stream_rebalance.py``); but a takeover takes time proportional to the
-partition's whole history, and the ``interactions`` topic must retain every event
-(``retention.ms=-1``; compaction will not do, every event counts): a partition whose oldest
-events were deleted would be rebuilt from what is left, without an error. A checkpoint on
-shared storage would bound the takeover time, at the cost of that storage and of handling its
-staleness (the events after it must still come from the topic).
+Partition ownership (issues #7, #13): each worker keeps, in its own store, the state of the
+``interactions`` partitions it is assigned, and after each applied batch publishes the changed
+users' records and the partition's offset to the compacted ``user-states`` changelog
+(``stream.changelog``; from ``handle_interactions``). The changelog rule: it is written after
+the store's WriteBatch (states, history and offset together, the exactly-once write), so a
+crash between the two leaves the changelog one batch behind the store, possibly with some of
+that batch's user records sent but not its marker. Restore is still exact: per user the record
+with the highest offset wins (duplicates are harmless), ``interactions`` is read from the
+offset of the newest marker, and an event at or below its user's record offset is skipped.
+On assignment the listener (kafka-python's IO thread, where nothing may block on the consumer)
+checks the partitions (``plan_resume``), pauses them with their impressions and labels and
+marks them restoring; the loop's thread then restores each one whose store lacks it or holds it
+older than the changelog, seeks it to the offset the changelog reflects, resumes it and
+announces the worker's partitions and API URL on ``workers`` (``stream.ownership``). A
+partition the worker owned in the previous generation and lost cleanly resumes at once. A
+partition with no changelog is replayed from offset 0; one whose needed ``interactions``
+events were deleted stops the worker (``EXIT_CHANGELOG``), and a changelog of another log
+without ``reset_on_new_log`` does too (``EXIT_LOG_CHANGED``). A worker that loses a partition
+stops writing it; its API answers 421 with the owner's URL for those users instead of its
+stale states. A restore blocks the loop: it must end within ``rebalance_timeout_s``.
 
 Online learning (``stream.learner``, ``stream.model_updates``, ``stream.drift_tracker``): unless
 ``train`` is off, an ``OnlineLearner`` thread fine-tunes a copy of the model on the joined
@@ -101,6 +107,12 @@ from model.versions import VersionStore
 from state_store import LogMismatchError, StateStore, StoreConfig
 from stream.admission import RecordLimits
 from stream.applier import InteractionApplier
+from stream.changelog import (
+    ChangelogError,
+    ChangelogLogError,
+    ChangelogWriter,
+    restore_partition,
+)
 from stream.drift_tracker import DriftConfig, DriftTracker
 from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
 from stream.handlers import (
@@ -115,6 +127,8 @@ from stream.kafka_client import kafka_consumer
 from stream.learner import LearnerConfig, OnlineLearner
 from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
+from stream.ownership import Ownership, WorkerDirectory, advertised_url
+from stream.ownership import announce as announce_owner
 from stream.producer import open_producer
 from stream.publisher import KafkaPublisher
 from stream.records import ConsumedRecord
@@ -134,6 +148,7 @@ log = logging.getLogger(__name__)
 EXIT_LOG_CHANGED = 3
 EXIT_NOT_COPARTITIONED = 4
 EXIT_TRAINER_REFUSED = 5  # a `unirec trainer` that yielded to another trainer on the topic
+EXIT_CHANGELOG = 6  # an assigned partition cannot be restored exactly (stream.changelog)
 
 
 class WorkerError(RuntimeError):
@@ -173,6 +188,7 @@ class WorkerConfig:
     data_dir: Path | None = None  # where that data set is cached
     api_token: ApiToken | None = None  # the HTTP API's bearer token (its repr hides it)
     stall_after_s: float = DEFAULT_STALL_AFTER_S  # /healthz: 503 past this without an iteration
+    advertised_url: str | None = None  # this API's URL for the others (stream.ownership)
 
     train: bool = True  # run the online learner in this worker
     publish_scores: bool = True  # False: `unirec trainer`, which scores only to learn
@@ -265,6 +281,10 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
         drift=DriftTracker(metrics, config.drift),
         publish_scores=config.publish_scores,
         limits=config.limits,
+        # `unirec trainer` (no scores) is a group of its own over the same topics: it neither
+        # writes the serving workers' changelog nor restores from it.
+        changelog=ChangelogWriter(KafkaPublisher(producer, config.timeout_s),
+                                  config.topics.user_states) if config.publish_scores else None,
     )
 
 
@@ -325,10 +345,12 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.loop.commit_revoked(revoked)
         self.loop.forget(revoked)
+        self.loop.revoked(revoked)
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         """Membership was lost (evicted): the group refuses commits, and others own them."""
         self.loop.forget(lost)
+        self.loop.revoked(lost, lost=True)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         loop = self.loop
@@ -337,8 +359,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         loop.forget(assigned)  # anything held of them predates this assignment
         config = loop.config
         try:
-            check_copartitioned(config.bootstrap_servers, loop.topics.inputs(), config.timeout_s,
-                                topic)
+            check_copartitioned(config.bootstrap_servers, loop.topics.copartitioned(),
+                                config.timeout_s, topic)
         except CopartitionError as exc:
             self.fatal = EXIT_NOT_COPARTITIONED, str(exc)
             return
@@ -349,6 +371,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             return
         for tp in interactions:
             loop.consumer.seek(tp, plan[tp.partition])
+        loop.mark_restoring({tp.partition for tp in interactions})
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
@@ -357,8 +380,17 @@ class ConsumerLoop:
 
     def __init__(self, services: WorkerServices, config: WorkerConfig,
                  between_batches: Callable[[], None] | None = None,
-                 health: LoopHealth | None = None) -> None:
+                 health: LoopHealth | None = None, ownership: Ownership | None = None,
+                 partitions: int | None = None) -> None:
         self.services = services
+        self.ownership = ownership
+        self.partitions = partitions if partitions is not None else config.partitions
+        self.restoring: set[int] = set()  # assigned interactions partitions not yet restored
+        self.owned: set[int] = set()  # restored and being consumed
+        self.kept: set[int] = set()  # revoked cleanly in generation `kept_generation`
+        self.kept_generation = -1
+        self.pending_log_ids: dict[int, str] = {}  # checked by plan_resume, set once restored
+        self.announce_due = False  # an assignment not yet announced (stream.ownership)
         self.health = health if health is not None else LoopHealth(config.stall_after_s)
         self.config = config
         self.between_batches = between_batches
@@ -403,6 +435,8 @@ class ConsumerLoop:
         timeout_ms = max(1, int(self.config.batch_within_s * 1000))
         while not stop.is_set():
             polled = self.consumer.poll(timeout_ms=timeout_ms)
+            if self.rebalance.fatal is None and (self.restoring or self.announce_due):
+                self.restore_pending()
             if self.rebalance.fatal is not None:
                 code, message = self.rebalance.fatal
                 log.critical("%s", message)
@@ -416,6 +450,102 @@ class ConsumerLoop:
                 next_lag = time.monotonic() + self.config.lag_interval_s
             self.health.beat(self.consumer.assignment())
         return 0
+
+    def _partition_tps(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        """The assigned partitions of the three input topics with these numbers."""
+        wanted = set(partitions)
+        return [tp for tp in self.consumer.assignment()
+                if tp.partition in wanted and tp.topic in self.topics.inputs()]
+
+    def mark_restoring(self, partitions: set[int]) -> None:
+        """From the listener: ``partitions`` of ``interactions`` were assigned and checked;
+        pause them (and their impressions and labels: co-partitioned) until ``restore_pending``
+        has brought the store up to the changelog. Their records are not applied meanwhile
+        (no log id)."""
+        generation = self._generation()
+        log_ids = self.services.log_ids
+        self.pending_log_ids = {p: log_ids[p] for p in partitions}
+        if self.kept and generation == self.kept_generation + 1:
+            # Ours in the previous generation and revoked cleanly: nobody owned them since, so
+            # the store is the partition's newest state. Resume at once.
+            fast = partitions & self.kept
+        else:
+            fast = set()
+        self.kept = set()
+        self.restoring = set(partitions) - fast
+        self.owned = set(fast)
+        for p in self.restoring:
+            log_ids.pop(p, None)
+        self.announce_due = True
+        self.consumer.pause(*self._partition_tps(self.restoring))
+        if self.ownership is not None:
+            self.ownership.set(self.owned, self.restoring)
+
+    def revoked(self, tps: Iterable[TopicPartition], lost: bool = False) -> None:
+        """From the listener: ``tps`` are no longer ours."""
+        gone = {tp.partition for tp in tps if tp.topic == self.topics.interactions}
+        self.kept = set() if lost else (self.owned & gone)
+        self.kept_generation = self._generation()
+        self.owned -= gone
+        self.restoring -= gone
+        if self.ownership is not None:
+            self.ownership.set(self.owned, self.restoring)
+
+    def _generation(self) -> int:
+        try:
+            return int(self.consumer.group_metadata().generation_id)
+        except Exception:
+            return -1
+
+    def restore_pending(self) -> None:
+        """From the loop's thread, between polls: restore each partition marked restoring
+        (``stream.changelog.restore_partition``), seek ``interactions`` to the offset it
+        reflects, resume it, and announce this worker's partitions (``stream.ownership``). A
+        partition that cannot be restored exactly sets ``rebalance.fatal``
+        (``EXIT_LOG_CHANGED`` or ``EXIT_CHANGELOG``). A restore blocks the loop: it must end
+        within ``rebalance_timeout_s`` (kafka-python's max_poll_interval)."""
+        services, config, topic = self.services, self.config, self.topics.interactions
+        self.announce_due = False
+        for p in sorted(self.restoring):
+            log_id = self.pending_log_ids[p]
+
+            def apply_batch(records: list[Any], last: int, p: int = p, log_id: str = log_id
+                            ) -> object:
+                return services.applier.apply(topic, p, log_id, records, last,
+                                              on_dead_letters=services.publish_dead_letters)
+
+            if services.changelog is None:  # no changelog: the listener's seek stands
+                services.log_ids[p] = log_id
+                self.consumer.resume(*self._partition_tps({p}))
+                self.restoring.discard(p)
+                self.owned.add(p)
+                continue
+            try:
+                report = restore_partition(
+                    services.store, services.changelog, apply_batch, config.bootstrap_servers,
+                    topic, p, self.partitions, log_id, reset_on_new_log=config.reset_on_new_log,
+                    batch_size=config.batch_size, timeout_s=config.timeout_s)
+            except ChangelogLogError as exc:
+                self.rebalance.fatal = EXIT_LOG_CHANGED, str(exc)
+                return
+            except (ChangelogError, TimeoutError) as exc:
+                self.rebalance.fatal = EXIT_CHANGELOG, str(exc)
+                return
+            self.consumer.seek(TopicPartition(topic, p), report.next_offset)
+            services.log_ids[p] = log_id
+            self.consumer.resume(*self._partition_tps({p}))
+            self.restoring.discard(p)
+            self.owned.add(p)
+            log.info("restored %s[%d] (%s): resuming at %d", topic, p, report.mode,
+                     report.next_offset)
+        if self.ownership is not None:
+            self.ownership.set(self.owned, self.restoring)
+            try:
+                announce_owner(services.publisher, self.topics.workers, self.ownership.url,
+                               self.owned, self._generation())
+            except Exception as exc:  # others keep redirecting to the old owner meanwhile
+                log.warning("announcing the owned partitions failed: %s", exc)
+        log.info("owning %s", sorted(f"{topic}[{p}]" for p in self.owned))
 
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Score the polled impressions, then apply and join what the gate releases."""
@@ -543,8 +673,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
     topics = config.topics
     ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
                   timeout_s=config.timeout_s)
-    check_copartitioned(config.bootstrap_servers, topics.inputs(), config.timeout_s,
-                        topics.interactions)
+    counts = check_copartitioned(config.bootstrap_servers, topics.copartitioned(),
+                                 config.timeout_s, topics.interactions)
     identity = TrainerIdentity.new()
     lock, claimed = _claim_versions(config, identity)
     try:
@@ -560,6 +690,7 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
     loop: ConsumerLoop | None = None
     server: ApiServer | None = None
     listener: UpdateListener | None = None
+    directory: WorkerDirectory | None = None
     watch: RivalWatch | None = None
     learner_thread: threading.Thread | None = None
     refused: list[str] = []
@@ -569,7 +700,15 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
         plan_resume(services, config, stored)
         drift = services.drift
         health = LoopHealth(config.stall_after_s)
-        api = ApiServices(store=services.store, scorer=services.scorer,
+        ownership = None
+        if config.publish_scores:  # a serving worker (not `unirec trainer`: its own group)
+            directory = WorkerDirectory(config.bootstrap_servers, topics.workers,
+                                        config.timeout_s)
+            ownership = Ownership(advertised_url(config.web_bind, config.web_port,
+                                                 config.advertised_url),
+                                  counts[topics.interactions], topics.interactions,
+                                  services.store, directory)
+        api = ApiServices(store=services.store, scorer=services.scorer, ownership=ownership,
                           metrics=services.metrics, drift=None if drift is None else drift.report,
                           model_version=lambda: services.scorer.model_version,
                           health=health, token=config.api_token,
@@ -599,7 +738,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
 
             learner_thread = learner.start(stop, on_refused)
         poll_updates = listener.poll
-        loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()), health)
+        loop = ConsumerLoop(services, config, lambda: hot_swap.offer(poll_updates()), health,
+                            ownership, counts[topics.interactions])
         _stop_on_signals(stop)
         code = loop.run(stop)
         if refused:
@@ -618,6 +758,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
             loop.close()
         if listener is not None:
             listener.close()
+        if directory is not None:
+            directory.close()
         log.info("worker stopping: %s", services.summary())
         services.publisher.close()
         if server is not None:

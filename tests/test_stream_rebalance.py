@@ -1,9 +1,10 @@
 """Partition ownership across two ``unirec worker`` processes of one consumer group.
 
-Issue #7, item 3. A worker that is assigned an ``interactions`` partition its own state store
-has never applied rebuilds it from the topic's retained events (it seeks to offset 0 and
-replays the GRU over every event of the partition); a worker that loses a partition stops
-writing it (``stream.worker``'s module docstring, "Partition ownership").
+Issue #7, item 3, and issue #13. A worker that is assigned an ``interactions`` partition its
+own state store has never applied restores it from the ``user-states`` changelog and reads on
+from the offset it reflects (with no changelog it would replay the partition from offset 0);
+a worker that loses a partition stops writing it (``stream.worker``'s module docstring,
+"Partition ownership").
 
 The test, against an embedded broker with 4 partitions:
 
@@ -17,7 +18,7 @@ The test, against an embedded broker with 4 partitions:
    (b) every user's state and update count in its partition owner's store equal those of a
        reference computed in this process, with ``InteractionApplier`` applying the same
        records partition by partition into a fresh store (states ``np.allclose`` with
-       ``atol=1e-5``): B's rebuild from offset 0 and A's continuation are both exact;
+       ``atol=1e-5``): B's restore from the changelog and A's continuation are both exact;
    (c) A's store stopped at the revocation for the partitions it lost: their stored offsets
        are the first slice's ends and their users' states are bit-identical to what A had
        before B joined, while B's offsets for them reached the end.
@@ -193,9 +194,13 @@ def test_rebalance_moves_partitions_and_their_state_to_the_new_owner(
         for worker in started:
             worker.stop(signal.SIGKILL)
 
-    # B rebuilt its partitions from the topic's start: nothing stored, so offset 0.
+    # B's store had nothing of its partitions (offset 0 for the log check), and it restored
+    # them from the `user-states` changelog A had written (issue #13), not by a replay.
     assert re.search(r"resuming partitions at \{" + ", ".join(
         f"{p}: 0" for p in sorted(owned_b)) + r"\}", b.output()), b.output()[-3000:]
+    for p in owned_b:
+        assert re.search(rf"restored {re.escape(topic)}\[{p}\] \(restored\)", b.output()), \
+            b.output()[-3000:]
 
     # (a) offsets complete in exactly the owner's store.
     offsets_a, offsets_b = stored_offsets(store_a, topic), stored_offsets(store_b, topic)
