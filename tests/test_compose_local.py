@@ -212,6 +212,7 @@ def stored_users(root: Path) -> set[str]:
     return users
 
 
+@pytest.mark.broker
 def test_the_compose_stack_runs_as_local_processes(stack: dict[str, Any]) -> None:
     workers: list[Service] = stack["workers"]
     trainer: Service = stack["trainer"]
