@@ -1,4 +1,4 @@
-"""The user state u_t of MODEL.md ("The user state (GRU)"): every computation of it lives here.
+"""The user state u_t (docs/model.md, "The user state"): every computation of it lives here.
 
     e_t = the model's interaction embedding of event t (``Tokenizer.interaction``: events only)
     u'  = GRU(u, e_t), applied event by event, oldest first
