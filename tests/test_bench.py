@@ -42,3 +42,16 @@ def test_state_store_benchmark_reports_throughput_for_each_batch_size(tmp_path):
         assert set(report[key]) == {"1", "64", "1024"}
         assert all(v > 0 for v in report[key].values())
     assert report["disk_bytes_per_user"] > 0
+
+
+def test_training_benchmark_reports_every_kind_at_both_sizes():
+    """bench/training.py --quick prints, for the suite and default sizes, every model kind's
+    examples/s, seconds per step and counted FLOPs per example."""
+    report = _run("training.py", "--quick")
+    assert set(report["results"]) == {"suite", "default"}
+    for size in report["results"].values():
+        assert set(size) == {"unirec", "deepfm", "din", "sasrec-dcnv2"}
+        for row in size.values():
+            assert row["examples_per_s"] > 0 and row["flops_per_example"] > 0
+    suite, default = report["results"]["suite"]["unirec"], report["results"]["default"]["unirec"]
+    assert default["flops_per_example"] > suite["flops_per_example"]

@@ -1,0 +1,133 @@
+"""Offline training throughput of every model kind at the suite size and the default size, JSON.
+
+    python bench/training.py [--quick] [--steps N] [--batch B] [--threads T]
+
+For each kind (``model.baselines.MODEL_KINDS``) and each size (``suite``: the eval suite's
+budget, d_model 32, history 20; ``default``: ``ModelConfig()``, d_model 64, history 50), it
+trains ``--steps`` AdamW steps of ``--batch`` examples on the same data, the way
+``model.training.fit`` does (batch gathering from pre-built examples, the GRU state unrolled
+over each history, forward, backward, clipping, the update), after two warm-up steps, and
+prints examples/s with the seconds per step.
+
+Achieved FLOP/s: the floating-point operations of one training step are counted by
+``torch.utils.flop_counter.FlopCounterMode`` over one step (forward and backward; it counts
+matrix multiplications, attention and convolutions, 2 FLOPs per multiply-add, and not
+element-wise work or the optimizer), divided by the batch for FLOPs per example; achieved
+FLOP/s = FLOPs per step / seconds per step.
+
+Data: MovieLens-100K when it is cached (``UNIREC_DATA_DIR``, see README *Data*), else the
+synthetic log of ``stream.producer.synthetic_events``; ``data`` in the JSON says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.experiment import Budget
+from eventlog.loaders import DatasetUnavailable, load_dataset
+from eventlog.log import EventLog
+from model.baselines import MODEL_KINDS
+from model.config import ModelConfig
+from model.dataset import build_examples, gather_batch
+from model.features import FeatureSpec, Featurizer
+from model.kinds import build_model, parameter_count
+from model.training import TrainConfig, guarded_step, make_optimizer
+from stream.producer import synthetic_events
+
+WARMUP_STEPS = 2
+
+
+def training_log(quick: bool) -> EventLog:
+    """MovieLens-100K if cached, else synthetic events (fewer with ``quick``)."""
+    try:
+        return load_dataset("movielens-100k", _data_dir())
+    except (DatasetUnavailable, OSError):
+        pairs = synthetic_events(5_000 if quick else 50_000, seed=0)
+        return EventLog("synthetic", [e for e, _ in pairs],
+                        np.asarray([y for _, y in pairs], dtype=np.int8))
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get("UNIREC_DATA_DIR")
+    return Path(value) if value else None
+
+
+def sizes() -> dict[str, ModelConfig]:
+    """The two sizes: the eval suite's budget and the default ``ModelConfig``."""
+    return {"suite": Budget().model_config(dropout=0.1), "default": ModelConfig()}
+
+
+def measure(kind: str, cfg: ModelConfig, log: EventLog, steps: int, batch: int) -> dict:
+    """examples/s, seconds per step and FLOPs of ``steps`` training steps of ``kind``."""
+    featurizer = Featurizer(FeatureSpec.fit(log.interactions, log.profiles.values()))
+    examples = build_examples(log, featurizer, cfg.history_len)
+    torch.manual_seed(0)
+    model = build_model(kind, cfg, featurizer.spec, MODEL_KINDS).train()
+    optimizer = make_optimizer(model, TrainConfig())
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        rows = rng.choice(len(examples), size=batch, replace=False)
+        user, cands = gather_batch(examples, featurizer, rows, cfg.d_model)
+        labels = torch.from_numpy(examples.labels[rows].astype(np.float32))
+        guarded_step(model, optimizer, user, cands, labels)
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_step = (time.perf_counter() - start) / steps
+    return {
+        "parameters": parameter_count(model),
+        "examples_per_s": round(batch / per_step, 1),
+        "seconds_per_step": round(per_step, 4),
+        "flops_per_example": int(flops // batch),
+        "achieved_gflop_per_s": round(flops / per_step / 1e9, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 steps of 32, synthetic data")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS),
+                        choices=list(MODEL_KINDS))
+    args = parser.parse_args(argv)
+    steps, batch = (3, 32) if args.quick else (args.steps, args.batch)
+    torch.set_num_threads(args.threads)
+    log = training_log(args.quick)
+    results = {
+        size: {kind: measure(kind, replace(cfg), log, steps, batch) for kind in args.kinds}
+        for size, cfg in sizes().items()
+    }
+    print(json.dumps({
+        "data": {"name": log.name, "events": len(log)},
+        "steps": steps, "batch": batch, "torch_threads": args.threads,
+        "torch": torch.__version__, "machine": platform.machine(),
+        "sizes": {name: {"d_model": cfg.d_model, "history_len": cfg.history_len}
+                  for name, cfg in sizes().items()},
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
