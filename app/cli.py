@@ -40,6 +40,7 @@ from model.online import OnlineConfig
 from model.training import TrainConfig
 from stream.admission import RecordLimits
 from stream.config import Settings, SettingsError
+from stream.gate import IDLE_GRACE_S
 from stream.kafka_client import KafkaSecurityError
 from stream.producer import (
     ProduceError,
@@ -387,6 +388,10 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
     parser.add_argument("--topic-prefix", default="", help="prefix of every topic name")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
+    parser.add_argument("--idle-grace", type=float, default=IDLE_GRACE_S,
+                        help="seconds a record waits before a topic with nothing to read lets "
+                             "it pass the event-time merge (guards against a stale high-water "
+                             "mark; adds that latency where a topic is idle)")
     parser.add_argument("--feedback-window", type=float, default=3600.0,
                         help="seconds of stream time (broker time) an impression waits for "
                              "its labels")
@@ -470,6 +475,8 @@ def run_worker_command(args: argparse.Namespace) -> None:
             or args.feedback_window <= 0 or args.stall_after <= 0):
         raise CliError("--batch-size, --batch-within, --partitions, --feedback-window and "
                        "--stall-after must be positive")
+    if args.idle_grace < 0:
+        raise CliError(f"--idle-grace must be >= 0 seconds, got {args.idle_grace}")
     settings = _settings(args)
     config = WorkerConfig(
         bootstrap_servers=bootstrap,
@@ -495,6 +502,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
         profiles_dataset=args.profiles,
         data_dir=settings.data_dir,
         feedback_window_s=args.feedback_window,
+        idle_grace_s=args.idle_grace,
         limits=_record_limits(args),
     )
     metrics = WorkerMetrics()  # one registry: the handlers count into it, /metrics renders it

@@ -114,7 +114,13 @@ from stream.changelog import (
     restore_partition,
 )
 from stream.drift_tracker import DriftConfig, DriftTracker
-from stream.gate import FETCH_MAX_WAIT_MS, KINDS, EventTimeGate, preceding_interactions
+from stream.gate import (
+    FETCH_MAX_WAIT_MS,
+    IDLE_GRACE_S,
+    KINDS,
+    EventTimeGate,
+    preceding_interactions,
+)
 from stream.handlers import (
     WorkerServices,
     handle_impressions,
@@ -184,6 +190,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
     max_held: int = 32768  # records the gate may hold per topic and partition (stream.gate)
+    idle_grace_s: float = IDLE_GRACE_S  # how long an idle topic holds a record (stream.gate)
     profiles_dataset: str | None = None  # a data set whose user profiles the scorer reads
     data_dir: Path | None = None  # where that data set is cached
     api_token: ApiToken | None = None  # the HTTP API's bearer token (its repr hides it)
@@ -395,7 +402,7 @@ class ConsumerLoop:
         self.config = config
         self.between_batches = between_batches
         self.topics = config.topics
-        self.gate = EventTimeGate(config.max_held)
+        self.gate = EventTimeGate(config.max_held, config.idle_grace_s)
         self.next_offsets: dict[TopicPartition, int] = {}  # after the last record polled
         self.processed: dict[TopicPartition, int] = {}  # after the last record processed
         self.consumer = kafka_consumer(
