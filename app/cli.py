@@ -387,6 +387,8 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
     parser.add_argument("--group-id", default=group)
     parser.add_argument("--topic-prefix", default="", help="prefix of every topic name")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--quantize", choices=("none", "w8a16"), default="none",
+                        help="w8a16: score with int8 weights and bf16 activations (UG-Sep)")
     parser.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
     parser.add_argument("--idle-grace", type=float, default=IDLE_GRACE_S,
                         help="seconds a record waits before a topic with nothing to read lets "
@@ -493,6 +495,7 @@ def run_worker_command(args: argparse.Namespace) -> None:
         advertised_url=args.advertised_url or os.environ.get("UNIREC_ADVERTISED_URL") or None,
         reset_on_new_log=args.reset_on_new_log,
         torch_threads=args.torch_threads,
+        quantize=args.quantize,
         group_id=args.group_id,
         topic_prefix=args.topic_prefix,
         timeout_s=args.timeout,

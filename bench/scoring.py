@@ -34,6 +34,7 @@ Prints one JSON document on stdout; progress goes to stderr.
     python bench/scoring.py --quick           # n=64 only, 1 warm-up + 2 calls: a smoke test
     python bench/scoring.py --device cuda --n 256 --candidates 512 --out scoring.json
     python bench/scoring.py --n 50 --candidates 10 --batch 1 16 64 --threads 1   # batched serving
+    python bench/scoring.py --n 50 --candidates 10 --batch 64 --threads 1 --quantize none w8a16
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
 from model.config import ModelConfig
 from model.features import CandidateInputs, FeatureSpec, UserInputs
+from model.quantize import QUANTIZATION_MODES, weight_bytes
 from model.scorer import Scorer
 
 log = logging.getLogger("bench.scoring")
@@ -405,8 +407,11 @@ def run_batched(
     batches: Sequence[int],
     settings: Settings,
     seed: int = 0,
+    quantize: Sequence[str] = ("none",),
 ) -> dict[str, Any]:
-    """The batched-serving benchmark as one JSON-ready document."""
+    """The batched-serving benchmark as one JSON-ready document; one set of rows per
+    ``quantize`` mode (``Scorer(quantize=...)``), a W8A16 row with its largest probability
+    difference from fp32 and the serving weights' bytes."""
     started, load_before = time.perf_counter(), os.getloadavg()
     rng = np.random.default_rng(seed)
     catalog = Catalog(rng)
@@ -415,16 +420,25 @@ def run_batched(
     cases = []
     for n in ns:
         torch.manual_seed(seed)
-        scorer = Scorer(UniRecModel(replace(base, history_len=n), spec), device=device,
-                        max_batch=max(batches))
+        model = UniRecModel(replace(base, history_len=n), spec)
+        scorers = {mode: Scorer(model, device=device, max_batch=max(batches), quantize=mode)
+                   for mode in quantize}
+        plain = Scorer(model, device=device, max_batch=max(batches))
         for n_cands in counts:
             requests = [make_request(rng, catalog, n, n_cands, base.d_model)
                         for _ in range(max(batches))]
-            for row in run_batched_case(scorer, requests, batches, settings):
-                log.info("n=%d C=%d B=%d: p50 %.2f ms, %.1f impressions/s, %.1f candidates/s",
-                         n, n_cands, row["batch"], row["p50_ms"], row["impressions_per_s"],
-                         row["candidates_per_s"])
-                cases.append({"n": n, "candidates": n_cands, **row})
+            fp32 = score_many_call(plain, requests)()
+            for mode, scorer in scorers.items():
+                extra: dict[str, Any] = {"quantize": mode,
+                                         "serving_weight_bytes": weight_bytes(scorer.serving)}
+                if mode != "none":
+                    extra["max_abs_diff_vs_fp32"] = max_abs_diff(
+                        score_many_call(scorer, requests)(), fp32)
+                for row in run_batched_case(scorer, requests, batches, settings):
+                    log.info("n=%d C=%d B=%d %s: p50 %.2f ms, %.1f impressions/s, "
+                             "%.1f candidates/s", n, n_cands, row["batch"], mode, row["p50_ms"],
+                             row["impressions_per_s"], row["candidates_per_s"])
+                    cases.append({"n": n, "candidates": n_cands, **extra, **row})
     return {
         **environment(device),
         "mode": "batched",
@@ -603,6 +617,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="batched mode: impressions per score_many call (e.g. 1 16 64)",
     )
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=QUANTIZATION_MODES,
+        default=["none"],
+        help="batched mode: scorer modes to measure, e.g. none w8a16 (one set of rows each)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.n is None:
@@ -628,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("scoring benchmark on %s, n=%s, C=%s", device, args.n, args.candidates)
     if args.batch:
         result = run_batched(device, args.n, args.candidates, sorted(set(args.batch)), settings,
-                             args.seed)
+                             args.seed, args.quantize)
     else:
         result = run(device, args.n, args.candidates, settings, args.seed)
     text = json.dumps(result, indent=2)

@@ -110,10 +110,15 @@ class UniRecModel(nn.Module):
             ug_sep=self.cfg.ug_sep,
         )
 
-    def _embed_user(self, user: UserInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """S tokens [B, n, d], U-side tokens [B, P_u, d], history item reprs [B, n, d]."""
+    def _embed_user(self, user: UserInputs, interaction: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """S tokens [B, n, d], U-side tokens [B, P_u, d], history item reprs [B, n, d].
+
+        ``interaction``: ``tokenizer.interaction(user)`` [B, n, d] when the caller already has
+        it (training embeds each history once for the GRU unroll and the S tokens)."""
         tok = self.tokenizer
-        s = tok.sequence(user, tok.interaction(user))
+        events = tok.interaction(user) if interaction is None else interaction
+        s = tok.sequence(user, events)
         hist_repr = tok.item_repr(
             user.hist_item, user.hist_cat, user.hist_num, user.hist_num_present
         )
@@ -123,11 +128,13 @@ class UniRecModel(nn.Module):
         total = (s * valid[..., None]).sum(1) + u.sum(1)
         return total / (valid.sum(1, keepdim=True) + u.shape[1])
 
-    def encode_user(self, user: UserInputs) -> UserCache:
-        """The user pass, once per request (requires ``ug_sep``)."""
+    def encode_user(self, user: UserInputs, interaction: torch.Tensor | None = None
+                    ) -> UserCache:
+        """The user pass, once per request (requires ``ug_sep``); ``interaction`` as in
+        ``_embed_user``."""
         if not self.cfg.ug_sep:
             raise ValueError("the user side depends on the candidate when ug_sep is off")
-        s, u, hist_repr = self._embed_user(user)
+        s, u, hist_repr = self._embed_user(user, interaction)
         valid = user.hist_valid
         layers = []
         for i, (plan, block) in enumerate(zip(self.plan, self.blocks, strict=True)):
@@ -184,10 +191,11 @@ class UniRecModel(nn.Module):
 
     # -- the reference path -----------------------------------------------------------------
 
-    def reference(self, user: UserInputs, cands: CandidateInputs) -> dict[str, torch.Tensor]:
+    def reference(self, user: UserInputs, cands: CandidateInputs,
+                  interaction: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One full joint sequence per candidate (no reuse). Logits [B, C]."""
         b, c = cands.shape
-        s, u, hist_repr = self._embed_user(user)
+        s, u, hist_repr = self._embed_user(user, interaction)
         selection = self._select(hist_repr, user.hist_valid, cands)
         g = self.tokenizer.item_tokens(cands, selection.interest if selection else None)
         per_cand = lambda x: x.repeat_interleave(c, dim=0)  # noqa: E731  [B, ...] -> [B*C, ...]
@@ -217,8 +225,10 @@ class UniRecModel(nn.Module):
         pooled = self._pool(s, per_cand(valid), u)
         return self._logits(g.unflatten(0, (b, c)), pooled.unflatten(0, (b, c)))
 
-    def forward(self, user: UserInputs, cands: CandidateInputs) -> dict[str, torch.Tensor]:
-        """Training and scoring entry: the cached path under UG-Sep, else the joint path."""
+    def forward(self, user: UserInputs, cands: CandidateInputs,
+                interaction: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training and scoring entry: the cached path under UG-Sep, else the joint path.
+        ``interaction``: the history's ``tokenizer.interaction`` [B, n, d] if already made."""
         if self.cfg.ug_sep:
-            return self.score(self.encode_user(user), cands)
-        return self.reference(user, cands)
+            return self.score(self.encode_user(user, interaction), cands)
+        return self.reference(user, cands, interaction)

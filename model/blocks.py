@@ -78,8 +78,40 @@ def attention_weights(
     return weights * scale if scale is not None else weights
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           scale: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """Masked attention: q [..., Lq, e], k and v [..., Lk, e], mask (and the straight-through
+    ``scale``) broadcastable to [..., Lq, Lk]. Returns [..., Lq, e].
+
+    ``fused`` (and no ``scale``): on CUDA one ``F.scaled_dot_product_attention`` call; on the
+    CPU (where its flash kernel is slower at these head sizes) the mask as an additive bias
+    folded into one ``baddbmm`` with the 1/sqrt(e) scale. Otherwise the plain path: logits,
+    ``attention_weights``, values. They agree to float tolerance
+    (``tests/test_model_fast_paths.py``).
+    """
+    if fused and scale is None:
+        if q.device.type == "cuda":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        *lead, lq, e = q.shape
+        lk = k.shape[-2]
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~mask, float("-inf")).expand(*lead, lq, lk)
+        logits = torch.baddbmm(bias.reshape(-1, lq, lk), q.reshape(-1, lq, e),
+                               k.reshape(-1, lk, e).transpose(1, 2), alpha=1 / math.sqrt(e))
+        out = torch.softmax(logits, dim=-1) @ v.reshape(-1, lk, e)
+        return out.reshape(*lead, lq, e)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return attention_weights(logits, mask, scale) @ v
+
+
 class UniBlock(nn.Module):
-    """One layer of the unified backbone (see the module docstring for its three layouts)."""
+    """One layer of the unified backbone (see the module docstring for its three layouts).
+
+    ``fused``: attention through ``F.scaled_dot_product_attention`` where no straight-through
+    scale applies (the default); False runs the plain reference path everywhere.
+    """
+
+    fused: bool = True
 
     def __init__(self, cfg: ModelConfig, n_slots: int) -> None:
         super().__init__()
@@ -129,8 +161,7 @@ class UniBlock(nn.Module):
         qu, ku, vu = self._qkv_ns(u, user_slots)
         q = torch.cat([qs[..., -n_out:, :], qu], dim=-2)
         k, v = torch.cat([ks, ku], dim=-2), torch.cat([vs, vu], dim=-2)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        out = self._merge(attention_weights(logits, mask[:, None], None) @ v)
+        out = self._merge(attend(q, k, v, mask[:, None], None, self.fused))
         s_next = self._finish_seq(s[:, -n_out:], out[:, :n_out])
         u_next = self._finish_ns(u, out[:, n_out:], user_slots)
         return s_next, u_next, (k, v)
@@ -184,13 +215,12 @@ class UniBlock(nn.Module):
         qg, kg, vg = self._qkv_ns(g, item_slots)
         q = torch.cat([qs[..., -n_out:, :], qu, qg], dim=-2)
         k, v = torch.cat([ks, ku, kg], dim=-2), torch.cat([vs, vu, vg], dim=-2)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        weights = attention_weights(
-            logits, mask[:, None], scale[:, None] if scale is not None else None
-        )
-        out = self._merge(weights @ v)
+        out = self._merge(attend(
+            q, k, v, mask[:, None], scale[:, None] if scale is not None else None, self.fused
+        ))
         n_user = u.shape[1]
         s_next = self._finish_seq(s[:, -n_out:], out[:, :n_out])
         u_next = self._finish_ns(u, out[:, n_out : n_out + n_user], user_slots)
         g_next = self._finish_ns(g, out[:, n_out + n_user :], item_slots)
         return s_next, u_next, g_next
+

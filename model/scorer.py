@@ -3,7 +3,10 @@
 ``score_many`` scores B impressions per model call (those with the same candidate count C run
 together: ``encode_user`` over B users, then B x C candidates); ``score`` is its B = 1 case.
 Runs on CUDA with bf16 autocast when a GPU is present, on the CPU in fp32 otherwise: the same
-code either way. ``score_reference`` runs the full joint sequence per candidate (no reuse) and
+code either way. With ``quantize="w8a16"`` (UG-Sep's serving form, ``model.quantize``) the
+candidates are scored by an int8-weight copy of the model under bf16 autocast on either device;
+``model`` stays the fp32 model (the applier's user states, the online learner's copy, hot swaps).
+``score_reference`` runs the full joint sequence per candidate (no reuse) and
 exists to check and to measure the cache.
 """
 
@@ -17,6 +20,7 @@ import torch
 from eventlog.schema import Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
 from model.features import CandidateInputs, Featurizer, UserInputs
+from model.quantize import QUANTIZATION_MODES, quantize_w8a16
 
 
 def default_device() -> torch.device:
@@ -32,15 +36,23 @@ class Scorer:
     ``state`` is the user's GRU state u_t ([d] float; zeros for a new user or None); ``history``
     the user's recent events, oldest first (only the newest ``history_len`` are read).
     ``score_many`` runs impressions with the same candidate count together, at most
-    ``max_batch`` per model call.
+    ``max_batch`` per model call. ``quantize``: "none" (the model as given) or "w8a16" (an
+    int8-weight copy, bf16 activations, scores the candidates).
     """
 
     def __init__(self, model: UniRecModel, device: torch.device | None = None,
-                 task: str = "click", max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 task: str = "click", max_batch: int = DEFAULT_MAX_BATCH,
+                 quantize: str = "none") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if quantize not in QUANTIZATION_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZATION_MODES}, got {quantize!r}")
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
+        self.quantize = quantize
+        self.serving: UniRecModel = (
+            quantize_w8a16(self.model) if quantize == "w8a16" else self.model  # type: ignore[assignment]
+        )
         self.featurizer = Featurizer(model.spec)
         self.task = task
         self.max_batch = max_batch
@@ -78,9 +90,9 @@ class Scorer:
         return self.batch_inputs([impression], [history], [profile], [state])
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-        )
+        """bf16 autocast on CUDA, and on any device for W8A16 (16-bit activations)."""
+        enabled = self.device.type == "cuda" or self.quantize == "w8a16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def batches(self, impressions: Sequence[Impression]) -> list[list[int]]:
         """The model calls ``score_many`` makes: lists of indices into ``impressions``, each of
@@ -112,10 +124,11 @@ class Scorer:
         """
         user, cands = self.batch_inputs(impressions, histories, profiles, states)
         with self._autocast():
-            if self.model.cfg.ug_sep and not reference:
-                logits = self.model.score(self.model.encode_user(user), cands)
+            model = self.serving
+            if model.cfg.ug_sep and not reference:
+                logits = model.score(model.encode_user(user), cands)
             else:
-                logits = self.model.reference(user, cands)
+                logits = model.reference(user, cands)
         return torch.sigmoid(logits[self.task].float()).cpu().numpy()
 
     def score_many(

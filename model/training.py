@@ -83,9 +83,15 @@ def guarded_step(
     a non-finite gradient norm. Gradients are cleared on a refusal.
     """
     model.train()
-    if model.cfg.use_state and unroll_state:
-        user = with_history_state(model, user)
-    logits = model(user, cands)[task][:, 0]
+    if isinstance(model, UniRecModel):  # embed each history once: the GRU and the S tokens
+        interaction = model.tokenizer.interaction(user)
+        if model.cfg.use_state and unroll_state:
+            user = with_history_state(model, user, interaction)
+        logits = model(user, cands, interaction)[task][:, 0]
+    else:
+        if model.cfg.use_state and unroll_state:
+            user = with_history_state(model, user)
+        logits = model(user, cands)[task][:, 0]
     loss = F.binary_cross_entropy_with_logits(logits, targets.float())
     value = float(loss.detach())
     optimizer.zero_grad(set_to_none=True)

@@ -48,21 +48,23 @@ def check_state_dim(model: UniRecModel, state_dim: int, holder: str) -> None:
         )
 
 
-def unroll(model: UniRecModel, events: EventInputs, u0: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def unroll(model: UniRecModel, events: EventInputs, u0: torch.Tensor | None = None,
+           interaction: torch.Tensor | None = None) -> torch.Tensor:
     """The GRU state [B, d] after ``events`` ([B, n], oldest first; invalid steps keep the
     state) from ``u0`` [B, d] (default zeros). Differentiable: training backpropagates
-    through it."""
-    e = model.tokenizer.interaction(events)  # [B, n, d]
+    through it. ``interaction``: ``model.tokenizer.interaction(events)`` [B, n, d] if the
+    caller has it already."""
+    e = model.tokenizer.interaction(events) if interaction is None else interaction
     if u0 is None:
         u0 = e.new_zeros(e.shape[0], model.cfg.d_model)
     return model.gru.unroll(e, events.hist_valid, u0)
 
 
-def with_history_state(model: UniRecModel, user: UserInputs) -> UserInputs:
+def with_history_state(model: UniRecModel, user: UserInputs,
+                       interaction: torch.Tensor | None = None) -> UserInputs:
     """``user`` with u_t replaced by the GRU unrolled from zero over its history (the truncated
-    unroll that training and ``model.online`` use)."""
-    return replace(user, state=unroll(model, user))
+    unroll that training and ``model.online`` use); ``interaction`` as in ``unroll``."""
+    return replace(user, state=unroll(model, user, interaction=interaction))
 
 
 @torch.no_grad()

@@ -169,7 +169,8 @@ class HotSwap:
             self._refuse(version, exc.reason, str(exc))
             return False
         old = services.scorer.scorer
-        services.scorer.swap(Scorer(model, self.device, old.task, old.max_batch), version)
+        services.scorer.swap(Scorer(model, self.device, old.task, old.max_batch, old.quantize),
+                             version)
         services.metrics.set_model_version(version)
         return True
 

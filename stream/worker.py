@@ -176,6 +176,7 @@ class WorkerConfig:
     web_bind: str = "127.0.0.1"
     reset_on_new_log: bool = False
     torch_threads: int = 1
+    quantize: str = "none"  # "w8a16": the scorer's int8-weight copy (model.quantize)
     group_id: str = "unirec-worker"
     topic_prefix: str = ""
     feedback_window_s: float = 3600.0  # event time an impression waits for its labels
@@ -274,7 +275,8 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
              model.cfg.d_model, device)
     metrics.set_model_version(version)
     metrics.set_users(sum(1 for _ in store.iter_users()))
-    scorer = ImpressionScorer(store, Scorer(model, device), version, profiles,
+    scorer = ImpressionScorer(store, Scorer(model, device, quantize=config.quantize), version,
+                              profiles,
                               static=Scorer(static, device))
     return WorkerServices(
         store=store,

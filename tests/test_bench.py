@@ -55,3 +55,23 @@ def test_training_benchmark_reports_every_kind_at_both_sizes():
             assert row["examples_per_s"] > 0 and row["flops_per_example"] > 0
     suite, default = report["results"]["suite"]["unirec"], report["results"]["default"]["unirec"]
     assert default["flops_per_example"] > suite["flops_per_example"]
+
+
+def test_gpu_check_compares_device_scores_with_cpu_fp32_on_the_cpu():
+    """bench/gpu_check.py (the first step of bench/gpu.sh) runs here with --device cpu: W8A16
+    and plain scores, cached and reference, against CPU fp32, within the bf16 tolerance."""
+    report = _run("gpu_check.py", "--device", "cpu", "--n", "16", "--candidates", "4",
+                  "--batch", "2")
+    assert report["ok"] and report["max_abs_diff"] <= report["tol"]
+    assert {(r["quantize"], r["path"]) for r in report["rows"]} == {
+        (q, p) for q in ("none", "w8a16") for p in ("cached", "reference")}
+    plain = [r for r in report["rows"] if r["quantize"] == "none"]
+    assert max(r["max_abs_diff_vs_cpu_fp32"] for r in plain) < 1e-5  # same device, same fp32
+
+
+def test_scoring_benchmark_has_a_w8a16_row():
+    report = _run("scoring.py", "--quick", "--n", "16", "--candidates", "4", "--batch", "2",
+                  "--quantize", "none", "w8a16")
+    rows = {r["quantize"]: r for r in report["cases"]}
+    assert rows["w8a16"]["serving_weight_bytes"] < rows["none"]["serving_weight_bytes"] / 2
+    assert 0 < rows["w8a16"]["max_abs_diff_vs_fp32"] < 0.05
