@@ -96,6 +96,35 @@ class WorkerProcess:
         return int(self.process.returncode)
 
 
+class WorkerGroup:
+    """Workers of one consumer group (``group``, default: a new one) on one topic prefix,
+    started by ``start``; leaving the ``with`` block kills (SIGKILL) every one still running.
+    Their logs are ``<directory>/<name>.log``."""
+
+    def __init__(self, bootstrap: str, checkpoint: Path, directory: Path, prefix: str,
+                 partitions: int, group: str | None = None,
+                 extra: tuple[str, ...] = ("--no-train",)) -> None:
+        self.bootstrap, self.checkpoint, self.directory = bootstrap, checkpoint, directory
+        self.prefix, self.partitions, self.extra = prefix, partitions, extra
+        self.group = group or f"g-{uuid.uuid4().hex[:8]}"
+        self.started: list[WorkerProcess] = []
+
+    def start(self, store: Path, name: str, *extra: str) -> WorkerProcess:
+        worker = WorkerProcess(self.bootstrap, self.checkpoint, store,
+                               self.directory / f"{name}.log", prefix=self.prefix,
+                               partitions=self.partitions, group=self.group,
+                               extra=(*self.extra, *extra))
+        self.started.append(worker)
+        return worker
+
+    def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for worker in self.started:
+            worker.stop(signal.SIGKILL)
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float,
              worker: WorkerProcess | None = None, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s

@@ -30,13 +30,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from stream_fixtures import REPO, WorkerProcess, http_get, tiny_checkpoint, wait_for
+from stream_fixtures import REPO, WorkerGroup, WorkerProcess, http_get, tiny_checkpoint, wait_for
 from test_stream_rebalance import (
     BATCH,
     PARTITIONS,
@@ -119,22 +118,14 @@ def test_takeover_after_kill_restores_from_the_changelog(
     checkpoint = tiny_checkpoint(tmp_path / "model.pt")
     events = list(synthetic_events(900, seed=31))
     store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
-    group = f"changelog-{uuid.uuid4().hex[:8]}"
-    started: list[WorkerProcess] = []
-
-    def start(store: Path, name: str) -> WorkerProcess:
-        worker = WorkerProcess(bootstrap, checkpoint, store, tmp_path / f"{name}.log",
-                               prefix=PREFIX, partitions=PARTITIONS, group=group,
-                               extra=("--no-train",))
-        started.append(worker)
-        return worker
+    workers = WorkerGroup(bootstrap, checkpoint, tmp_path, PREFIX, PARTITIONS)
 
     def applied(owners: dict[Path, set[int]], ends: dict[int, int]) -> bool:
         return all(stored_offsets(store, topic).get(p) == ends[p]
                    for store, ps in owners.items() for p in ps)
 
-    try:
-        a, b = start(store_a, "a"), start(store_b, "b")
+    with workers:
+        a, b = workers.start(store_a, "a"), workers.start(store_b, "b")
 
         def split() -> bool:
             oa, ob = owned(a, topic), owned(b, topic)
@@ -177,9 +168,6 @@ def test_takeover_after_kill_restores_from_the_changelog(
         status, body = http_get(f"{a.url}/users/{user_b}/state")
         assert status == 200, body
         assert a.stop() == 0, a.output()[-3000:]
-    finally:
-        for worker in started:
-            worker.stop(signal.SIGKILL)
 
     log_a = a.output()
     for p in owned_b:
@@ -205,18 +193,10 @@ def test_restore_is_exact_when_interactions_lost_its_head(
     checkpoint = tiny_checkpoint(tmp_path / "model.pt")
     events = list(synthetic_events(600, seed=41))
     store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
-    group = f"changelog-{uuid.uuid4().hex[:8]}"
-    started: list[WorkerProcess] = []
+    workers = WorkerGroup(bootstrap, checkpoint, tmp_path, PREFIX, PARTITIONS)
 
-    def start(store: Path, name: str, *extra: str) -> WorkerProcess:
-        worker = WorkerProcess(bootstrap, checkpoint, store, tmp_path / f"{name}.log",
-                               prefix=PREFIX, partitions=PARTITIONS, group=group,
-                               extra=("--no-train", *extra))
-        started.append(worker)
-        return worker
-
-    try:
-        a, b = start(store_a, "a"), start(store_b, "b")
+    with workers:
+        a, b = workers.start(store_a, "a"), workers.start(store_b, "b")
         wait_for(lambda: bool(owned(a, topic)) and bool(owned(b, topic))
                  and owned(a, topic) | owned(b, topic) == set(range(PARTITIONS)),  # type: ignore[operator]
                  TIMEOUT_S, b, "A and B to split the partitions")
@@ -241,14 +221,11 @@ def test_restore_is_exact_when_interactions_lost_its_head(
         tail_log = log_identity(bootstrap, topic)
         assert tail_log != head_log
         tail_ends = end_offsets(bootstrap, topic)
-        survivor = start(store_a, "a2", "--reset-on-new-log")
+        survivor = workers.start(store_a, "a2", "--reset-on-new-log")
         wait_for(lambda: all(stored_offsets(store_a, topic).get(p) == tail_ends[p]
                              for p in range(PARTITIONS) if tail_ends[p]), TIMEOUT_S, survivor,
                  "the survivor to apply the tail")
         assert survivor.stop() == 0, survivor.output()[-3000:]
-    finally:
-        for worker in started:
-            worker.stop(signal.SIGKILL)
 
     log_s = survivor.output()
     for p in owned_b:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import threading
 import time
 import uuid
@@ -41,7 +40,7 @@ import numpy as np
 import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
-from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
+from stream_fixtures import WorkerGroup, WorkerProcess, tiny_checkpoint, wait_for
 
 from model.checkpoint import load
 from state_store import StateStore, StoreConfig
@@ -141,29 +140,19 @@ def test_rebalance_moves_partitions_and_their_state_to_the_new_owner(
     checkpoint = tiny_checkpoint(tmp_path / "model.pt")
     events = list(synthetic_events(FIRST + SECOND, seed=21))
     store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
-    group = f"rebalance-{uuid.uuid4().hex[:8]}"
-    started: list[WorkerProcess] = []
-
-    def start(store: Path, name: str) -> WorkerProcess:
-        worker = WorkerProcess(bootstrap, checkpoint, store, tmp_path / f"{name}.log",
-                               prefix=PREFIX, partitions=PARTITIONS, group=group,
-                               extra=("--no-train",))
-        started.append(worker)
-        return worker
-
-    try:
+    with WorkerGroup(bootstrap, checkpoint, tmp_path, PREFIX, PARTITIONS) as workers:
         # 1. A alone applies the first slice, on every partition.
         replay_events(events[:FIRST], bootstrap, topics, negatives=2, seed=21)
         first_ends = end_offsets(bootstrap, topic)
         assert sum(first_ends.values()) == FIRST
-        a = start(store_a, "a")
+        a = workers.start(store_a, "a")
         wait_for(lambda: stored_offsets(store_a, topic) == first_ends, TIMEOUT_S, a,
                  "A to apply the first slice")
         assert assigned_partitions(a, topic) == set(range(PARTITIONS))
         before_b = user_states(store_a)
 
         # 2. B joins: the group splits the partitions between A and B.
-        b = start(store_b, "b")
+        b = workers.start(store_b, "b")
 
         def split() -> bool:
             owned_a, owned_b = assigned_partitions(a, topic), assigned_partitions(b, topic)
@@ -190,9 +179,6 @@ def test_rebalance_moves_partitions_and_their_state_to_the_new_owner(
         assert assigned_partitions(b, topic) == owned_b, "no later rebalance"
         assert a.stop() == 0, a.output()[-3000:]
         assert b.stop() == 0, b.output()[-3000:]
-    finally:
-        for worker in started:
-            worker.stop(signal.SIGKILL)
 
     # B's store had nothing of its partitions (offset 0 for the log check), and it restored
     # them from the `user-states` changelog A had written (issue #13), not by a replay.
