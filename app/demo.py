@@ -7,7 +7,9 @@
 3. A producer replaying the log: the training period as interactions only (the users'
    histories and GRU states, as a live system would have them), then the held-out period
    (or its first ``events``) as impression, interaction and label per event, at ``rate``.
-4. Live progress on stderr every second, from the worker's ``/metrics``.
+4. Live progress on stderr every second, from the worker's ``/metrics`` and the fleet monitor's
+   ``/fleet/drift`` (``unirec monitor`` as a subprocess beside the worker, a fresh app id: its
+   page's URL is printed).
 5. Once every message is consumed: the worker's scores are read back from ``scores`` and
    joined with the labels sent, giving the online AUC / GAUC of the streamed scores (each
    computed before its interaction was applied); the worker is stopped and the summary
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +92,8 @@ class DemoSummary:
     labels_joined: int = 0
     dead_letters: int = 0
     users: int = 0
+    monitor: str = ""  # the fleet monitor's page (while it ran)
+    fleet: dict[str, Any] = field(default_factory=dict)  # its figures at the end
     model_version: int | None = None
     train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
@@ -120,9 +125,17 @@ class DemoSummary:
                          f"no user state)")
         for window, distance in sorted(self.drift.get("surrogate_distance", {}).items()):
             lines.append(f"  surrogate distance     {distance:.4f}   (last {window} predictions)")
+        fleet = self.fleet
+        if fleet.get("n"):
+            lines.append(f"  fleet monitor          {fleet['n']:,} feedback records in the last "
+                         f"window: AUC live {_fmt(fleet.get('auc_dynamic'))} / twin "
+                         f"{_fmt(fleet.get('auc_static'))}, surrogate distance "
+                         f"{_fmt(fleet.get('distance'))}, versions {fleet.get('versions')}")
         for name, q in self.latency_ms.items():
             lines.append(f"  {name:<22} p50 {q['p50']:.1f} ms   p99 {q['p99']:.1f} ms")
         lines.append(f"  HTTP API (while it ran) {self.api}")
+        if self.monitor:
+            lines.append(f"  fleet monitor page (while it ran) {self.monitor}")
         return "\n".join(lines)
 
 
@@ -163,9 +176,12 @@ class Demo:
             port = self.config.web_port or free_port()
             self.summary.api = f"http://127.0.0.1:{port}"
             worker = self._start_worker(bootstrap, port)
+            monitor = self._start_monitor(bootstrap)
             try:
                 self._wait_ready(worker)
                 self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
+                self._say(f"fleet monitor on {self.summary.monitor} (the page; JSON at "
+                          f"/fleet/drift, /fleet/versions)")
                 producer = threading.Thread(target=self._produce, args=(bootstrap,),
                                             name="demo-producer", daemon=True)
                 producer.start()
@@ -176,8 +192,10 @@ class Demo:
                 self._finish(self._metrics())
                 if not self.stop.is_set():
                     self.summary.online = self._online_auc(bootstrap)
+                    self._wait_fleet()
             finally:
                 self._stop_worker(worker)
+                self._stop_monitor(monitor)
         self.summary.interrupted = self.stop.is_set()
         self.summary.seconds = round(time.perf_counter() - started, 1)
         return self.summary
@@ -207,6 +225,59 @@ class Demo:
         # the worker in order (SIGTERM, then the wait) instead of racing it.
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.worker_log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+    # --- the fleet monitor (issue #14) ---------------------------------------------------
+
+    def _start_monitor(self, bootstrap: str) -> subprocess.Popen:
+        """``unirec monitor`` with a fresh app id (no changelog recovery on the embedded
+        broker) and short group timeouts, on a free port."""
+        port = free_port()
+        self.summary.monitor = f"http://127.0.0.1:{port}/"
+        argv = [sys.executable, "-m", "app.cli", "monitor", "--bootstrap-servers", bootstrap,
+                "--web-port", str(port), "--fresh", "--short-timeouts",
+                "--partitions", str(self.config.partitions),
+                "--data-dir", str(self.home / "monitor")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        self.monitor_log = (self.home / "monitor.log").open("ab")
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.monitor_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _fleet(self) -> dict[str, Any]:
+        """The monitor's current fleet window (``{}`` while it has none or is unreachable)."""
+        try:
+            with urllib.request.urlopen(self.summary.monitor + "fleet/drift",
+                                        timeout=2.0) as reply:
+                report = json.loads(reply.read())
+        except (OSError, ValueError):
+            return {}
+        current = report.get("current", {})
+        fleet = dict(current.get("all", {}))
+        if fleet:
+            fleet["versions"] = sorted(int(s[1:]) for s in current if s != "all")
+            fleet["consumed"] = report.get("records_consumed", 0)
+        return fleet
+
+    def _wait_fleet(self, timeout_s: float = 30.0) -> None:
+        """Keep the monitor's figures once it has consumed every joined label (or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            fleet = self._fleet()
+            if fleet and fleet["consumed"] >= self.summary.labels_joined:
+                break
+            time.sleep(0.5)
+        self.summary.fleet = {k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in self._fleet().items()}
+
+    def _stop_monitor(self, monitor: subprocess.Popen) -> None:
+        if monitor.poll() is None:
+            monitor.send_signal(signal.SIGTERM)
+            try:
+                monitor.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                monitor.kill()
+                monitor.wait()
+        self.monitor_log.close()
 
     def _wait_ready(self, worker: subprocess.Popen, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -271,7 +342,7 @@ class Demo:
                 f"v{int(version[0][1]) if version else '?'} "
                 f"steps {total(samples, 'unirec_train_steps_total'):,.0f}  "
                 f"AUC {_fmt(aucs.get('dynamic'))}/{_fmt(aucs.get('static'))}  "
-                f"D {_fmt(distance)}"
+                f"D {_fmt(distance)}  {self._fleet_line()}"
             )
             if not self.produced.is_set():
                 continue
@@ -281,6 +352,13 @@ class Demo:
             if now > deadline:
                 raise DemoError(f"the worker did not consume everything within "
                                 f"{self.config.timeout_s} s (see {self.home / 'worker.log'})")
+
+    def _fleet_line(self) -> str:
+        fleet = self._fleet()
+        if not fleet:
+            return "fleet -"
+        return (f"fleet {fleet['n']:,} AUC {_fmt(fleet.get('auc_dynamic'))}/"
+                f"{_fmt(fleet.get('auc_static'))} D {_fmt(fleet.get('distance'))}")
 
     def _consumed_all(self, samples: dict) -> bool:
         t = self.topics
