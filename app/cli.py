@@ -568,11 +568,15 @@ def _add_monitor_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_monitor_command(args: argparse.Namespace) -> None:
+    from stream.kafka_client import KafkaSecurity
     from stream.monitor import MonitorConfig, fresh_app_id, run_monitor
 
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
+    if KafkaSecurity.from_env() != KafkaSecurity():
+        raise CliError("unirec monitor speaks PLAINTEXT only so far (its faust consumer does "
+                       "not take the KAFKA_SECURITY_* settings yet)")
     if min(args.tumbling, args.hopping, args.hop_step, args.expires, args.partitions) <= 0:
         raise CliError("--tumbling, --hopping, --hop-step, --expires and --partitions must be "
                        "positive")
