@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from deploy_fixtures import dashboard_exprs, metric_names
 from kafka import KafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 from monitor_fixtures import MonitorProcess
+from prometheus_client.parser import text_string_to_metric_families
 from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
 from stream.broker import EmbeddedBroker
