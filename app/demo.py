@@ -94,6 +94,7 @@ class DemoSummary:
     users: int = 0
     monitor: str = ""  # the fleet monitor's page (while it ran)
     fleet: dict[str, Any] = field(default_factory=dict)  # its figures at the end
+    replay_s: float = 0.0  # from the replay's start until the worker consumed everything
     model_version: int | None = None
     train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
@@ -184,8 +185,10 @@ class Demo:
                           f"/fleet/drift, /fleet/versions)")
                 producer = threading.Thread(target=self._produce, args=(bootstrap,),
                                             name="demo-producer", daemon=True)
+                replay_started = time.perf_counter()
                 producer.start()
                 self._follow(worker)
+                self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
                 producer.join(timeout=30)
                 if self.producer_error is not None:
                     raise DemoError(f"the producer failed: {self.producer_error}")
