@@ -269,8 +269,17 @@ class Demo:
             if fleet and fleet["consumed"] >= self.summary.labels_joined:
                 break
             time.sleep(0.5)
+        fleet = self._fleet()
+        try:  # the feedback rate: records / event-time span, from the versions' first/last
+            with urllib.request.urlopen(self.summary.monitor + "fleet/versions",
+                                        timeout=2.0) as reply:
+                versions = json.loads(reply.read())
+            span = (max(v["last_ts"] for v in versions) - min(v["first_ts"] for v in versions))
+            fleet["feedback_per_s"] = sum(v["feedback"] for v in versions) / max(span, 1e-3)
+        except (OSError, ValueError, KeyError):
+            pass
         self.summary.fleet = {k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in self._fleet().items()}
+                              for k, v in fleet.items()}
 
     def _stop_monitor(self, monitor: subprocess.Popen) -> None:
         if monitor.poll() is None:

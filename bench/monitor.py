@@ -4,8 +4,10 @@ In one run, against the embedded Tansu broker:
 
 1. ``demo``: ``unirec demo --events E --json`` (a subprocess; it trains a model first if the
    run directory has none) replays E held-out MovieLens events as fast as it can; its feedback
-   rate = labels joined (one ``feedback`` record each) / seconds of the replay
-   (``replay_s``). ``--demo-rate R`` skips the demo and takes R instead.
+   rate = the feedback records its monitor saw / the event-time span between the first and
+   the last (``fleet.feedback_per_s`` of the summary: the scored part of the replay only;
+   ``replay_s``, which includes sending the history, is reported beside it).
+   ``--demo-rate R`` skips the demo and takes R instead.
 2. ``monitor``: N synthetic ``feedback`` records (two model versions, event times over the
    last 50 minutes) are produced, then ``unirec monitor`` (fresh app id) is started and
    ``/fleet/drift`` polled every 0.25 s; sustained records/s = records consumed between the
@@ -53,7 +55,7 @@ def demo_rate(events: int, run_dir: Path) -> dict:
     summary = json.loads(done.stdout)
     return {"events": events, "labels_joined": summary["labels_joined"],
             "replay_s": summary["replay_s"],
-            "feedback_per_s": round(summary["labels_joined"] / summary["replay_s"], 1),
+            "feedback_per_s": round(summary["fleet"]["feedback_per_s"], 1),
             "fleet_n": summary["fleet"].get("n")}
 
 
