@@ -95,6 +95,7 @@ class DemoSummary:
     monitor: str = ""  # the fleet monitor's page (while it ran)
     fleet: dict[str, Any] = field(default_factory=dict)  # its figures at the end
     replay_s: float = 0.0  # from the replay's start until the worker consumed everything
+    feedback_per_s: float | None = None  # the worker's join rate while labels were joined
     model_version: int | None = None
     train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
@@ -270,14 +271,6 @@ class Demo:
                 break
             time.sleep(0.5)
         fleet = self._fleet()
-        try:  # the feedback rate: records / event-time span, from the versions' first/last
-            with urllib.request.urlopen(self.summary.monitor + "fleet/versions",
-                                        timeout=2.0) as reply:
-                versions = json.loads(reply.read())
-            span = (max(v["last_ts"] for v in versions) - min(v["first_ts"] for v in versions))
-            fleet["feedback_per_s"] = sum(v["feedback"] for v in versions) / max(span, 1e-3)
-        except (OSError, ValueError, KeyError):
-            pass
         self.summary.fleet = {k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in fleet.items()}
 
@@ -331,12 +324,17 @@ class Demo:
         """Print progress until everything sent is consumed (or stop, or a timeout)."""
         want = len(self.history) + len(self.replayed)
         last_applied, last_time = 0.0, time.monotonic()
+        joins: list[tuple[float, float]] = []  # (time, labels joined) whenever it grew
         deadline: float | None = None
         while not self.stop.wait(self.config.progress_every_s):
             self._check_alive(worker)
             samples = self._metrics()
             applied = total(samples, "unirec_events_applied_total")
             now = time.monotonic()
+            joined = total(samples, "unirec_labels_joined_total")
+            if joined > (joins[-1][1] if joins else 0.0):
+                joins.append((now, joined))
+                self._note_feedback_rate(joins)
             rate = (applied - last_applied) / max(now - last_time, 1e-9)
             last_applied, last_time = applied, now
             p99 = histogram_quantile(0.99, samples, "unirec_scoring_duration_seconds")
@@ -364,6 +362,13 @@ class Demo:
             if now > deadline:
                 raise DemoError(f"the worker did not consume everything within "
                                 f"{self.config.timeout_s} s (see {self.home / 'worker.log'})")
+
+    def _note_feedback_rate(self, joins: list[tuple[float, float]]) -> None:
+        """The worker's feedback rate: labels joined (one ``feedback`` record each) per second
+        between the first sample that saw joins and the last that saw more."""
+        if len(joins) >= 2:
+            (t0, n0), (t1, n1) = joins[0], joins[-1]
+            self.summary.feedback_per_s = round((n1 - n0) / max(t1 - t0, 1e-9), 1)
 
     def _fleet_line(self) -> str:
         fleet = self._fleet()

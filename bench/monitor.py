@@ -4,9 +4,10 @@ In one run, against the embedded Tansu broker:
 
 1. ``demo``: ``unirec demo --events E --json`` (a subprocess; it trains a model first if the
    run directory has none) replays E held-out MovieLens events as fast as it can; its feedback
-   rate = the feedback records its monitor saw / the event-time span between the first and
-   the last (``fleet.feedback_per_s`` of the summary: the scored part of the replay only;
-   ``replay_s``, which includes sending the history, is reported beside it).
+   rate = labels joined (one ``feedback`` record each) per second while the worker joined
+   them (``feedback_per_s`` of the summary, from its 1-second samples of
+   ``unirec_labels_joined_total``: the scored part of the replay only; ``replay_s``, which
+   includes sending the history, is reported beside it).
    ``--demo-rate R`` skips the demo and takes R instead.
 2. ``monitor``: N synthetic ``feedback`` records (two model versions, event times over the
    last 50 minutes) are produced, then ``unirec monitor`` (fresh app id) is started and
@@ -15,7 +16,7 @@ In one run, against the embedded Tansu broker:
 
 Prints one JSON object on stdout (``headroom`` = monitor rate / demo rate); progress on stderr.
 
-    python bench/monitor.py                     # 100k records, a 2000-event demo
+    python bench/monitor.py                     # 100k records, a 10,000-event demo
     python bench/monitor.py --quick             # 20k records, a 300-event demo
 """
 
@@ -55,7 +56,7 @@ def demo_rate(events: int, run_dir: Path) -> dict:
     summary = json.loads(done.stdout)
     return {"events": events, "labels_joined": summary["labels_joined"],
             "replay_s": summary["replay_s"],
-            "feedback_per_s": round(summary["fleet"]["feedback_per_s"], 1),
+            "feedback_per_s": summary["feedback_per_s"],
             "fleet_n": summary["fleet"].get("n")}
 
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--demo-events", type=int, default=2000)
+    parser.add_argument("--demo-events", type=int, default=10_000)
     parser.add_argument("--demo-rate", type=float, help="skip the demo, take this rate")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs",
                         help="the demo's run directory (its model is reused)")
