@@ -13,6 +13,8 @@
                  [--no-train] [--versions-dir DIR] [--checkpoint-every N]
                  [--static-checkpoint PATH] [--drift-threshold D]
     unirec state USER_ID [--api URL | --store DIR]   a user's state snapshot as JSON
+    unirec monitor [--bootstrap-servers HOST:PORT] [--web-port PORT] [--app-id ID | --fresh]
+                 the fleet monitor: windows of feedback from every worker (faust app)
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_produce_parser(commands)
     _add_worker_parser(commands)
     _add_state_parser(commands)
+    _add_monitor_parser(commands)
     return parser
 
 
@@ -545,9 +548,79 @@ def run_state(args: argparse.Namespace) -> None:
     print(json.dumps(snapshot, indent=2))
 
 
+# --- unirec monitor (issue #14): the fleet monitor ----------------------------------------
+
+def _add_monitor_parser(commands: argparse._SubParsersAction) -> None:
+    from stream.monitor.app import MonitorConfig
+
+    d = MonitorConfig(bootstrap="")
+    monitor = commands.add_parser(
+        "monitor", help="the fleet monitor: quality and drift windows over every worker's "
+                        "feedback (faust app; web views /, /fleet/drift, /fleet/versions)")
+    monitor.add_argument("--bootstrap-servers", help="env KAFKA_BOOTSTRAP_SERVERS")
+    monitor.add_argument("--web-port", type=int, default=6068)
+    monitor.add_argument("--web-bind", help="address of the web views (env UNIREC_WEB_BIND, "
+                         "default 127.0.0.1; 0.0.0.0 in a container)")
+    ident = monitor.add_mutually_exclusive_group()
+    ident.add_argument("--app-id", default=d.app_id,
+                       help="faust app id (consumer group, changelog topics)")
+    ident.add_argument("--fresh", action="store_true",
+                       help="a new app id per start: no changelog recovery, windows rebuilt "
+                            "from feedback (the embedded broker's way)")
+    monitor.add_argument("--data-dir", type=Path, help="faust's data directory "
+                         "(default: <UNIREC_RUN_DIR>/monitor)")
+    monitor.add_argument("--partitions", type=int, default=4, help="for topics it creates")
+    monitor.add_argument("--topic-prefix", default="", help="prefix of every topic name")
+    monitor.add_argument("--tumbling", type=float, default=d.tumbling_s, help="seconds")
+    monitor.add_argument("--hopping", type=float, default=d.hopping_s, help="seconds")
+    monitor.add_argument("--hop-step", type=float, default=d.hop_step_s, help="seconds")
+    monitor.add_argument("--expires", type=float, default=d.expires_s,
+                         help="seconds of event time a window is kept")
+    monitor.add_argument("--distance-threshold", type=float, default=d.distance_threshold,
+                         help="alert when the fleet's surrogate distance exceeds this")
+    monitor.add_argument("--auc-gap-threshold", type=float, default=d.auc_gap_threshold,
+                         help="alert when the twin's AUC exceeds the live model's by this")
+    monitor.add_argument("--alert-min-count", type=int, default=d.alert_min_count)
+    monitor.add_argument("--short-timeouts", action="store_true",
+                         help="short group timeouts (rebalance 3 s, session 6 s, heartbeat 1 s): "
+                              "for the embedded broker, not for production")
+
+
+def run_monitor_command(args: argparse.Namespace) -> None:
+    from stream.kafka_client import KafkaSecurity
+    from stream.monitor import MonitorConfig, fresh_app_id, run_monitor
+
+    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        raise CliError("no broker: pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS")
+    if KafkaSecurity.from_env() != KafkaSecurity():
+        raise CliError("unirec monitor speaks PLAINTEXT only so far (its faust consumer does "
+                       "not take the KAFKA_SECURITY_* settings yet)")
+    if min(args.tumbling, args.hopping, args.hop_step, args.expires, args.partitions) <= 0:
+        raise CliError("--tumbling, --hopping, --hop-step, --expires and --partitions must be "
+                       "positive")
+    if args.hopping % args.hop_step or args.hopping < args.hop_step:
+        raise CliError("--hopping must be a multiple of --hop-step")
+    settings = _settings(args)
+    config = MonitorConfig(
+        bootstrap=bootstrap, topics=TopicNames.with_prefix(args.topic_prefix),
+        app_id=fresh_app_id(args.app_id) if args.fresh else args.app_id,
+        web_host=args.web_bind or os.environ.get("UNIREC_WEB_BIND") or "127.0.0.1",
+        web_port=args.web_port, data_dir=args.data_dir or settings.run_dir / "monitor",
+        partitions=args.partitions, tumbling_s=args.tumbling, hopping_s=args.hopping,
+        hop_step_s=args.hop_step, expires_s=args.expires,
+        distance_threshold=args.distance_threshold, auc_gap_threshold=args.auc_gap_threshold,
+        alert_min_count=args.alert_min_count, short_timeouts=args.short_timeouts,
+    )
+    try:
+        run_monitor(config)
+    except (BrokerUnavailable, TopicError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+
+
 COMMANDS = {"train": run_train, "eval": run_eval, "eval-suite": run_eval_suite, "demo": run_demo,
             "produce": run_produce, "worker": run_worker_command, "trainer": run_worker_command,
-            "state": run_state}
+            "state": run_state, "monitor": run_monitor_command}
 
 
 OUR_LOGGERS = frozenset({"unirec", "app", "stream", "model", "state_store", "eventlog",

@@ -7,7 +7,9 @@
 3. A producer replaying the log: the training period as interactions only (the users'
    histories and GRU states, as a live system would have them), then the held-out period
    (or its first ``events``) as impression, interaction and label per event, at ``rate``.
-4. Live progress on stderr every second, from the worker's ``/metrics``.
+4. Live progress on stderr every second, from the worker's ``/metrics`` and the fleet monitor's
+   ``/fleet/drift`` (``unirec monitor`` as a subprocess beside the worker, a fresh app id: its
+   page's URL is printed).
 5. Once every message is consumed: the worker's scores are read back from ``scores`` and
    joined with the labels sent, giving the online AUC / GAUC of the streamed scores (each
    computed before its interaction was applied); the worker is stopped and the summary
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +92,10 @@ class DemoSummary:
     labels_joined: int = 0
     dead_letters: int = 0
     users: int = 0
+    monitor: str = ""  # the fleet monitor's page (while it ran)
+    fleet: dict[str, Any] = field(default_factory=dict)  # its figures at the end
+    replay_s: float = 0.0  # from the replay's start until the worker consumed everything
+    feedback_per_s: float | None = None  # the worker's join rate while labels were joined
     model_version: int | None = None
     train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
@@ -120,9 +127,17 @@ class DemoSummary:
                          f"no user state)")
         for window, distance in sorted(self.drift.get("surrogate_distance", {}).items()):
             lines.append(f"  surrogate distance     {distance:.4f}   (last {window} predictions)")
+        fleet = self.fleet
+        if fleet.get("n"):
+            lines.append(f"  fleet monitor          {fleet['n']:,} feedback records in the last "
+                         f"window: AUC live {_fmt(fleet.get('auc_dynamic'))} / twin "
+                         f"{_fmt(fleet.get('auc_static'))}, surrogate distance "
+                         f"{_fmt(fleet.get('distance'))}, versions {fleet.get('versions')}")
         for name, q in self.latency_ms.items():
             lines.append(f"  {name:<22} p50 {q['p50']:.1f} ms   p99 {q['p99']:.1f} ms")
         lines.append(f"  HTTP API (while it ran) {self.api}")
+        if self.monitor:
+            lines.append(f"  fleet monitor page (while it ran) {self.monitor}")
         return "\n".join(lines)
 
 
@@ -163,21 +178,28 @@ class Demo:
             port = self.config.web_port or free_port()
             self.summary.api = f"http://127.0.0.1:{port}"
             worker = self._start_worker(bootstrap, port)
+            monitor = self._start_monitor(bootstrap)
             try:
                 self._wait_ready(worker)
                 self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
+                self._say(f"fleet monitor on {self.summary.monitor} (the page; JSON at "
+                          f"/fleet/drift, /fleet/versions)")
                 producer = threading.Thread(target=self._produce, args=(bootstrap,),
                                             name="demo-producer", daemon=True)
+                replay_started = time.perf_counter()
                 producer.start()
                 self._follow(worker)
+                self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
                 producer.join(timeout=30)
                 if self.producer_error is not None:
                     raise DemoError(f"the producer failed: {self.producer_error}")
                 self._finish(self._metrics())
                 if not self.stop.is_set():
                     self.summary.online = self._online_auc(bootstrap)
+                    self._wait_fleet()
             finally:
                 self._stop_worker(worker)
+                self._stop_monitor(monitor)
         self.summary.interrupted = self.stop.is_set()
         self.summary.seconds = round(time.perf_counter() - started, 1)
         return self.summary
@@ -207,6 +229,60 @@ class Demo:
         # the worker in order (SIGTERM, then the wait) instead of racing it.
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.worker_log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+    # --- the fleet monitor (issue #14) ---------------------------------------------------
+
+    def _start_monitor(self, bootstrap: str) -> subprocess.Popen:
+        """``unirec monitor`` with a fresh app id (no changelog recovery on the embedded
+        broker) and short group timeouts, on a free port."""
+        port = free_port()
+        self.summary.monitor = f"http://127.0.0.1:{port}/"
+        argv = [sys.executable, "-m", "app.cli", "monitor", "--bootstrap-servers", bootstrap,
+                "--web-port", str(port), "--fresh", "--short-timeouts",
+                "--partitions", str(self.config.partitions),
+                "--data-dir", str(self.home / "monitor")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        self.monitor_log = (self.home / "monitor.log").open("ab")
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.monitor_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _fleet(self) -> dict[str, Any]:
+        """The monitor's current fleet window (``{}`` while it has none or is unreachable)."""
+        try:
+            with urllib.request.urlopen(self.summary.monitor + "fleet/drift",
+                                        timeout=2.0) as reply:
+                report = json.loads(reply.read())
+        except (OSError, ValueError):
+            return {}
+        current = report.get("current", {})
+        fleet = dict(current.get("all", {}))
+        if fleet:
+            fleet["versions"] = sorted(int(s[1:]) for s in current if s != "all")
+            fleet["consumed"] = report.get("records_consumed", 0)
+        return fleet
+
+    def _wait_fleet(self, timeout_s: float = 30.0) -> None:
+        """Keep the monitor's figures once it has consumed every joined label (or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            fleet = self._fleet()
+            if fleet and fleet["consumed"] >= self.summary.labels_joined:
+                break
+            time.sleep(0.5)
+        fleet = self._fleet()
+        self.summary.fleet = {k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in fleet.items()}
+
+    def _stop_monitor(self, monitor: subprocess.Popen) -> None:
+        if monitor.poll() is None:
+            monitor.send_signal(signal.SIGTERM)
+            try:
+                monitor.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                monitor.kill()
+                monitor.wait()
+        self.monitor_log.close()
 
     def _wait_ready(self, worker: subprocess.Popen, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -248,12 +324,17 @@ class Demo:
         """Print progress until everything sent is consumed (or stop, or a timeout)."""
         want = len(self.history) + len(self.replayed)
         last_applied, last_time = 0.0, time.monotonic()
+        joins: list[tuple[float, float]] = []  # (time, labels joined) whenever it grew
         deadline: float | None = None
         while not self.stop.wait(self.config.progress_every_s):
             self._check_alive(worker)
             samples = self._metrics()
             applied = total(samples, "unirec_events_applied_total")
             now = time.monotonic()
+            joined = total(samples, "unirec_labels_joined_total")
+            if joined > (joins[-1][1] if joins else 0.0):
+                joins.append((now, joined))
+                self._note_feedback_rate(joins)
             rate = (applied - last_applied) / max(now - last_time, 1e-9)
             last_applied, last_time = applied, now
             p99 = histogram_quantile(0.99, samples, "unirec_scoring_duration_seconds")
@@ -271,7 +352,7 @@ class Demo:
                 f"v{int(version[0][1]) if version else '?'} "
                 f"steps {total(samples, 'unirec_train_steps_total'):,.0f}  "
                 f"AUC {_fmt(aucs.get('dynamic'))}/{_fmt(aucs.get('static'))}  "
-                f"D {_fmt(distance)}"
+                f"D {_fmt(distance)}  {self._fleet_line()}"
             )
             if not self.produced.is_set():
                 continue
@@ -281,6 +362,20 @@ class Demo:
             if now > deadline:
                 raise DemoError(f"the worker did not consume everything within "
                                 f"{self.config.timeout_s} s (see {self.home / 'worker.log'})")
+
+    def _note_feedback_rate(self, joins: list[tuple[float, float]]) -> None:
+        """The worker's feedback rate: labels joined (one ``feedback`` record each) per second
+        between the first sample that saw joins and the last that saw more."""
+        if len(joins) >= 2:
+            (t0, n0), (t1, n1) = joins[0], joins[-1]
+            self.summary.feedback_per_s = round((n1 - n0) / max(t1 - t0, 1e-9), 1)
+
+    def _fleet_line(self) -> str:
+        fleet = self._fleet()
+        if not fleet:
+            return "fleet -"
+        return (f"fleet {fleet['n']:,} AUC {_fmt(fleet.get('auc_dynamic'))}/"
+                f"{_fmt(fleet.get('auc_static'))} D {_fmt(fleet.get('distance'))}")
 
     def _consumed_all(self, samples: dict) -> bool:
         t = self.topics

@@ -46,13 +46,25 @@ def symmetric_kl(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:
     return (p - q) * (np.log(p / (1 - p)) - np.log(q / (1 - q)))
 
 
-def _log_loss(label: float, p: float) -> float:
+def log_loss(label: float, p: float) -> float:
+    """Binary cross-entropy of one prediction, ``p`` clipped to [EPS, 1 - EPS]."""
     p = min(max(p, EPS), 1 - EPS)
     return -math.log(p) if label else -math.log(1 - p)
 
 
 def _shares(counts: np.ndarray, eps: float) -> np.ndarray:
     return (counts + eps) / (counts.sum() + len(counts) * eps)
+
+
+def score_shift(hist_a: np.ndarray, hist_b: np.ndarray, eps: float) -> tuple[float, float]:
+    """``(psi, js)`` of two score histograms over the same bins (counts; each bin's share is
+    smoothed as (count + eps) / (total + bins * eps)): the population stability index and the
+    Jensen-Shannon divergence (natural log, at most ln 2); both exactly 0 for equal ones."""
+    a, b = _shares(hist_a, eps), _shares(hist_b, eps)
+    mid = (a + b) / 2
+    psi = float(np.sum((a - b) * np.log(a / b)))
+    js = float(0.5 * np.sum(a * np.log(a / mid)) + 0.5 * np.sum(b * np.log(b / mid)))
+    return psi, js
 
 
 class _Window:
@@ -88,7 +100,7 @@ class _Window:
             self._evicted()
 
     def add_labelled(self, label: float, p_dyn: float, p_stat: float) -> None:
-        ll_dyn, ll_stat = _log_loss(label, p_dyn), _log_loss(label, p_stat)
+        ll_dyn, ll_stat = log_loss(label, p_dyn), log_loss(label, p_stat)
         self.labelled.append((label, p_dyn, p_stat, ll_dyn, ll_stat))
         self.sum_ll_dyn += ll_dyn
         self.sum_ll_stat += ll_stat
@@ -118,10 +130,7 @@ class _Window:
                                "mean_abs_diff": max(self.sum_abs, 0.0) / n if n else None,
                                "psi": None, "js": None, "n_labelled": m}
         if n:
-            a, b = _shares(self.hist_dyn, eps), _shares(self.hist_stat, eps)
-            mid = (a + b) / 2
-            out["psi"] = float(np.sum((a - b) * np.log(a / b)))
-            out["js"] = float(0.5 * np.sum(a * np.log(a / mid)) + 0.5 * np.sum(b * np.log(b / mid)))
+            out["psi"], out["js"] = score_shift(self.hist_dyn, self.hist_stat, eps)
         rows = np.asarray(self.labelled, dtype=np.float64).reshape(m, 5)
         for k, name in ((1, "dynamic"), (2, "static")):
             value = auc(rows[:, 0], rows[:, k]) if m else float("nan")

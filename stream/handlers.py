@@ -13,8 +13,9 @@ place the worker counts anything: ``summary`` reads its totals back for the clos
   impressions with ONE multi-get, publishes the ``Scores`` keyed by user id and adds each to
   the feedback window at the record's stream time;
 - ``handle_labels`` decodes, admits and joins the labels through the ``LabelBuffer`` at each
-  record's stream time, and feeds the joined examples to the ``DriftTracker`` when the worker
-  has one (a static twin runs).
+  record's stream time, publishes one ``Feedback`` per joined label on ``feedback`` (keyed by
+  user id; the fleet monitor's input, ``stream.feedback``), and feeds the joined examples to
+  the ``DriftTracker`` when the worker has one (a static twin runs).
 
 Per-record isolation: a record that does not decode or breaks the ``RecordLimits`` is a dead
 letter; when scoring a batch raises (or gives a non-finite score), ``stream.isolation``
@@ -40,6 +41,7 @@ from stream.applier import ApplyReport, InteractionApplier
 from stream.changelog import ChangelogWriter
 from stream.dead_letters import DeadLetter, decode_records
 from stream.drift_tracker import DriftTracker
+from stream.feedback import feedback_of
 from stream.isolation import isolate
 from stream.metrics import WorkerMetrics
 from stream.publisher import Publisher
@@ -256,13 +258,27 @@ def handle_labels(services: WorkerServices, records: Sequence[ConsumedRecord]) -
             services.reject(topic, dead)
         stamp = {r.offset: r.timestamp for r in consumed}
         for offset, label in valid:
-            example = services.labels.offer(label, limits.stream_time(stamp[offset]))
+            at = limits.stream_time(stamp[offset])
+            example = services.labels.offer(label, at)
             if example is None:
                 unmatched += 1
             else:
                 joined.append(example)
+                if services.publish_scores:  # a serving worker, not `unirec trainer`
+                    _publish_feedback(services, example, at)
     if services.drift is not None:
         services.drift.update(joined)
     services.metrics.count_consumed(topic, len(records))
     services.metrics.observe_labels(len(joined), unmatched)
     return len(joined)
+
+
+# --- feedback (issue #14): one record per joined label, for the fleet monitor -------------
+
+def _publish_feedback(services: WorkerServices, example: JoinedExample, at: float) -> None:
+    """Queue the example's ``Feedback`` on ``feedback``, keyed by user id, through the
+    worker's bounded producer (sent with the next flush or linger; never waited for here: the
+    record is bounded by the admitted ids, so no size refusal can happen)."""
+    record = feedback_of(example, at)
+    services.publisher.publish(services.topics.feedback, record.user_id.encode(),
+                               record.encode())

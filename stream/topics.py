@@ -1,6 +1,6 @@
 """The topics, their creation, and what a partition's offsets belong to.
 
-``TopicNames`` holds the six topic names (docs/system.md, "Topics"), optionally with a prefix.
+``TopicNames`` holds the topic names (docs/system.md, "Topics"), optionally with a prefix.
 ``ensure_topics`` creates the missing ones; ``check_copartitioned`` refuses input topics
 whose partition counts differ. ``log_identity`` names the log that a topic's
 offsets belong to, and ``end_offsets`` gives each partition's end offset; together they let the
@@ -72,6 +72,7 @@ class TopicNames:
     dead_letters: str = "dead-letters"
     user_states: str = "user-states"  # compacted changelog of the state store (stream.changelog)
     workers: str = "workers"  # compacted: each worker's API URL and partitions (stream.ownership)
+    feedback: str = "feedback"  # joined (impression, label) pairs, the fleet monitor's input
 
     @classmethod
     def with_prefix(cls, prefix: str) -> TopicNames:

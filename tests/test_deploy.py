@@ -46,7 +46,8 @@ from stream.config import Settings
 from stream.kafka_client import KafkaSecurity
 
 WORKER_PORT = 6066
-UNIREC_SERVICES = ("train", "trainer", "worker", "worker-gpu", "producer")
+UNIREC_SERVICES = ("train", "trainer", "worker", "worker-gpu", "producer", "monitor")
+MONITOR_PORT = 6068
 KAFKA_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM",
              "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE",
              "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE", "KAFKA_SSL_CHECK_HOSTNAME")
@@ -154,7 +155,8 @@ def test_services_images_and_profiles(config: dict[str, Any]) -> None:
 def test_every_published_port_listens_on_loopback_only(config: dict[str, Any]) -> None:
     published = [(name, port) for name, s in services(config).items()
                  for port in s.get("ports", [])]
-    assert {name for name, _ in published} >= {"kafka", "worker", "prometheus", "grafana"}
+    assert {name for name, _ in published} >= {"kafka", "worker", "prometheus", "grafana",
+                                                "monitor"}
     for name, port in published:
         host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", f"{name}: {port}"
@@ -186,6 +188,7 @@ def test_dependencies_wait_for_health_and_the_trained_checkpoint(
     # The image's HEALTHCHECK polls the worker's HTTP API: other roles must turn it off.
     for name in ("train", "producer"):
         assert svc[name]["healthcheck"] == {"disable": True}
+    assert f"127.0.0.1:{MONITOR_PORT}/" in " ".join(svc["monitor"]["healthcheck"]["test"])
 
 
 def test_named_volumes_are_declared_and_state_is_kept(config: dict[str, Any]) -> None:
@@ -461,6 +464,42 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     for title, expr in exprs:
         for name in metric_names(expr) & serving:
             assert f'{name}{{job="unirec-worker"}}' in expr, title
+
+
+def test_the_monitor_runs_once_with_a_stable_app_id_and_prometheus_scrapes_it(
+        config: dict[str, Any]) -> None:
+    """One fleet monitor (no replicas: a second would split every window), its command parsed
+    by the real CLI: bound to 0.0.0.0 in its container on 6068, published on loopback only, a
+    stable app id (its Tables recover from their changelogs on Kafka), the compose partition
+    count; Prometheus scrapes it as its own job."""
+    svc = services(config)["monitor"]
+    assert "replicas" not in svc.get("deploy", {})
+    args = parsed_commands(config)["monitor"]
+    assert args.command == "monitor" and args.web_port == MONITOR_PORT
+    assert args.web_bind == "0.0.0.0" and not args.fresh and args.app_id == "unirec-monitor"
+    assert not args.short_timeouts  # the embedded broker's timings, not Kafka's
+    assert args.partitions == int(env_example()["PARTITIONS"])
+    (port,) = svc["ports"]
+    host_ip, _, target = (port["host_ip"], None, port["target"]) if isinstance(port, dict) \
+        else str(port).split(":")
+    assert int(target) == MONITOR_PORT and host_ip == "127.0.0.1"
+    prometheus = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["unirec-monitor"]["static_configs"] == [{"targets": [f"monitor:{MONITOR_PORT}"]}]
+    assert jobs["unirec-monitor"]["metrics_path"] == "/metrics"
+
+
+def test_dashboard_has_the_fleet_panels() -> None:
+    """Quality per model version over time and the fleet's surrogate distance, from the
+    monitor's job only."""
+    exprs = dashboard_exprs()
+    fleet = [(t, e) for t, e in exprs if "unirec_fleet_" in e]
+    auc = [e for _, e in fleet if "unirec_fleet_online_auc" in e]
+    assert auc and all("by (model_version, model)" in e for e in auc)
+    assert any("unirec_fleet_surrogate_distance" in e for _, e in fleet)
+    for title, expr in fleet:
+        for name in metric_names(expr):
+            assert f'{name}{{job="unirec-monitor"' in expr, title
 
 
 def test_compose_file_is_where_the_readme_says() -> None:

@@ -1,4 +1,5 @@
-"""Every metric the Grafana dashboard queries is one a live worker really exports.
+"""Every metric the Grafana dashboard queries is one a live worker (or, for ``unirec_fleet_*``,
+the live fleet monitor fed by that worker's ``feedback``) really exports.
 
 One worker subprocess runs against the embedded broker over a small synthetic log (every
 interaction, impression and label, plus one undecodable record, so that a dead letter is
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from deploy_fixtures import dashboard_exprs, metric_names
 from kafka import KafkaProducer
+from monitor_fixtures import MonitorProcess
 from prometheus_client.parser import text_string_to_metric_families
 from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
 
@@ -72,7 +74,22 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             raise AssertionError(f"{exc}\n/metrics:\n" + "\n".join(metrics[-60:])) from None
         finally:
             worker.stop()
-        yield text[0]
+        # the fleet monitor, over the feedback the worker published
+        monitor = MonitorProcess(bootstrap, tmp / "monitor", tmp / "monitor.log",
+                                 prefix=PREFIX, partitions=PARTITIONS)
+        fleet: list[str] = [""]
+
+        def aggregated() -> bool:
+            status, body = http_get(monitor.url + "/metrics")
+            fleet[0] = body.decode(errors="replace")
+            return (status == 200 and "unirec_fleet_online_auc{" in fleet[0]
+                    and "unirec_fleet_surrogate_distance{" in fleet[0])
+
+        try:
+            wait_for(aggregated, START_TIMEOUT_S, None, "the monitor's fleet figures")
+        finally:
+            monitor.stop()
+        yield text[0] + fleet[0]
 
 
 def test_dashboard_queries_only_unirec_metrics() -> None:
@@ -85,6 +102,6 @@ def test_dashboard_queries_only_unirec_metrics() -> None:
 @pytest.mark.parametrize("name", DASHBOARD_METRICS)
 def test_dashboard_metric_is_exported_by_a_live_worker(exposition: str, name: str) -> None:
     assert name in sample_names(exposition), (
-        f"{name} is queried by the dashboard but not exported; the worker exports: "
+        f"{name} is queried by the dashboard but not exported; worker and monitor export: "
         + ", ".join(sorted(n for n in sample_names(exposition) if n.startswith("unirec_"))))
 

@@ -81,6 +81,8 @@ def test_demo_streams_the_held_out_events_and_summarises_them(movielens: EventLo
     assert 0.0 <= summary["online"]["auc"] <= 1.0
     assert summary["latency_ms"]["scoring"]["p99"] >= summary["latency_ms"]["scoring"]["p50"]
     assert summary["interrupted"] is False
+    # the fleet monitor beside the worker saw one feedback record per joined label
+    assert summary["fleet"]["n"] == EVENTS and summary["monitor"].startswith("http://127.0.0.1:")
     assert "applied" in err  # the live progress went to stderr
     assert (run_dir / "movielens-100k" / "model.pt").is_file()  # trained, since none existed
     assert leftovers(run_dir) == []

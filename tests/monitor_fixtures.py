@@ -1,0 +1,103 @@
+"""Running ``unirec monitor`` as a subprocess in tests, and reading its inputs back.
+
+- ``MonitorProcess``: ``python -m app.cli monitor --fresh --short-timeouts`` on a free
+  127.0.0.1 port, its output in a log file; ``stop`` ends it by its PID.
+- ``read_all(bootstrap, topic)``: every record of a topic up to its end offsets (read from a
+  fetch's high watermark, ``stream.topics.end_offsets``).
+- ``feedback_records(...)``: synthetic ``Feedback`` with probabilities that carry signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from stream_fixtures import http_get
+
+from stream.broker import free_port
+from stream.feedback import Feedback
+from stream.topics import end_offsets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MonitorProcess:
+    """A monitor subprocess (fresh app id: no changelog recovery) on 127.0.0.1:``web_port``."""
+
+    def __init__(self, bootstrap: str, data_dir: Path, log_path: Path, *, prefix: str = "",
+                 partitions: int = 2, extra: tuple[str, ...] = ()) -> None:
+        self.web_port = free_port()
+        argv = [sys.executable, "-m", "app.cli", "monitor", "--bootstrap-servers", bootstrap,
+                "--web-port", str(self.web_port), "--fresh", "--short-timeouts",
+                "--partitions", str(partitions), "--topic-prefix", prefix,
+                "--data-dir", str(data_dir), *extra]
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
+                                        stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def get(self, path: str) -> Any:
+        """The JSON body of ``GET path`` (None when it does not answer 200)."""
+        status, body = http_get(self.url + path, timeout_s=5.0)
+        return json.loads(body) if status == 200 else None
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return int(self.process.returncode)
+
+
+def read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its end offsets now."""
+    ends = end_offsets(bootstrap, topic)
+    want = sum(ends.values())
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000,
+                             enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, p) for p in ends])
+    consumer.seek_to_beginning()
+    records = []
+    for record in consumer:
+        records.append(record)
+        if len(records) == want:
+            break
+    consumer.close()
+    return records
+
+
+def feedback_records(n: int, version: int, t0: float, spacing_s: float, seed: int,
+                     prefix: str = "r") -> list[Feedback]:
+    """``n`` feedback records of ``version`` from event time ``t0``, ``spacing_s`` apart; the
+    live model's probabilities predict the labels, the twin's less so."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        y = int(rng.random() < 0.3)
+        p = float(np.clip(0.3 + (0.35 if y else -0.1) + rng.normal(0, 0.15), 0.001, 0.999))
+        q = float(np.clip(0.3 + (0.1 if y else -0.02) + rng.normal(0, 0.15), 0.001, 0.999))
+        out.append(Feedback(f"{prefix}{version}-{i}", f"u{i % 37}", f"i{i % 101}", y, p, q,
+                            version, t0 + i * spacing_s))
+    return out
