@@ -52,6 +52,7 @@ class DriftTracker:
         self.imitation: dict[int, float | None] = {t: None for t in cfg.windows}
         self._lock = threading.Lock()
         self._next_export = 0.0
+        self._unexported = False  # fed since the last export
 
     def _alerted(self, distance: float) -> None:
         log.warning("surrogate distance D_%d = %.4g crossed the alert threshold %.4g",
@@ -67,7 +68,16 @@ class DriftTracker:
         with self._lock:
             self.monitor.update([e.score for e in rows], [e.static_score for e in rows],
                                 [e.label.label for e in rows])
+            self._unexported = True
             if time.monotonic() >= self._next_export:
+                self._export()
+
+    def export_due(self) -> None:
+        """Export what was fed since the last export once ``export_every_s`` has passed: the
+        consume loop calls it on its timer, so the last labels of a burst reach Prometheus
+        even when no label follows them."""
+        with self._lock:
+            if self._unexported and time.monotonic() >= self._next_export:
                 self._export()
 
     def set_imitation(self, losses: dict[int, float | None]) -> None:
@@ -80,6 +90,7 @@ class DriftTracker:
         report = self.monitor.report()
         self.metrics.set_drift(report, self.imitation)
         self._next_export = time.monotonic() + self.cfg.export_every_s
+        self._unexported = False
         return report
 
     def report(self) -> dict[str, Any]:

@@ -456,6 +456,8 @@ class ConsumerLoop:
             if time.monotonic() >= next_lag:
                 self.report_lag()
                 self.commit_processed()
+                if self.services.drift is not None:
+                    self.services.drift.export_due()
                 next_lag = time.monotonic() + self.config.lag_interval_s
             self.health.beat(self.consumer.assignment())
         return 0

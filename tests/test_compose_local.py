@@ -19,13 +19,13 @@ Anything else the compose file passes (a flag the CLI does not know, a missing v
 the service, and the test. Services: ``train`` (its command is a no-op when the checkpoint is
 in the ``runs`` volume: the test puts a tiny one there), ``trainer``, two ``worker`` replicas
 each through its slot claim (``deploy/claim_slot.py``), ``producer`` (MovieLens-100K from the
-local cache, copied into the ``data`` volume; skipped if absent). There is no fleet monitor
-service on main yet: nothing to start for it.
+local cache, copied into the ``data`` volume; skipped if absent) and the fleet ``monitor``.
 
 Checked: every user's state is answered by its owner (the other replica answers 421 naming
 it); both workers serve the trainer's model version; after one replica is killed (SIGKILL),
 the other restores its partitions from ``user-states`` and answers for every user; and the
-Prometheus scrape config names, for each service that serves an API, the port it listens on.
+monitor aggregates the workers' ``feedback``; the Prometheus scrape config names, for each
+service that serves an API, the port it listens on.
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
                      "the trainer to be healthy")
             workers = [start("worker", i) for i in range(int(env["WORKER_REPLICAS"]))]
             producer = start("producer")
+            monitor = start("monitor")
             yield {"config": config, "trainer": trainer, "workers": workers,
-                   "producer": producer, "root": root, "env": env}
+                   "producer": producer, "monitor": monitor, "root": root, "env": env}
         finally:
             for running in started:
                 running.stop(signal.SIGKILL)
@@ -254,6 +255,17 @@ def test_the_compose_stack_runs_as_local_processes(stack: dict[str, Any]) -> Non
     versions = sorted(p.name for p in (stack["root"] / "model-versions").iterdir())
     assert versions, "the trainer published into the model-versions volume"
 
+    # The monitor aggregates the workers' feedback across the fleet.
+    monitor: Service = stack["monitor"]
+
+    def fleet_feedback() -> int:
+        status, body = http_get(monitor.url + "/fleet/drift")
+        match = re.search(rb'"records_consumed":\s*(\d+)', body)
+        return int(match[1]) if status == 200 and match else 0
+
+    wait_for(lambda: fleet_feedback() > 0, TIMEOUT_S, None, "the monitor to see feedback")
+    assert monitor.exited() is None, monitor.output()[-3000:]
+
     # Killing one replica moves its partitions to the other, through the changelog.
     victim, survivor = workers[1], workers[0]
     lost = owned[1]
@@ -286,6 +298,8 @@ def test_prometheus_scrapes_every_port_the_services_serve() -> None:
     scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
     targets = {(name, sd["port"]) for job in scrape for sd in job.get("dns_sd_configs", [])
                for name in sd["names"]}
+    targets |= {(host, int(port)) for job in scrape for sc in job.get("static_configs", [])
+                for host, port in (t.rsplit(":", 1) for t in sc["targets"])}
     served = 0
     for name, service in config["services"].items():
         command = [str(a) for a in service.get("command") or []]
@@ -299,4 +313,4 @@ def test_prometheus_scrapes_every_port_the_services_serve() -> None:
             alias = (net or {}).get("aliases", [name])[0]
         assert (alias, port) in targets, f"{name} serves :{port} but Prometheus does not scrape it"
         served += 1
-    assert served >= 2  # the workers and the trainer
+    assert served >= 3  # the workers, the trainer and the monitor

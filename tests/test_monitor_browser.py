@@ -28,7 +28,7 @@ from stream.topics import TopicNames, ensure_topics
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.broker,
               pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get "
                                  "install chromium)")]
 CHARTS = ("auc", "distance", "rate")

@@ -4,6 +4,7 @@ feedback window evicts by time and size and joins labels to what was scored."""
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from model.scorer import Scorer
 from model.user_state import rebuild
 from state_store import StateStore, StoreConfig
 from stream.applier import InteractionApplier
+from stream.drift_tracker import DriftConfig, DriftTracker
+from stream.metrics import WorkerMetrics
 from stream.records import ConsumedRecord
 from stream.serving import (
     FeedbackWindow,
@@ -334,3 +337,25 @@ def test_a_label_far_in_the_future_does_not_stop_later_joins() -> None:
     assert window.join(label("r1", "i1", 13.0), 13.0) is not None
     assert window.join(label("r2", "i1", 14.0), 14.0) is not None
     assert window.now == 14.0
+
+
+def test_the_last_labels_of_a_burst_reach_prometheus_without_a_later_label() -> None:
+    """``DriftTracker`` exports at most every ``export_every_s``; what was fed after the last
+    export is exported by ``export_due`` (the consume loop's timer), not only when another
+    label happens to arrive."""
+    metrics = WorkerMetrics()
+    drift = DriftTracker(metrics, DriftConfig(windows=(16,), export_every_s=0.2))
+    window = FeedbackWindow(window_s=100.0, max_size=10)
+    window.add(fake_scored("r1", 0.0), 0.0)
+
+    def auc() -> float | None:
+        return metrics.registry.get_sample_value("unirec_online_auc", {"model": "dynamic"})
+
+    drift.update([window.join(label("r1", "i1", 1.0, value=0), 1.0)])  # exported: one class
+    drift.update([window.join(label("r1", "i3", 1.0, value=1), 1.0)])  # within the interval
+    assert auc() is None
+    drift.export_due()
+    assert auc() is None  # not due yet
+    time.sleep(0.25)
+    drift.export_due()
+    assert auc() == 1.0
