@@ -10,65 +10,33 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from stream_fixtures import http_get
+from stream_fixtures import ServiceProcess, http_get
 
-from stream.broker import free_port
 from stream.feedback import Feedback
 from stream.topics import end_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class MonitorProcess:
+class MonitorProcess(ServiceProcess):
     """A monitor subprocess (fresh app id: no changelog recovery) on 127.0.0.1:``web_port``."""
 
     def __init__(self, bootstrap: str, data_dir: Path, log_path: Path, *, prefix: str = "",
                  partitions: int = 2, extra: tuple[str, ...] = ()) -> None:
-        self.web_port = free_port()
-        argv = [sys.executable, "-m", "app.cli", "monitor", "--bootstrap-servers", bootstrap,
-                "--web-port", str(self.web_port), "--fresh", "--short-timeouts",
-                "--partitions", str(partitions), "--topic-prefix", prefix,
-                "--data-dir", str(data_dir), *extra]
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log,
-                                        stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": str(REPO)})
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def exited(self) -> int | None:
-        return self.process.poll()
+        super().__init__(["monitor", "--bootstrap-servers", bootstrap, "--fresh",
+                          "--short-timeouts", "--partitions", str(partitions),
+                          "--topic-prefix", prefix, "--data-dir", str(data_dir), *extra],
+                         log_path)
 
     def get(self, path: str) -> Any:
         """The JSON body of ``GET path`` (None when it does not answer 200)."""
         status, body = http_get(self.url + path, timeout_s=5.0)
         return json.loads(body) if status == 200 else None
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return int(self.process.returncode)
 
 
 def read_all(bootstrap: str, topic: str) -> list[Any]:

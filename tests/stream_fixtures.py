@@ -44,23 +44,15 @@ def tiny_checkpoint(path: Path, model_version: int = 3, seed: int = 99) -> Path:
     return path
 
 
-class WorkerProcess:
-    """A worker subprocess on 127.0.0.1:``web_port`` (``command="trainer"``: a trainer);
-    ``env`` adds to its environment."""
+class ServiceProcess:
+    """``python -m app.cli COMMAND ...`` as a subprocess serving HTTP on 127.0.0.1:``web_port``
+    (a free port, passed as ``--web-port``), its output in ``log_path``; ``env`` adds to its
+    environment. ``stop`` ends it by its PID (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, bootstrap: str, checkpoint: Path, store: Path, log_path: Path, *,
-                 prefix: str = "", partitions: int = 2, group: str | None = None,
-                 extra: tuple[str, ...] = (), command: str = "worker",
+    def __init__(self, command: list[str], log_path: Path,
                  env: dict[str, str] | None = None) -> None:
         self.web_port = free_port()
-        argv = [
-            sys.executable, "-m", "app.cli", command,
-            "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
-            "--store", str(store), "--partitions", str(partitions),
-            "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
-            "--web-port", str(self.web_port), "--batch-size", "64", "--batch-within", "0.05",
-            *extra,
-        ]
+        argv = [sys.executable, "-m", "app.cli", *command, "--web-port", str(self.web_port)]
         self.log_path = log_path
         self._log = log_path.open("ab")
         environ = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu", **(env or {})}
@@ -94,6 +86,23 @@ class WorkerProcess:
                 self.process.wait()
         self._log.close()
         return int(self.process.returncode)
+
+
+class WorkerProcess(ServiceProcess):
+    """A worker subprocess (``command="trainer"``: a trainer); ``env`` adds to its
+    environment."""
+
+    def __init__(self, bootstrap: str, checkpoint: Path, store: Path, log_path: Path, *,
+                 prefix: str = "", partitions: int = 2, group: str | None = None,
+                 extra: tuple[str, ...] = (), command: str = "worker",
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__([
+            command,
+            "--bootstrap-servers", bootstrap, "--checkpoint", str(checkpoint),
+            "--store", str(store), "--partitions", str(partitions),
+            "--topic-prefix", prefix, "--group-id", group or f"g-{uuid.uuid4().hex[:8]}",
+            "--batch-size", "64", "--batch-within", "0.05", *extra,
+        ], log_path, env)
 
 
 class WorkerGroup:
