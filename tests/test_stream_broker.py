@@ -79,10 +79,12 @@ def test_a_port_held_by_another_broker_is_refused(broker: EmbeddedBroker) -> Non
 def test_ensure_topics_is_idempotent_and_makes_the_partitions_asked_for(
     broker: EmbeddedBroker, topics: TopicNames
 ) -> None:
-    """New keyed topics get the partition count asked for (model-updates one); a second call
-    changes nothing and returns the same counts, even when asked for another count."""
+    """New keyed topics get the partition count asked for (model-updates and workers one,
+    read whole by everyone); a second call changes nothing and returns the same counts, even
+    when asked for another count."""
     first = ensure_topics(broker.bootstrap_servers, partitions=3, topics=topics)
-    assert first == {name: 1 if name == topics.model_updates else 3 for name in topics.all()}
+    single = {topics.model_updates, topics.workers}
+    assert first == {name: 1 if name in single else 3 for name in topics.all()}
     assert ensure_topics(broker.bootstrap_servers, partitions=3, topics=topics) == first
     assert ensure_topics(broker.bootstrap_servers, partitions=5, topics=topics) == first
 
