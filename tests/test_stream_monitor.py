@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 from monitor_fixtures import MonitorProcess, feedback_records, read_all
-from stream_fixtures import WorkerProcess, tiny_checkpoint, wait_for
+from stream_fixtures import REPO, WorkerProcess, tiny_checkpoint, wait_for
 
 from model.feedback_stats import auc_grid
 from model.prediction_metrics import auc
@@ -122,7 +123,10 @@ def monitor(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
     topics = TopicNames.with_prefix("direct-")
     ensure_topics(broker.bootstrap_servers, PARTITIONS, topics=topics)
     home = tmp_path_factory.mktemp("monitor")
-    running = MonitorProcess(broker.bootstrap_servers, home / "data", home / "monitor.log",
+    # a data directory relative to the monitor's working directory, as `make demo` passes one
+    # (runs/demo/monitor): faust changes into its workdir, the monitor must resolve it first
+    relative = Path(os.path.relpath(home / "data", REPO))
+    running = MonitorProcess(broker.bootstrap_servers, relative, home / "monitor.log",
                              prefix="direct-", partitions=PARTITIONS)
     wait_for(lambda: running.get("/fleet/drift") is not None, 60, None, "the monitor's views")
     yield running

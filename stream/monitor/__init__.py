@@ -26,7 +26,10 @@ def run_monitor(config: MonitorConfig) -> None:
     import faust
 
     counts = ensure_topics(config.bootstrap, config.partitions, topics=config.topics)
-    config = replace(config, partitions=counts[config.topics.feedback])
+    # absolute: faust's Worker changes into ``workdir``, where a relative data directory (the
+    # demo's default, ``runs/demo/monitor``) would no longer be found
+    config = replace(config, partitions=counts[config.topics.feedback],
+                     data_dir=config.data_dir.resolve())
     config.data_dir.mkdir(parents=True, exist_ok=True)
     monitor = FleetMonitor(config)
     log.info("fleet monitor %s on http://%s:%d (feedback: %d partitions)", config.app_id,
