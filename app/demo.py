@@ -198,8 +198,8 @@ class Demo:
                     self.summary.online = self._online_auc(bootstrap)
                     self._wait_fleet()
             finally:
-                self._stop_worker(worker)
-                self._stop_monitor(monitor)
+                _stop(worker, self.worker_log, timeout_s=60)
+                _stop(monitor, self.monitor_log, timeout_s=30)
         self.summary.interrupted = self.stop.is_set()
         self.summary.seconds = round(time.perf_counter() - started, 1)
         return self.summary
@@ -273,16 +273,6 @@ class Demo:
         fleet = self._fleet()
         self.summary.fleet = {k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in fleet.items()}
-
-    def _stop_monitor(self, monitor: subprocess.Popen) -> None:
-        if monitor.poll() is None:
-            monitor.send_signal(signal.SIGTERM)
-            try:
-                monitor.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                monitor.kill()
-                monitor.wait()
-        self.monitor_log.close()
 
     def _wait_ready(self, worker: subprocess.Popen, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -436,15 +426,6 @@ class Demo:
             result["static_auc"] = round(float(auc(y, np.asarray(static))), 4)
         return result
 
-    def _stop_worker(self, worker: subprocess.Popen) -> None:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        self.worker_log.close()
 
     def _check_alive(self, worker: subprocess.Popen) -> None:
         if worker.poll() is not None:
@@ -501,3 +482,16 @@ def run_demo(config: DemoConfig, event_log: EventLog, as_json: bool) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(json.dumps(summary.as_dict(), indent=2) if as_json else summary.text())
     return 130 if summary.interrupted else 0
+
+
+def _stop(process: subprocess.Popen, log: IO[bytes], timeout_s: float) -> None:
+    """SIGTERM ``process``, SIGKILL it if it has not ended within ``timeout_s``; close its
+    log."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log.close()
