@@ -4,7 +4,8 @@
     unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
     unirec eval-suite [--dataset NAME | --events FILE] [--json] [--tune] [--seeds N] [--steps N]
                  the baselines, ablations and prequential table -> reports/<data set>.md/.png
-    unirec demo  the offline quick-start: train, then evaluate, with a closing summary
+    unirec demo [--events N] [--no-train] [--retrain]   the whole loop on one machine: embedded
+                 broker, worker, monitor, MovieLens replay, a closing summary
     unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
                  [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
     unirec worker [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--store DIR]
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-steps", type=int, default=300,
                       help="steps of the training run when there is no model yet")
     demo.add_argument("--retrain", action="store_true", help="train even if a model exists")
+    demo.add_argument("--no-train", action="store_true",
+                      help="learning off: the worker serves the checkpoint frozen, and the "
+                      "summary adds `unirec eval` on the same events for comparison")
     demo.add_argument("--partitions", type=int, default=4)
     demo.add_argument("--web-port", type=int, default=0, help="HTTP API port (default: free)")
     demo.add_argument("--data-dir", type=Path, help="env UNIREC_DATA_DIR")
@@ -217,6 +221,7 @@ def run_demo(args: argparse.Namespace) -> None:
         run_dir=settings.run_dir, checkpoint=checkpoint, data_dir=settings.data_dir,
         events=args.events, rate=args.rate, partitions=args.partitions,
         web_port=args.web_port, device=settings.torch_device().type,
+        learning=not args.no_train,
     )
     try:
         code = run(config, event_log, args.json)

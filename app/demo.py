@@ -14,6 +14,10 @@
    joined with the labels sent, giving the online AUC / GAUC of the streamed scores (each
    computed before its interaction was applied); the worker is stopped and the summary
    returned (``DemoSummary.as_dict``).
+6. With learning off (``learning=False``: the worker runs ``--no-train``, so the checkpoint
+   scores every event), the same checkpoint is also evaluated offline on the same events, as
+   ``unirec eval`` does (``evaluation.quickstart.evaluate_on_log``): the state as served makes
+   the two agree (docs/model.md, "The user state"), and the summary shows both.
 
 Ctrl-C (or ``stop``) stops the producer, the worker and the broker, and returns the summary
 of what was done, marked ``interrupted``. No process outlives the demo: the worker is
@@ -43,7 +47,7 @@ from kafka import TopicPartition
 from eventlog.loaders import DATASETS
 from eventlog.log import EventLog, time_split
 from eventlog.schema import Interaction
-from model.prediction_metrics import auc, gauc
+from model.prediction_metrics import auc, gauc, report
 from stream.broker import EmbeddedBroker, free_port
 from stream.kafka_client import kafka_consumer
 from stream.metrics import histogram_quantile, scrape, total
@@ -76,6 +80,7 @@ class DemoConfig:
     batch_size: int = 512
     timeout_s: float = 600.0  # for the worker to consume everything after the producer ends
     progress_every_s: float = 1.0
+    learning: bool = True  # False: the worker runs --no-train; the offline figures are added
 
 
 @dataclass
@@ -99,6 +104,8 @@ class DemoSummary:
     model_version: int | None = None
     train_steps: int = 0
     online: dict[str, Any] = field(default_factory=dict)
+    learning: bool = True
+    offline: dict[str, Any] = field(default_factory=dict)  # unirec eval on the same events
     drift: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -117,11 +124,20 @@ class DemoSummary:
             f"  impressions scored     {self.impressions_scored:,}"
             f"   labels joined {self.labels_joined:,}   dead letters {self.dead_letters:,}",
             f"  users                  {self.users:,}   model version {self.model_version}"
-            f"   train steps {self.train_steps:,}",
+            f"   train steps {self.train_steps:,}"
+            + ("" if self.learning else "   (learning off: --no-train)"),
         ]
         if online.get("auc") is not None:
             lines.append(f"  online AUC             {online['auc']:.4f}   GAUC "
                          f"{online['gauc']:.4f}   on {online['n']:,} labelled impressions")
+        if self.offline.get("auc") is not None:
+            off = self.offline
+            lines.append(f"  offline AUC            {off['auc']:.4f}   GAUC {off['gauc']:.4f}"
+                         f"   (unirec eval, same checkpoint and events: {off['n']:,})")
+            if online.get("auc") is not None:
+                lines.append(f"  streamed - offline     AUC {online['auc'] - off['auc']:+.4f}   "
+                             f"GAUC {online['gauc'] - off['gauc']:+.4f}   largest score "
+                             f"difference {_fmt_small(off['max_score_difference'])}")
         if online.get("static_auc") is not None:
             lines.append(f"  static twin AUC        {online['static_auc']:.4f}   (frozen model, "
                          f"no user state)")
@@ -163,7 +179,8 @@ class Demo:
                                  event_log.labels[split:end].tolist(), strict=True))
         self.summary = DemoSummary(event_log.name, str(config.checkpoint),
                                    history_interactions=len(self.history),
-                                   scored_events=len(self.replayed))
+                                   scored_events=len(self.replayed), learning=config.learning)
+        self.streamed = np.full(len(self.replayed), np.nan)  # the real item's score, by event
         self.produced = threading.Event()
         self.producer_error: BaseException | None = None
 
@@ -197,6 +214,8 @@ class Demo:
                 if not self.stop.is_set():
                     self.summary.online = self._online_auc(bootstrap)
                     self._wait_fleet()
+                if not self.stop.is_set() and not self.config.learning:
+                    self.summary.offline = self._offline_auc()
             finally:
                 _stop(worker, self.worker_log, timeout_s=60)
                 _stop(monitor, self.monitor_log, timeout_s=30)
@@ -218,6 +237,8 @@ class Demo:
             # (the window's size bound), not by an hour of event time.
             "--feedback-window", str(365 * 86400.0),
         ]
+        if not c.learning:
+            argv.append("--no-train")
         if self.log.profiles and self.log.name in DATASETS:
             argv += ["--profiles", self.log.name]
         if c.data_dir is not None:
@@ -402,15 +423,17 @@ class Demo:
 
     def _online_auc(self, bootstrap: str) -> dict[str, Any]:
         """AUC/GAUC of the real item's streamed score against its label."""
-        wanted = {f"req-{e.event_id}": (e.user_id, e.item_id, y) for e, y in self.replayed}
+        wanted = {f"req-{e.event_id}": (k, e.user_id, e.item_id, y)
+                  for k, (e, y) in enumerate(self.replayed)}
         users, labels, scores, static = [], [], [], []
         for message in _read_all(bootstrap, self.topics.scores, len(wanted)):
             request = wanted.pop(message.request_id, None)
             if request is None:
                 continue
-            user, item, label = request
+            k, user, item, label = request
             scored = next((i for i in message.items if i.item_id == item), None)
             if scored is not None:
+                self.streamed[k] = scored.score
                 users.append(user)
                 labels.append(label)
                 scores.append(scored.score)
@@ -427,6 +450,26 @@ class Demo:
         return result
 
 
+    def _offline_auc(self) -> dict[str, Any]:
+        """``unirec eval``'s metrics of the checkpoint on the replayed events, and the largest
+        difference between an event's offline probability and its streamed score."""
+        import torch
+
+        from evaluation.quickstart import predict_on_log
+        from model.baselines import MODEL_KINDS
+        from model.checkpoint import load
+
+        device = torch.device(self.config.device)
+        model, meta = load(self.config.checkpoint, device, kind=None, kinds=MODEL_KINDS)
+        examples, offline = predict_on_log(model, self.log, device,
+                                           meta.get("train_fraction", 0.8), len(self.replayed))
+        metrics = report(examples.user_ids, examples.labels, offline)
+        scored = ~np.isnan(self.streamed)
+        return {"auc": round(float(metrics["auc"]), 4), "gauc": round(float(metrics["gauc"]), 4),
+                "logloss": round(float(metrics["logloss"]), 4), "n": int(metrics["n"]),
+                "max_score_difference": float(np.abs(offline - self.streamed)[scored].max())
+                if scored.any() else None}
+
     def _check_alive(self, worker: subprocess.Popen) -> None:
         if worker.poll() is not None:
             tail = (self.home / "worker.log").read_text(errors="replace").strip()
@@ -441,6 +484,10 @@ class Demo:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_small(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> Iterator[Scores]:

@@ -44,7 +44,7 @@ from model.config import ModelConfig
 from model.dataset import build_examples, gather_batch
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
-from model.training import TrainConfig, guarded_step, make_optimizer
+from model.training import TrainConfig, example_states, guarded_step, make_optimizer
 from stream.producer import synthetic_events
 
 WARMUP_STEPS = 2
@@ -78,10 +78,16 @@ def measure(kind: str, cfg: ModelConfig, log: EventLog, steps: int, batch: int) 
     model = build_model(kind, cfg, featurizer.spec, MODEL_KINDS).train()
     optimizer = make_optimizer(model, TrainConfig())
     rng = np.random.default_rng(0)
+    refresh = TrainConfig().state_refresh_steps
+    taken, carried = 0, None
 
     def step() -> None:
+        nonlocal taken, carried
+        if taken % refresh == 0:  # the carried states' pass, as often as ``fit`` makes it
+            carried = example_states(model, examples)
+        taken += 1
         rows = rng.choice(len(examples), size=batch, replace=False)
-        user, cands = gather_batch(examples, featurizer, rows, cfg.d_model)
+        user, cands = gather_batch(examples, featurizer, rows, cfg.d_model, carried)
         labels = torch.from_numpy(examples.labels[rows].astype(np.float32))
         guarded_step(model, optimizer, user, cands, labels)
 

@@ -4,9 +4,10 @@ The test examples are cut into ``chunks`` consecutive chunks. Each chunk is firs
 the model as it stands, then learned from with ``train_step`` (the shared optimizer step), in
 mini-batches in time order, before the next chunk is scored. The users' GRU states and
 histories follow the stream in both arms: an example's history holds every earlier event of
-its user (test events included), and u_t is the GRU unrolled over it under the current
-weights (a stale state rebuilt: docs/model.md, "The user state"). So "frozen" and "fine-tuned"
-differ only in the weights.
+its user (test events included), and u_t is the state as served, carried over the user's
+whole history under the current weights: the carried states are recomputed at the start of
+every chunk (a stale state rebuilt: docs/model.md, "The user state"), and that chunk is scored
+and then learned from with them. So "frozen" and "fine-tuned" differ only in the weights.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from model.dataset import ExampleSet, gather_batch
 from model.features import Featurizer
 from model.prediction_metrics import auc, report
-from model.training import TrainConfig, make_optimizer, predict, train_step
+from model.training import TrainConfig, example_states, make_optimizer, predict, train_step
 
 
 @dataclass
@@ -54,10 +55,11 @@ def prequential(model: nn.Module, featurizer: Featurizer, test: ExampleSet,
     ends, frozen_auc, tuned_auc, steps = [], [], [], 0
     for begin, end in chunk_bounds(len(test), chunks):
         chunk = test.subset(slice(begin, end))
-        tuned[begin:end] = predict(online, featurizer, chunk, device)
+        carried = example_states(online, test)
+        tuned[begin:end] = predict(online, featurizer, chunk, device, carried=carried)
         for first in range(begin, end, train_cfg.batch_size):
             rows = np.arange(first, min(first + train_cfg.batch_size, end))
-            user, cands = gather_batch(test, featurizer, rows, online.cfg.d_model)
+            user, cands = gather_batch(test, featurizer, rows, online.cfg.d_model, carried)
             labels = torch.from_numpy(test.labels[rows].astype(np.float32))
             train_step(online, optimizer, user.to(device), cands.to(device), labels.to(device),
                        train_cfg.task)

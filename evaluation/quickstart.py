@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from eventlog.log import EventLog, time_split
 from model.backbone import UniRecModel
 from model.baselines import MODEL_KINDS
 from model.config import ModelConfig
-from model.dataset import build_examples
+from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
 from model.prediction_metrics import report
@@ -61,14 +62,25 @@ def train_on_log(
     return model.eval(), meta
 
 
-def evaluate_on_log(
-    model: UniRecModel, log: EventLog, device: torch.device, train_fraction: float = 0.8
-) -> dict[str, Any]:
-    """AUC, GAUC and LogLoss on the examples after the time split."""
+def predict_on_log(
+    model: UniRecModel, log: EventLog, device: torch.device, train_fraction: float = 0.8,
+    events: int | None = None,
+) -> tuple[ExampleSet, np.ndarray]:
+    """The examples after the time split (its first ``events``, or all of them) and their
+    probabilities [N], u_t as served (``model.training.predict``)."""
     split = time_split(log, train_fraction)
     if split == len(log):
         raise ValueError(f"the test part of {log.name!r} is empty")
     featurizer = Featurizer(model.spec)
-    examples = build_examples(log, featurizer, model.cfg.history_len, split)
-    probabilities = predict(model, featurizer, examples, device)
+    stop = len(log) if events is None else min(len(log), split + events)
+    examples = build_examples(log, featurizer, model.cfg.history_len, split, stop)
+    return examples, predict(model, featurizer, examples, device)
+
+
+def evaluate_on_log(
+    model: UniRecModel, log: EventLog, device: torch.device, train_fraction: float = 0.8,
+    events: int | None = None,
+) -> dict[str, Any]:
+    """AUC, GAUC and LogLoss of ``predict_on_log``."""
+    examples, probabilities = predict_on_log(model, log, device, train_fraction, events)
     return report(examples.user_ids, examples.labels, probabilities)

@@ -5,6 +5,11 @@ time: the candidate is the event's item (with its item features), the request co
 event's own context, the history is that user's previous events in log order (the newest
 ``history_len``, from the whole log, so a test example sees the train events before it), and
 the label is ``labels[i]``. Events are encoded once; batches are gathered from the arrays.
+
+u_t is the state as served (docs/model.md, "The user state"): the GRU carried over all of the
+user's earlier events. An example records the last event before its history window
+(``carry_index``); ``model.user_state.carried_states`` gives the state after every event of the
+log, and the model unrolls the window from the carried state (``served_state``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 
 from eventlog.log import EventLog
 from model.features import CandidateInputs, ContextArrays, EventArrays, Featurizer, UserInputs
+from model.user_state import UserTimelines
 
 
 @dataclass
@@ -25,7 +31,9 @@ class ExampleSet:
     events: EventArrays
     contexts: ContextArrays  # [E] each event's own context, as a request context
     users: np.ndarray  # [E, 1 + Fp, L] user id and profile rows of each event's user
+    timelines: UserTimelines  # the log's events by user, for ``carried_states``
     hist_index: np.ndarray  # [N, n] previous events of the example's user, -1 = padding
+    carry_index: np.ndarray  # [N] the user's last event before the history window, -1 = none
     event_index: np.ndarray  # [N] the example's own event
     labels: np.ndarray  # [N] int8
     user_ids: np.ndarray  # [N] str, for per-user metrics
@@ -40,7 +48,9 @@ class ExampleSet:
             events=self.events,
             contexts=self.contexts,
             users=self.users,
+            timelines=self.timelines,
             hist_index=self.hist_index[rows],
+            carry_index=self.carry_index[rows],
             event_index=self.event_index[rows],
             labels=self.labels[rows],
             user_ids=self.user_ids[rows],
@@ -59,17 +69,25 @@ def build_examples(
     user_ids = [e.user_id for e in events]
     users = featurizer.users(user_ids, [log.profiles.get(u) for u in user_ids])
     hist_index = np.full((stop - start, history_len), -1, dtype=np.int64)
+    carry_index = np.full(stop - start, -1, dtype=np.int64)
     recent: dict[str, deque[int]] = {}
+    carried: dict[str, int] = {}  # each user's last event that left the window
     for i in range(stop):
         past = recent.setdefault(user_ids[i], deque(maxlen=history_len))
-        if i >= start and past:
-            hist_index[i - start, history_len - len(past) :] = past
+        if i >= start:
+            if past:
+                hist_index[i - start, history_len - len(past) :] = past
+            carry_index[i - start] = carried.get(user_ids[i], -1)
+        if len(past) == history_len:
+            carried[user_ids[i]] = past[0]
         past.append(i)
     return ExampleSet(
         events=encoded,
         contexts=contexts,
         users=users,
+        timelines=UserTimelines.of(user_ids),
         hist_index=hist_index,
+        carry_index=carry_index,
         event_index=np.arange(start, stop),
         labels=log.labels[start:stop],
         user_ids=np.asarray(user_ids[start:stop], dtype=object),
@@ -78,23 +96,28 @@ def build_examples(
 
 
 def gather_batch(
-    examples: ExampleSet, featurizer: Featurizer, rows: np.ndarray, state_dim: int
+    examples: ExampleSet, featurizer: Featurizer, rows: np.ndarray, state_dim: int,
+    carried: np.ndarray | None = None,
 ) -> tuple[UserInputs, CandidateInputs]:
     """Model inputs for examples ``rows`` (B of them; one candidate each, C = 1).
 
-    The state is zeros: training replaces it with the GRU unrolled over the history
-    (``model.user_state.with_history_state``).
+    ``carried``: [E + 1, state_dim] states after every event of the log, zeros last
+    (``model.user_state.carried_states``); None: zero states (a model without one). The
+    user's ``state`` is the carried state before the history window (``carry_index``): the
+    model turns it into u_t (``model.user_state.served_state``).
     """
     spec = featurizer.spec
     own = examples.event_index[rows]
     ctx = examples.contexts
+    start = (np.zeros((len(rows), state_dim), dtype=np.float32) if carried is None
+             else carried[examples.carry_index[rows]])
     user = featurizer.assemble_user(
         examples.events,
         examples.hist_index[rows],
         examples.events.ts[own],
         examples.users[own],
         ContextArrays(ctx.cat[own], ctx.num[own], ctx.num_present[own]),
-        np.zeros((len(rows), state_dim), dtype=np.float32),
+        start,
     )
     items = featurizer.event_items(
         examples.events, own[:, None], len(spec.item_cat), len(spec.item_num)

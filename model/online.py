@@ -3,13 +3,14 @@
 Contract (River-like, two threads): ``add(examples)`` buffers fresh examples (the consumer
 thread); ``step()`` takes one mini-batch step when enough data is buffered and returns a
 ``StepReport``, or None (the trainer thread). Each step is ``model.training.guarded_step``, the
-step every learner shares: u_t is the GRU unrolled over each example's stored history (the
-newest ``history_len`` events: a truncated unroll, backpropagated end to end), gradients are
-clipped to ``clip_norm``, and an update is refused (weights and optimizer state untouched,
-counted, logged) when its loss or gradient is not finite or its loss explodes: above
-``explode_factor`` times the running mean loss (an exponential average of the finite losses
-seen, refused ones included, so that one spike is refused while a lasting change of level is
-followed after a few steps).
+step every learner shares: u_t is the state the worker scored the impression with (the GRU
+carried over the user's whole history, docs/model.md "The user state"), taken as given, so
+the GRU's own weights get no gradient online (offline training backpropagates through the
+history window). Gradients are clipped to ``clip_norm``, and an update is refused (weights
+and optimizer state untouched, counted, logged) when its loss or gradient is not finite or its
+loss explodes: above ``explode_factor`` times the running mean loss (an exponential average of
+the finite losses seen, refused ones included, so that one spike is refused while a lasting
+change of level is followed after a few steps).
 
 A batch is ``batch_size`` examples: ``round(replay_fraction * batch_size)`` drawn uniformly
 without replacement from the replay buffer (the last ``replay_capacity`` examples trained on;
@@ -34,7 +35,6 @@ from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
 from model.features import CandidateInputs, Featurizer, ItemArrays, UserInputs
 from model.training import TrainConfig, guarded_step, make_optimizer
-from model.user_state import with_history_state
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class OnlineExample:
     impression: the request (user, time, context; its candidate list is not read).
     history: the user's events before the impression, oldest first (the newest
         ``history_len`` are used). target: the label in {0, 1}, or for a student the
-        teacher's probability in [0, 1].
+        teacher's probability in [0, 1]. state: [d] float32, u_t as the worker served it
+        (None: a user with no state yet, zeros).
     """
 
     impression: Impression
@@ -54,13 +55,16 @@ class OnlineExample:
     history: Sequence[Interaction]
     profile: UserProfile | None
     target: float
+    state: np.ndarray | None = None
 
 
 def collate(
-    featurizer: Featurizer, examples: Sequence[OnlineExample], history_len: int, state_dim: int
+    featurizer: Featurizer, examples: Sequence[OnlineExample], history_len: int, state_dim: int,
+    served: bool = True,
 ) -> tuple[UserInputs, CandidateInputs, torch.Tensor]:
-    """Model inputs of B examples: user [B] (state zeros: training unrolls it), candidates
-    [B, C = 1], targets [B] float. Every history is encoded in one ``featurizer.events``."""
+    """Model inputs of B examples: user [B] (state: each example's served u_t if ``served``,
+    zeros otherwise or where it has none), candidates [B, C = 1], targets [B] float. Every
+    history is encoded in one ``featurizer.events``."""
     histories = [list(e.history)[-history_len:] for e in examples]
     index = np.full((len(examples), history_len), -1, dtype=np.int64)
     offset = 0
@@ -74,7 +78,9 @@ def collate(
         featurizer.users([e.impression.user_id for e in examples],
                          [e.profile for e in examples]),
         featurizer.contexts([e.impression.context for e in examples]),
-        np.zeros((len(examples), state_dim), dtype=np.float32),
+        np.stack([e.state if served and e.state is not None
+                  else np.zeros(state_dim, dtype=np.float32) for e in examples])
+        if examples else np.zeros((0, state_dim), dtype=np.float32),
     )
     items = featurizer.items([e.candidate for e in examples])
     cands = featurizer.assemble_candidates(
@@ -90,17 +96,16 @@ def predict(
     model: UniRecModel,
     featurizer: Featurizer,
     examples: Sequence[OnlineExample],
-    unroll_state: bool = True,
+    served: bool = True,
     task: str = "click",
 ) -> np.ndarray:
-    """[B] probabilities of ``examples`` with u_t as the trainer sees it: the GRU unrolled over
-    the history (``unroll_state``) or zeros."""
+    """[B] probabilities of ``examples`` with u_t as the trainer sees it: the served state
+    (``served``) or zeros."""
     model.eval()
     device = next(model.parameters()).device
-    user, cands, _ = collate(featurizer, examples, model.cfg.history_len, model.cfg.d_model)
+    user, cands, _ = collate(featurizer, examples, model.cfg.history_len, model.cfg.d_model,
+                             served)
     user, cands = user.to(device), cands.to(device)
-    if model.cfg.use_state and unroll_state:
-        user = with_history_state(model, user)
     return torch.sigmoid(model(user, cands)[task][:, 0]).double().cpu().numpy()
 
 
@@ -153,17 +158,17 @@ class StepReport:
 class OnlineTrainer:
     """Fine-tunes ``model`` in place on streamed examples (module docstring).
 
-    ``unroll_state=False`` trains with the zero state (the static student). Thread-safe for one
+    ``served=False`` trains with the zero state (the static student). Thread-safe for one
     thread calling ``add`` and another calling ``step``. Readable state: ``steps`` (accepted),
     ``refused``, ``refusals`` (count by reason), ``mean_loss``, ``pending`` (fresh examples
     waiting), ``dropped`` (fresh examples pushed out before training or in a refused batch).
     """
 
     def __init__(self, model: UniRecModel, cfg: OnlineConfig | None = None,
-                 unroll_state: bool = True) -> None:
+                 served: bool = True) -> None:
         self.model = model
         self.cfg = cfg = cfg or OnlineConfig()
-        self.unroll_state = unroll_state
+        self.served = served
         self.featurizer = Featurizer(model.spec)
         self.optimizer = make_optimizer(
             model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -226,11 +231,12 @@ class OnlineTrainer:
             model, cfg = self.model, self.cfg
             device = next(model.parameters()).device
             user, cands, targets = collate(
-                self.featurizer, fresh + replayed, model.cfg.history_len, model.cfg.d_model
+                self.featurizer, fresh + replayed, model.cfg.history_len, model.cfg.d_model,
+                self.served,
             )
             result = guarded_step(
                 model, self.optimizer, user.to(device), cands.to(device), targets.to(device),
-                cfg.task, unroll_state=self.unroll_state, clip_norm=cfg.clip_norm,
+                cfg.task, unroll_window=False, clip_norm=cfg.clip_norm,
                 guard=self._guard,
             )
             with self._lock:

@@ -3,7 +3,7 @@
 docs/model.md defines D_T against the best static predictor; we approximate it from above with a
 student that sees everything the dynamic model sees except its user state (u_t = 0: same
 architecture, the state token fed zeros), trained online by distillation: an ``OnlineTrainer``
-step (``unroll_state=False``) on BCE against the dynamic model's probabilities as soft
+step (``served=False``: the zero state) on BCE against the dynamic model's probabilities as soft
 targets. Its imitation loss, the mean symmetric binary KL between the dynamic model's and the
 student's probabilities over the last T predictions (test-then-train: each prediction is made
 before the student trains on it), is the reported approximation.
@@ -30,12 +30,12 @@ class StaticStudent:
     def __init__(self, model: UniRecModel, cfg: OnlineConfig | None = None,
                  windows: Sequence[int] = (1000, 10_000)) -> None:
         self.model = copy.deepcopy(model)
-        self.trainer = OnlineTrainer(self.model, cfg, unroll_state=False)
+        self.trainer = OnlineTrainer(self.model, cfg, served=False)
         self.imitation = DriftMonitor(windows)
 
     def predict(self, examples: Sequence[OnlineExample]) -> list[float]:
         """[B] student probabilities (zero user state)."""
-        p = predict(self.model, self.trainer.featurizer, examples, unroll_state=False,
+        p = predict(self.model, self.trainer.featurizer, examples, served=False,
                     task=self.trainer.cfg.task)
         return p.tolist()
 

@@ -2,10 +2,19 @@
 
     e_t = the model's interaction embedding of event t (``Tokenizer.interaction``: events only)
     u'  = GRU(u, e_t), applied event by event, oldest first
+    u_t = the GRU carried from zeros over ALL of the user's events before t: the state served
 
 - ``unroll(model, events, u0)``: the GRU over ``EventInputs`` from u0, as tensors. This is the
-  one code path: training (``with_history_state``, with gradient), the stream's applier and
-  scorer, the online learner and offline evaluation all reach the GRU through it.
+  one code path: training and evaluation (``served_state``), the stream's applier and scorer,
+  and the online learner all reach the GRU through it.
+- ``served_state(model, user)``: u_t of B examples as training and offline evaluation compute
+  it: the GRU unrolled over the example's history window (with gradient: truncated
+  backpropagation through time) from ``user.state``, the state carried over every event of the
+  user before that window. With that carried state, u_t equals the state the stream's applier
+  stores after the same events.
+- ``UserTimelines`` and ``carried_states``: the chronological no-grad pass that gives those
+  carried states for every event of a log under the current weights (training refreshes it as
+  the weights move; ``model.training``).
 - ``unroll_events(model, featurizer, sequences, u0)``: U users' ``Interaction`` sequences, each
   from its own state, in one batched unroll (left-padded to the longest; a padded step keeps
   the state). Carrying the state is associative: unrolling a sequence in chunks, each from the
@@ -20,14 +29,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from eventlog.schema import Interaction, decode
 from model.backbone import UniRecModel
-from model.features import EventInputs, Featurizer, UserInputs
+from model.features import EventArrays, EventInputs, Featurizer, UserInputs
 
 
 def decode_history(rows: Sequence[bytes]) -> list[Interaction]:
@@ -60,11 +69,67 @@ def unroll(model: UniRecModel, events: EventInputs, u0: torch.Tensor | None = No
     return model.gru.unroll(e, events.hist_valid, u0)
 
 
-def with_history_state(model: UniRecModel, user: UserInputs,
-                       interaction: torch.Tensor | None = None) -> UserInputs:
-    """``user`` with u_t replaced by the GRU unrolled from zero over its history (the truncated
-    unroll that training and ``model.online`` use); ``interaction`` as in ``unroll``."""
-    return replace(user, state=unroll(model, user, interaction=interaction))
+def served_state(model: UniRecModel, user: UserInputs,
+                 interaction: torch.Tensor | None = None) -> UserInputs:
+    """``user`` with u_t in place of ``user.state``: on input, ``user.state`` [B, d] is each
+    user's state carried over every event before its history window (``carried_states``; zeros
+    for a user with no older event); u_t is the GRU unrolled from it over the window
+    (``user.hist_*``, with gradient). ``interaction`` as in ``unroll``."""
+    return replace(user, state=unroll(model, user, user.state, interaction))
+
+
+@dataclass(frozen=True)
+class UserTimelines:
+    """A log's events as GRU steps over its users: step j applies the j-th event of every user
+    that has more than j, ``steps[j]`` ([U_j] event indices) to the state rows 0..U_j - 1
+    (users ordered by event count, longest first, so U_j never grows)."""
+
+    steps: tuple[np.ndarray, ...]
+    users: int
+    events: int
+
+    @classmethod
+    def of(cls, owners: Sequence[str]) -> UserTimelines:
+        """The timelines of events owned by ``owners[e]`` (the user of event e, log order)."""
+        _, user, counts = np.unique(np.asarray(owners, dtype=object), return_inverse=True,
+                                    return_counts=True)
+        rank = np.empty(len(counts), dtype=np.int64)
+        rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+        by_user = np.argsort(user, kind="stable")  # each user's events, in log order
+        position = np.empty(len(owners), dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        position[by_user] = np.arange(len(owners)) - np.repeat(starts, counts)
+        order = np.lexsort((rank[user], position))  # by step, then by state row
+        sizes = np.bincount(position, minlength=int(counts.max(initial=0)))
+        return cls(tuple(np.split(order, np.cumsum(sizes)[:-1])) if len(owners) else (),
+                   len(counts), len(owners))
+
+
+@torch.no_grad()
+def carried_states(model: UniRecModel, events: EventArrays, timelines: UserTimelines,
+                   chunk: int = 65_536) -> np.ndarray:
+    """[E + 1, d] float32: row e is the state of event e's user right after e, carried from
+    zeros over all of that user's events up to e (``timelines`` of the same E ``events``) under
+    ``model``'s current weights; the last row is zeros, so an index of -1 (no event) reads the
+    zero state. Interaction embeddings are computed ``chunk`` events at a time."""
+    parameter = next(model.parameters())
+    d = model.cfg.d_model
+    out = torch.zeros(timelines.events + 1, d, device=parameter.device, dtype=parameter.dtype)
+    if not timelines.events:
+        return out.float().cpu().numpy()
+    gates = torch.cat([
+        model.gru.input_gates(model.tokenizer.interaction(Featurizer.assemble_events(
+            events, np.arange(begin, min(begin + chunk, timelines.events))[:, None]
+        ).to(parameter.device))[:, 0])
+        for begin in range(0, timelines.events, chunk)
+    ])
+    u = torch.zeros(timelines.users, d, device=parameter.device, dtype=parameter.dtype)
+    for step in timelines.steps:
+        rows = torch.from_numpy(step).to(parameter.device)
+        active = model.gru.step(gates[rows], u[: len(step)])
+        u[: len(step)] = active
+        out[rows] = active
+    return out.float().cpu().numpy()
 
 
 @torch.no_grad()

@@ -48,13 +48,13 @@ log = logging.getLogger(__name__)
 def online_example(joined: JoinedExample) -> OnlineExample:
     """The training example of a joined label (target: the label)."""
     return OnlineExample(joined.impression, joined.candidate, joined.history, joined.profile,
-                         float(joined.label.label))
+                         float(joined.label.label), joined.state)
 
 
 def student_example(joined: JoinedExample) -> OnlineExample:
     """The student's example of a joined label (target: the live model's served score)."""
     return OnlineExample(joined.impression, joined.candidate, joined.history, joined.profile,
-                         joined.score)
+                         joined.score, joined.state)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from model.features import CandidateInputs, UserInputs
 from model.quantize import quantize_per_channel, quantize_w8a16, weight_bytes
 from model.scorer import Scorer
 from model.training import guarded_step
-from model.user_state import with_history_state
+from model.user_state import served_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,7 +74,7 @@ def _loss_and_grads(model: UniRecModel, user: UserInputs, cands: CandidateInputs
     history itself."""
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = model(with_history_state(model, user), cands)["click"][:, 0]
+    logits = model(served_state(model, user), cands)["click"][:, 0]
     loss = F.binary_cross_entropy_with_logits(logits, labels)
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -76,17 +77,21 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_collate_gives_the_scorers_inputs():
-    """Each collated row equals Featurizer.request of that example alone (zero state), so the
-    trainer learns from exactly what the scorer scores."""
+    """Each collated row equals Featurizer.request of that example alone with the state it was
+    served with (zeros for an example without one), so the trainer learns from exactly what
+    the scorer scored; the static student's collation (``served=False``) has zero states."""
     model = tiny_model()
-    examples = preference_stream(0, 6, "action")
+    rng = np.random.default_rng(4)
+    examples = [replace(e, state=rng.standard_normal(16).astype(np.float32)) if b % 2 else e
+                for b, e in enumerate(preference_stream(0, 6, "action"))]
     user, cands, targets = collate(FEATURIZER, examples, 8, 16)
     assert cands.shape == (6, 1) and targets.tolist() == [e.target for e in examples]
+    assert not collate(FEATURIZER, examples, 8, 16, served=False)[0].state.any()
     for b, e in enumerate(examples):
         alone = Impression(e.impression.request_id, e.impression.user_id, e.impression.ts,
                            [e.candidate], e.impression.context)
-        ref_user, ref_cands = FEATURIZER.request(alone, e.history, e.profile,
-                                                 np.zeros(16, np.float32), 8)
+        served = np.zeros(16, np.float32) if e.state is None else e.state
+        ref_user, ref_cands = FEATURIZER.request(alone, e.history, e.profile, served, 8)
         for name, value in vars(ref_user).items():
             assert torch.equal(getattr(user, name)[b : b + 1], value), name
         for name, value in vars(ref_cands).items():

@@ -1,7 +1,8 @@
 """Properties of ``model.user_state``: the events-only unroll equals the former unroll through
 full user inputs and the GRU stepped one event at a time; carrying the state is associative with
 chunking; a stale rebuild is an unroll from zero over the history; training's u_t is the same
-unroll; histories decode back; the state-dim check refuses a mismatch.
+unroll from the carried state; the carried states of a log are each user's unroll so far;
+histories decode back; the state-dim check refuses a mismatch.
 
 References kept here: ``stepped_state`` (``model.gru`` stepped by hand over the tokenizer's
 interaction embedding of each event, built through ``assemble_user`` with an empty profile and
@@ -24,13 +25,15 @@ from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
 from model.features import EventInputs, Featurizer
 from model.user_state import (
+    UserTimelines,
     advance,
+    carried_states,
     check_state_dim,
     decode_history,
     rebuild,
+    served_state,
     unroll,
     unroll_events,
-    with_history_state,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -163,26 +166,48 @@ def test_no_events_leave_the_states_as_they_are() -> None:
 
 
 def test_training_unrolls_the_same_state_as_the_stream() -> None:
-    """``with_history_state`` (training, the online trainer) over a request's history window
-    gives the state ``unroll_events`` gives from zero over the same events: one code path, and
-    the events-only inputs equal the history part of the full user inputs."""
+    """``served_state`` (training, offline evaluation) over a request's history window from the
+    state carried before it gives the state ``unroll_events`` gives over all of the user's
+    events from zero: one code path, and the events-only inputs equal the history part of the
+    full user inputs."""
     history = user_events("u1", 12, 5)
     impression_ts = history[-1].ts + 30.0
-    window = history[-MODEL.cfg.history_len:]
+    n = MODEL.cfg.history_len
+    older, window = history[:-n], history[-n:]
+    carried = unroll_events(MODEL, FEATURIZER, [older], np.zeros((1, D), np.float32))
     user = FEATURIZER.assemble_user(
         FEATURIZER.events(window),
-        FEATURIZER.left_padded_index([len(window)], MODEL.cfg.history_len),
+        FEATURIZER.left_padded_index([len(window)], n),
         np.asarray([impression_ts]), FEATURIZER.users(["u1"], [None]),
-        FEATURIZER.contexts([{"device": "ios"}]), np.zeros((1, D), np.float32),
+        FEATURIZER.contexts([{"device": "ios"}]), carried,
     )
-    events = FEATURIZER.sequences([history], MODEL.cfg.history_len)
+    events = FEATURIZER.sequences([history], n)
     for name in EventInputs.__dataclass_fields__:
         assert torch.equal(getattr(events, name), getattr(user, name)), name
     with torch.no_grad():
-        trained = with_history_state(MODEL, user).state.numpy()
-        np.testing.assert_array_equal(trained, unroll(MODEL, events).numpy())
+        trained = served_state(MODEL, user).state.numpy()
+        np.testing.assert_array_equal(
+            trained, unroll(MODEL, events, torch.from_numpy(carried)).numpy())
     np.testing.assert_allclose(trained[0], unroll_events(
-        MODEL, FEATURIZER, [window], np.zeros((1, D), np.float32))[0], atol=1e-6)
+        MODEL, FEATURIZER, [history], np.zeros((1, D), np.float32))[0], atol=1e-6)
+
+
+@examples
+@given(owners=st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=40))
+def test_carried_states_are_each_users_unroll_over_its_events_so_far(owners: list[str]) -> None:
+    """Row e of ``carried_states`` is the state of event e's user after its events up to and
+    including e (users interleaved in any order), from zero; the extra last row is zeros."""
+    rng = np.random.default_rng(len(owners))
+    events = [event(rng, owner, T0 + 60.0 * k, k) for k, owner in enumerate(owners)]
+    states = carried_states(MODEL, FEATURIZER.events(events), UserTimelines.of(owners))
+    assert states.shape == (len(events) + 1, D)
+    np.testing.assert_array_equal(states[-1], 0.0)
+    prefixes = [[e for e in events[: k + 1] if e.user_id == owner]
+                for k, owner in enumerate(owners)]
+    if prefixes:
+        expected = unroll_events(MODEL, FEATURIZER, prefixes,
+                                 np.zeros((len(prefixes), D), np.float32))
+        np.testing.assert_allclose(states[:-1], expected, atol=1e-5)
 
 
 def test_the_unroll_is_differentiable() -> None:

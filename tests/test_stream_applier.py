@@ -21,11 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_fixtures import SPEC, T0, event
 
+from eventlog.log import EventLog
 from eventlog.schema import Interaction, encode
 from model.backbone import UniRecModel
 from model.config import ModelConfig
+from model.dataset import build_examples, gather_batch
 from model.features import Featurizer
-from model.user_state import advance, decode_history, unroll_events
+from model.training import example_states
+from model.user_state import advance, decode_history, served_state, unroll_events
 from state_store import LogChangedError, StateStore, StoreConfig
 from stream.applier import InteractionApplier
 from stream.dead_letters import DeadLetter
@@ -221,6 +224,35 @@ def test_the_stored_state_is_the_user_state_modules_unroll_over_the_users_events
             [of_user(later, user) for user in USERS])
         for u, user in enumerate(USERS):
             np.testing.assert_allclose(store.get(user).state, expected[u], atol=1e-5)
+
+
+@examples
+@given(users=st.lists(st.sampled_from(USERS), min_size=1, max_size=30), data=st.data())
+def test_the_stored_state_is_the_state_offline_training_uses_for_the_next_example(
+    users: list[str], data: st.DataObject
+) -> None:
+    """State as served: after the applier has applied a log (in any batching), the state it
+    stores for a user equals u_t of that user's next example on the offline path (carried
+    states of the log, then the history window unrolled from the carried state before it, as
+    training and ``unirec eval`` compute it), histories longer than the window included."""
+    events = make_events(users)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(events)), max_size=3), "cuts")))
+    nexts = make_events(list(USERS), seed=5, start=len(events))
+    log = EventLog("small", [*events, *nexts], np.zeros(len(events) + len(nexts), np.int8))
+    examples = build_examples(log, FEATURIZER, CFG.history_len, start=len(events))
+    with torch.no_grad():
+        user, _ = gather_batch(examples, FEATURIZER, np.arange(len(USERS)), CFG.d_model,
+                               example_states(MODEL, examples))
+        offline = served_state(MODEL, user).state.numpy()
+    with open_store() as store:
+        applier = InteractionApplier(store, MODEL, 1)
+        for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True):
+            if a < b:
+                apply(applier, records(events[a:b], a))
+        for u, user_id in enumerate(USERS):
+            stored = store.get(user_id)
+            expected = np.zeros(CFG.d_model, np.float32) if stored.is_new else stored.state
+            np.testing.assert_allclose(offline[u], expected, atol=2e-5)
 
 
 def test_bad_records_become_dead_letters_and_the_rest_is_applied() -> None:

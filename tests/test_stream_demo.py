@@ -22,6 +22,7 @@ pytestmark = pytest.mark.broker  # every test here starts a broker or a subproce
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS = 200
+FROZEN_EVENTS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,25 @@ def test_demo_streams_the_held_out_events_and_summarises_them(movielens: EventLo
     assert summary["fleet"]["n"] == EVENTS and summary["monitor"].startswith("http://127.0.0.1:")
     assert "applied" in err  # the live progress went to stderr
     assert (run_dir / "movielens-100k" / "model.pt").is_file()  # trained, since none existed
+    assert leftovers(run_dir) == []
+
+
+def test_a_frozen_demo_streams_the_scores_unirec_eval_computes(movielens: EventLog,
+                                                               run_dir: Path) -> None:
+    """State as served: with learning off (``--no-train``), every streamed score of the real
+    item equals the probability ``unirec eval`` computes offline for that event from the same
+    checkpoint (the worker's carried GRU state is the offline u_t), so the streamed AUC and
+    GAUC match the offline ones."""
+    run = demo(run_dir, "--events", str(FROZEN_EVENTS), "--no-train", "--json")
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    online, offline = summary["online"], summary["offline"]
+    assert summary["train_steps"] == 0 and summary["learning"] is False
+    assert online["n"] == offline["n"] == FROZEN_EVENTS and online["missing"] == 0
+    assert offline["max_score_difference"] < 1e-4
+    assert abs(online["auc"] - offline["auc"]) <= 0.002
+    assert abs(online["gauc"] - offline["gauc"]) <= 0.002
     assert leftovers(run_dir) == []
 
 
