@@ -58,6 +58,7 @@ from stream.topics import TopicNames, ensure_topics
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+SCORE_TOLERANCE = 1e-4  # a streamed score this close to the offline one is the same score
 
 
 class DemoError(RuntimeError):
@@ -136,8 +137,9 @@ class DemoSummary:
                          f"   (unirec eval, same checkpoint and events: {off['n']:,})")
             if online.get("auc") is not None:
                 lines.append(f"  streamed - offline     AUC {online['auc'] - off['auc']:+.4f}   "
-                             f"GAUC {online['gauc'] - off['gauc']:+.4f}   largest score "
-                             f"difference {_fmt_small(off['max_score_difference'])}")
+                             f"GAUC {online['gauc'] - off['gauc']:+.4f}   scores differing "
+                             f"{off['events_differing']:,} (largest difference "
+                             f"{_fmt_small(off['max_score_difference'])})")
         if online.get("static_auc") is not None:
             lines.append(f"  static twin AUC        {online['static_auc']:.4f}   (frozen model, "
                          f"no user state)")
@@ -451,8 +453,11 @@ class Demo:
 
 
     def _offline_auc(self) -> dict[str, Any]:
-        """``unirec eval``'s metrics of the checkpoint on the replayed events, and the largest
-        difference between an event's offline probability and its streamed score."""
+        """``unirec eval``'s metrics of the checkpoint on the replayed events; the largest
+        difference between an event's offline probability and its streamed score, and how many
+        events differ by more than ``SCORE_TOLERANCE`` (an impression the worker's gate let
+        through before its user's previous interaction was applied: it decides on the
+        partitions' high-water marks and a grace period, ``stream.gate``)."""
         import torch
 
         from evaluation.quickstart import predict_on_log
@@ -465,10 +470,11 @@ class Demo:
                                            meta.get("train_fraction", 0.8), len(self.replayed))
         metrics = report(examples.user_ids, examples.labels, offline)
         scored = ~np.isnan(self.streamed)
+        difference = np.abs(offline - self.streamed)[scored]
         return {"auc": round(float(metrics["auc"]), 4), "gauc": round(float(metrics["gauc"]), 4),
                 "logloss": round(float(metrics["logloss"]), 4), "n": int(metrics["n"]),
-                "max_score_difference": float(np.abs(offline - self.streamed)[scored].max())
-                if scored.any() else None}
+                "max_score_difference": float(difference.max()) if scored.any() else None,
+                "events_differing": int((difference > SCORE_TOLERANCE).sum())}
 
     def _check_alive(self, worker: subprocess.Popen) -> None:
         if worker.poll() is not None:

@@ -5,10 +5,18 @@ on the training part only and every example's history holds only earlier events.
 ``Variant`` is a model kind plus ``ModelConfig`` overrides (an ablation). Baselines get the
 ``d_model`` that brings their parameter count closest to the default UniRec model's
 (``matched_width``), so that every model has about the same parameter budget.
+
+Every run stops early on the validation slice (``ValidationCurve``): the step budget is a
+ceiling, and each run keeps the weights of its best validation AUC, measured every
+``Budget.eval_every`` steps; it stops after ``Budget.patience`` measurements without a new
+best. So each model gets the step count that suits it, chosen by validation only, under the
+same ceiling, and the learning curves go into the report.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +31,7 @@ from model.config import INPUT_COMPRESSION_WIDTHS, ModelConfig
 from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
-from model.prediction_metrics import report
+from model.prediction_metrics import auc, report
 from model.training import TrainConfig, fit, predict
 
 WIDTHS = tuple(range(8, 257, 4))  # d_model candidates for matching (multiples of n_heads)
@@ -37,7 +45,9 @@ class Budget:
     n_heads: int = 4
     history_len: int = 20
     core_k: int = 8
-    steps: int = 200
+    steps: int = 400  # the ceiling: runs stop early on validation (ValidationCurve)
+    eval_every: int = 25  # steps between two validation measurements
+    patience: int = 4  # measurements without a new best before a run stops
     batch_size: int = 256
     seeds: int = 3
     val_fraction: float = 0.1
@@ -141,11 +151,58 @@ class Hyper:
 
     lr: float = 1e-3
     dropout: float = 0.1
+    weight_decay: float = 1e-5
+
+
+class ValidationCurve:
+    """Early stopping on a validation slice, as ``fit``'s ``on_step``.
+
+    Every ``every`` steps (and at the last step) the model's validation AUC is measured
+    (``predict``: u_t as served); the weights of the best AUC so far are kept, and the call
+    returns True (stop) after ``patience`` measurements without a new best. ``points``:
+    ``{"step", "val_auc", "train_loss"}`` per measurement (the mean training loss since the
+    previous one); ``restore_best()`` loads the best weights and returns their step.
+    """
+
+    def __init__(self, model: nn.Module, featurizer: Featurizer, val: ExampleSet,
+                 device: torch.device, every: int, patience: int) -> None:
+        self.model, self.featurizer, self.val, self.device = model, featurizer, val, device
+        self.every, self.patience = every, patience
+        self.points: list[dict[str, float]] = []
+        self.best_auc, self.best_step, self.last_step, self.stale = -math.inf, 0, 0, 0
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._losses: list[float] = []
+
+    def __call__(self, step: int, total: int, loss: float) -> bool:
+        self._losses.append(loss)
+        self.last_step = step
+        if step % self.every and step < total:
+            return False
+        probabilities = predict(self.model, self.featurizer, self.val, self.device)
+        val_auc = auc(self.val.labels, probabilities)
+        self.points.append({"step": step, "val_auc": val_auc,
+                            "train_loss": float(np.mean(self._losses))})
+        self._losses = []
+        if val_auc > self.best_auc:
+            self.best_auc, self.best_step, self.stale = val_auc, step, 0
+            self._best_weights = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self) -> int:
+        """Load the best weights (none measured, or no AUC defined: the last ones) and
+        return their step."""
+        if self._best_weights is None:
+            return self.last_step
+        self.model.load_state_dict(self._best_weights)
+        return self.best_step
 
 
 @dataclass
 class RunResult:
-    """One trained model and its metrics on the slice it was scored on."""
+    """One trained model (its best validation weights) and its metrics on the slice it was
+    scored on; ``steps``: the step of those weights; ``curve``: ``ValidationCurve.points``."""
 
     model: nn.Module
     metrics: dict[str, float]
@@ -155,19 +212,26 @@ class RunResult:
     steps: int
     train_seconds: float
     seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def run_one(variant: Variant, hyper: Hyper, seed: int, splits: Splits, budget: Budget,
             d_model: int, device: torch.device, on_val: bool = False,
             steps: int | None = None) -> RunResult:
-    """Train ``variant`` (seeded) on the training part; score the test part (or validation)."""
+    """Train ``variant`` (seeded) on the training part, stopping early on validation
+    (``ValidationCurve``, at most ``steps`` or the budget's steps); score the test part (or
+    validation) with the best validation weights."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     cfg = budget.model_config(hyper.dropout, d_model=d_model, **variant.overrides)
     model = build_model(variant.kind, cfg, splits.featurizer.spec, MODEL_KINDS).to(device)
-    train_cfg = TrainConfig(lr=hyper.lr, batch_size=budget.batch_size,
-                            max_steps=steps or budget.steps, seed=seed)
-    losses = fit(model, splits.featurizer, splits.train, train_cfg, device)
+    train_cfg = TrainConfig(lr=hyper.lr, weight_decay=hyper.weight_decay,
+                            batch_size=budget.batch_size, max_steps=steps or budget.steps,
+                            seed=seed)
+    curve = ValidationCurve(model, splits.featurizer, splits.val, device, budget.eval_every,
+                            budget.patience)
+    fit(model, splits.featurizer, splits.train, train_cfg, device, curve)
+    best_step = curve.restore_best()
     trained = time.perf_counter()
     target = splits.val if on_val else splits.test
     probabilities = predict(model, splits.featurizer, target, device)
@@ -177,7 +241,8 @@ def run_one(variant: Variant, hyper: Hyper, seed: int, splits: Splits, budget: B
         probabilities=probabilities,
         parameters=parameter_count(model),
         embedding_parameters=embedding_count(model),
-        steps=len(losses),
+        steps=best_step,
         train_seconds=trained - started,
         seconds=time.perf_counter() - started,
+        curve=curve.points,
     )

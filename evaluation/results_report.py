@@ -96,6 +96,12 @@ def chunk_means(runs: list[dict[str, Any]], arm: str) -> list[float]:
     return [_finite_mean(tuple(r[f"{arm}_auc"])) for r in runs]
 
 
+def _steps(row: dict[str, Any]) -> str:
+    """The runs' best steps (mean over seeds; an older record has one ``steps`` per row)."""
+    steps = [r["steps"] for r in row["runs"] if "steps" in r]
+    return f"{np.mean(steps):.0f}" if steps else str(row.get("steps", "-"))
+
+
 def _cell(values: list[float]) -> str:
     mean, std = mean_std(values)
     return f"{mean:.4f} ± {std:.4f}"
@@ -111,14 +117,17 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         "",
         f"- events: {record['events']} (time-ordered split: train {record['split']['train']}, "
         f"validation {record['split']['validation']}, test {record['split']['test']})",
-        f"- budget per run: {budget['steps']} AdamW steps of batch {budget['batch_size']}, "
+        f"- budget per run: at most {budget['steps']} AdamW steps of batch "
+        f"{budget['batch_size']}, stopped early on validation (AUC every "
+        f"{budget.get('eval_every', '-')} steps, patience {budget.get('patience', '-')}; the "
+        f"best validation weights are scored), "
         f"history length {budget['history_len']}, UniRec d_model {budget['d_model']} "
         f"(baselines' d_model matched on parameter count), {budget['seeds']} seeds (0..)",
         f"- hyperparameters: {record['hyperparameters']}",
         "",
         "## Test metrics (mean ± std over seeds)",
         "",
-        "| variant | what it tests | d | params (non-embedding) | steps | lr | dropout "
+        "| variant | what it tests | d | params (non-embedding) | best step | lr | dropout "
         "| AUC | GAUC | LogLoss | s/run |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -129,7 +138,7 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         seconds = np.mean([r["seconds"] for r in runs])
         lines.append(
             f"| {row['name']} | {row['claim'] or 'the model'} | {row['d_model']} | "
-            f"{row['parameters']:,} ({non_embedding:,}) | {row['steps']} | {row['lr']:g} | "
+            f"{row['parameters']:,} ({non_embedding:,}) | {_steps(row)} | {row['lr']:g} | "
             f"{row['dropout']:g} | {' | '.join(cells)} | {seconds:.0f} |"
         )
     lines += ["", "## Prequential (test-then-train) over the test period", "",
@@ -164,9 +173,10 @@ def _finite_mean(values: tuple[float, ...]) -> float:
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Left: test AUC per variant with std error bars. Right: prequential AUC per chunk."""
-    fig = Figure(figsize=(14, 5))
-    left, right = fig.subplots(1, 2)
+    """Left: test AUC per variant with std error bars. Middle: prequential AUC per chunk.
+    Right: the four models' validation learning curves (seed 0)."""
+    fig = Figure(figsize=(20, 5))
+    left, right, curves = fig.subplots(1, 3)
     names = [row["name"] for row in record["variants"]]
     stats = [mean_std([r["auc"] for r in row["runs"]]) for row in record["variants"]]
     left.barh(names, [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3)
@@ -184,6 +194,15 @@ def plot(record: dict[str, Any], path: Path) -> None:
     right.set_ylabel("AUC of the chunk")
     right.set_title("prequential AUC over the test period")
     right.legend(fontsize=7)
+    for row in record["variants"]:
+        curve = row["runs"][0].get("curve") if row["name"] in record["prequential"] else None
+        if curve:
+            curves.plot([p["step"] for p in curve], [p["val_auc"] for p in curve], marker=".",
+                        label=f"{row['name']} (best step {row['runs'][0]['steps']})")
+    curves.set_xlabel("training step")
+    curves.set_ylabel("validation AUC")
+    curves.set_title("learning curves (seed 0)")
+    curves.legend(fontsize=7)
     fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

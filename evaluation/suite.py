@@ -30,7 +30,7 @@ from evaluation.experiment import (
 )
 from evaluation.prequential import prequential
 from evaluation.results_report import write_report
-from evaluation.tuning import GRID, load_tuning, save_tuning, tune
+from evaluation.tuning import RUNS_PER_MODEL, load_tuning, save_tuning, tune
 from eventlog.log import EventLog
 from model.kinds import build_model, parameter_count
 from model.training import TrainConfig
@@ -53,7 +53,7 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
     spec = splits.featurizer.spec
     target = parameter_count(build_model("unirec", budget.model_config(0.0), spec))
     widths = {v.kind: matched_width(v.kind, budget, spec, target) for v in MODELS}
-    total = len(VARIANTS) * budget.seeds + (len(GRID) * len(MODELS) if retune else 0)
+    total = len(VARIANTS) * budget.seeds + (RUNS_PER_MODEL * len(MODELS) if retune else 0)
     done = 0
 
     def step(label: str) -> None:
@@ -79,14 +79,15 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
                                                result.probabilities, train_cfg, budget.chunks,
                                                device)))
             runs.append({"seed": seed, **result.metrics, "seconds": result.seconds,
-                         "train_seconds": result.train_seconds})
+                         "train_seconds": result.train_seconds, "steps": result.steps,
+                         "curve": result.curve})
             step(f"{variant.name} seed {seed}")
         rows.append({"name": variant.name, "kind": variant.kind, "claim": variant.claim,
                      "overrides": {k: str(v) for k, v in variant.overrides.items()},
                      "d_model": widths[variant.kind], "lr": hyper.lr, "dropout": hyper.dropout,
                      "parameters": result.parameters,
                      "embedding_parameters": result.embedding_parameters,
-                     "steps": result.steps, "runs": runs})
+                     "runs": runs})
         if preq:
             online[variant.name] = preq
     record = {

@@ -139,11 +139,12 @@ def fit(
     examples: ExampleSet,
     cfg: TrainConfig,
     device: torch.device,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float], bool | None] | None = None,
 ) -> list[float]:
     """Train on shuffled mini-batches of ``examples`` (all from the training period).
 
-    ``on_step(step, total_steps, loss)`` is called after every step. Returns the losses.
+    ``on_step(step, total_steps, loss)`` is called after every step; training stops early
+    when it returns True (e.g. ``evaluation.experiment.ValidationCurve``). Returns the losses.
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -164,8 +165,8 @@ def fit(
                 model, optimizer, user.to(device), cands.to(device), labels.to(device), cfg.task
             )
             losses.append(loss)
-            if on_step is not None:
-                on_step(len(losses), total, loss)
+            if on_step is not None and on_step(len(losses), total, loss):
+                return losses
             if len(losses) >= total:
                 break
     return losses

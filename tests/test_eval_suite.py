@@ -7,6 +7,7 @@ hand-made example) is pinned in ``test_model_metrics.py``."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from app.cli import main
 from evaluation.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
 from evaluation.prequential import chunk_bounds, prequential
 from evaluation.results_report import verdict
+from evaluation.tuning import _bracket
 from eventlog.loaders import load_events
 from model.training import TrainConfig
 from tests.test_cli import _write_events
@@ -89,7 +91,9 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     for ext in ("md", "png", "json"):
         assert (out / f"tiny.{ext}").stat().st_size > 0
     assert [row["name"] for row in record["variants"]] == [v.name for v in VARIANTS]
-    assert all(len(row["runs"]) == 2 and row["steps"] == 2 for row in record["variants"])
+    assert all(len(row["runs"]) == 2 for row in record["variants"])
+    for run in (run for row in record["variants"] for run in row["runs"]):
+        assert 1 <= run["steps"] <= 2 and run["curve"][-1]["step"] <= 2
     assert set(record["prequential"]) == {v.name for v in MODELS}
     report = (out / "tiny.md").read_text()
     assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
@@ -101,6 +105,41 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     for row in record["variants"]:
         assert (row["lr"], row["dropout"]) == (tuning[row["kind"]]["lr"],
                                                tuning[row["kind"]]["dropout"])
+
+
+def test_a_run_keeps_its_best_validation_weights_and_stops_after_its_patience(events_file):
+    """Early stopping: the scored weights are those of the best validation AUC on the curve
+    (their step is the run's ``steps``), and a run ends at most ``patience`` measurements
+    after its best one."""
+    budget = replace(TINY_BUDGET, steps=12, eval_every=1, patience=2)
+    splits = make_splits(load_events(events_file), budget)
+    result = run_one(MODELS[0], Hyper(lr=3e-2), 0, splits, budget, 16, torch.device("cpu"),
+                     on_val=True)
+    aucs = [p["val_auc"] for p in result.curve]
+    best = int(np.argmax(aucs))
+    assert result.steps == result.curve[best]["step"]
+    assert result.metrics["auc"] == pytest.approx(aucs[best], abs=1e-9)
+    assert len(aucs) - 1 - best <= budget.patience
+    assert len(aucs) == 12 or len(aucs) - 1 - best == budget.patience
+
+
+def test_the_tuning_search_extends_past_an_edge_until_the_best_is_inside():
+    """A coordinate whose best value is at an edge of the tried ones gets the next value past
+    that edge, so a peak outside the first grid is found; a peak inside adds nothing."""
+    tried = []
+
+    def score(peak):
+        def f(v):
+            tried.append(v)
+            return -abs(np.log(v) - np.log(peak))
+        return f
+
+    assert _bracket([3e-4, 1e-3, 3e-3], score(9e-3), lambda e, d: e * 3.0 ** d) == \
+        pytest.approx(9e-3)
+    assert min(tried) < 9e-3 < max(tried) and len(tried) == 5
+    tried.clear()
+    assert _bracket([3e-4, 1e-3, 3e-3], score(1e-3), lambda e, d: e * 3.0 ** d) == 1e-3
+    assert len(tried) == 3
 
 
 def test_train_and_eval_a_baseline_from_the_cli(events_file, tmp_path, capsys):
