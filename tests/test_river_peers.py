@@ -1,7 +1,8 @@
-"""The online River peers (``evaluation/river_peers.py``) and their causal features
-(``evaluation/peer_features.py``): an event's features depend on no label of its own and on
-nothing later; the peers learn (a user-determined label is predicted well); tuning reads no
-test event; the learning-rate grid widens at its edge; without River the record is a skip."""
+"""The online River peers of the eval suite (``evaluation/river_peers.py``) and their causal
+features (``evaluation/peer_features.py``): an event's features depend on no label of its own
+and on nothing later; the peers learn (a user-determined label is predicted well); tuning
+reads no test event; the learning-rate grid widens at its edge; without River the suite
+records a skipped section and the report says how to install it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from evaluation import suite
+from evaluation.experiment import MODELS, Budget
 from evaluation.peer_features import FeatureConfig, FeatureLayout, event_features
 from evaluation.river_peers import SKIP_NOTE, Candidate, PeerConfig, peers_record, run_peers, tune
 from eventlog.log import EventLog
@@ -121,8 +125,36 @@ def test_a_learning_rate_at_the_edge_of_the_grid_is_widened():
     assert Candidate("fm", 0.03, False, 4) in tried
 
 
-
-def test_without_river_the_record_is_a_skip_with_the_install_note(monkeypatch):
+def test_without_river_the_suite_records_a_skip_and_the_report_says_why(monkeypatch, tmp_path):
+    """With River unimportable, ``run_suite`` (on one fast variant) records the peers as
+    skipped with the install note, and the Markdown report prints it."""
     monkeypatch.setitem(sys.modules, "river", None)
     log = make_log(noisy, n_users=8, per_user=20)
     assert peers_record(log, 100, 130, 3) == {"status": "skipped", "note": SKIP_NOTE}
+    monkeypatch.setattr(suite, "MODELS", MODELS[1:2])
+    monkeypatch.setattr(suite, "VARIANTS", MODELS[1:2])
+    budget = Budget(d_model=16, history_len=4, core_k=2, steps=1, batch_size=32, seeds=1,
+                    chunks=2)
+    record = suite.run_suite(log, budget, tmp_path, torch.device("cpu"))
+    assert record["peers"] == {"status": "skipped", "note": SKIP_NOTE}
+    assert f"Skipped: {SKIP_NOTE}" in (tmp_path / "synthetic.md").read_text()
+
+
+@needs_river
+def test_the_report_shows_both_pipelines_next_to_our_arms(monkeypatch, tmp_path):
+    """A suite run with River writes the peers table: our two arms and both pipelines, the
+    best peer marked."""
+    log = make_log(noisy, n_users=8, per_user=20)
+    budget = Budget(d_model=16, history_len=4, core_k=2, steps=1, batch_size=32, seeds=1,
+                    chunks=2)
+    monkeypatch.setattr(suite, "MODELS", MODELS[1:2])
+    monkeypatch.setattr(suite, "VARIANTS", MODELS[1:2])
+    monkeypatch.setattr(suite, "peers_record",
+                        lambda *args: peers_record(*args, replace(SMALL, fm_lr=(0.01,))))
+    record = suite.run_suite(log, budget, tmp_path, torch.device("cpu"))
+    assert record["peers"]["status"] == "ran"
+    report = (tmp_path / "synthetic.md").read_text()
+    section = report.split("## Online peers (River)")[1].split("## Claims")[0]
+    for row in ("| deepfm frozen |", "| deepfm fine-tuned |", "River logistic regression",
+                "River factorization machine", "best peer**"):
+        assert row in section
