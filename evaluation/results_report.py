@@ -172,7 +172,8 @@ def peer_lines(record: dict[str, Any]) -> list[str]:
     lines += [
         f"The same {peers['scored']['test']} test events in time order, each scored before it "
         "is learned from. The River pipelines learn after every event (warm-up: every "
-        "training and validation event); our fine-tuned arms learn after every chunk. River "
+        "training and validation event; our models were trained on the training part only); "
+        "our fine-tuned arms learn after every chunk. River "
         f"{peers['river']}. Features: one-hot user, item, item and context fields (numeric "
         "ones in quantile bins), profile fields, and running label rates of the earlier "
         f"events (smoothed with m = {features['smoothing']:g}, with log(1 + count)) for the "

@@ -62,7 +62,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """The features, each pipeline's initial grid, the widening rule and the FM's seed."""
+    """The features, each pipeline's initial grid, the widening rule and the FM's seed.
+
+    ``fm_factors`` is one value by default: on MovieLens-100K the FM's validation AUC moved by
+    under 0.002 between k = 4, 10 and 20, and every grid point is a full FM replay.
+    """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     logistic_lr: tuple[float, ...] = (0.003, 0.01, 0.03)
