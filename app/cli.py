@@ -3,7 +3,8 @@
     unirec train (--dataset movielens-100k | --events FILE) [--epochs N] [--max-steps N] ...
     unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
     unirec eval-suite [--dataset NAME | --events FILE] [--json] [--tune] [--seeds N] [--steps N]
-                 the baselines, ablations and prequential table -> reports/<data set>.md/.png
+                 [--no-peers]
+                 the baselines, ablations, prequential and River peers -> reports/<data set>.md
     unirec demo [--events N] [--no-train] [--retrain]   the whole loop on one machine: embedded
                  broker, worker, monitor, MovieLens replay, a closing summary
     unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
@@ -249,6 +250,8 @@ def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
     suite.add_argument("--history-len", type=int, default=defaults.history_len)
     suite.add_argument("--batch-size", type=int, default=defaults.batch_size)
     suite.add_argument("--torch-threads", type=int, default=1)
+    suite.add_argument("--no-peers", action="store_true",
+                       help="skip the online River peers (the [peers] extra)")
 
 
 def run_eval_suite(args: argparse.Namespace) -> None:
@@ -272,7 +275,7 @@ def run_eval_suite(args: argparse.Namespace) -> None:
     with bar:
         try:
             record = run_suite(event_log, budget, args.out, settings.torch_device(), args.tune,
-                               on_run)
+                               on_run, peers=not args.no_peers)
         except ValueError as exc:
             raise CliError(str(exc)) from exc
     if args.json:

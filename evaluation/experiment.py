@@ -104,13 +104,20 @@ class Splits:
     test: ExampleSet
 
 
-def make_splits(log: EventLog, budget: Budget) -> Splits:
-    """Splits of ``log`` (spec fitted on the training part; histories from the whole log)."""
+def split_points(log: EventLog, budget: Budget) -> tuple[int, int]:
+    """``(val_start, test_start)``: events [0, val_start) train, [val_start, test_start)
+    validation, [test_start, N) test. Raises ``ValueError`` when a part would be empty."""
     val_start = time_split(log, 1.0 - budget.val_fraction - budget.test_fraction)
     test_start = time_split(log, 1.0 - budget.test_fraction)
     if not 0 < val_start < test_start < len(log):
         raise ValueError(f"{log.name!r} is too small for a train/validation/test split "
                          f"({len(log)} events: {val_start}, {test_start})")
+    return val_start, test_start
+
+
+def make_splits(log: EventLog, budget: Budget) -> Splits:
+    """Splits of ``log`` (spec fitted on the training part; histories from the whole log)."""
+    val_start, test_start = split_points(log, budget)
     train_log = log.slice(0, val_start)
     featurizer = Featurizer(FeatureSpec.fit(train_log.interactions, log.profiles.values()))
     examples = build_examples(log, featurizer, budget.history_len)

@@ -1,7 +1,9 @@
 """The suite's report: a Markdown table (mean +- std over seeds), a PNG and the JSON record.
 
 Claims are judged mechanically from the seeds: a difference counts as real when it exceeds
-twice its standard error (``SIGNIFICANCE``); otherwise it is "within noise".
+twice its standard error (``SIGNIFICANCE``); otherwise it is "within noise". The online peers
+(River, ``record["peers"]``) get their own table next to the prequential one and enter no
+claim; a record without that section (an older one) renders without it.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         cells += [_cell([r[arm][m] for r in runs]) for m in ("auc", "gauc")
                   for arm in ("frozen", "fine_tuned")]
         lines.append(f"| {name} | {' | '.join(cells)} | {runs[0]['online_steps']} |")
+    if "peers" in record:
+        lines += peer_lines(record)
     lines += ["", "## Claims (AUC difference, predicted-better minus predicted-worse)", "",
               f"A difference counts when it exceeds {SIGNIFICANCE:g} standard errors.", "",
               "| claim | comparison | Δ AUC | s.e. | verdict | Δ GAUC |",
@@ -164,6 +168,52 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
                      f"{c['se']:.4f} | {c['verdict']} | {c['delta_gauc']:+.4f} |")
     lines += ["", f"![AUC per variant and prequential AUC over time]({png_name})", ""]
     return "\n".join(lines)
+
+
+def peer_lines(record: dict[str, Any]) -> list[str]:
+    """The "Online peers (River)" section: our prequential arms and each River pipeline on
+    the same test events (the skip note when the peers did not run)."""
+    peers = record["peers"]
+    lines = ["", "## Online peers (River) over the test period", ""]
+    if peers["status"] != "ran":
+        return [*lines, f"Skipped: {peers['note']}."]
+    features = peers["config"]["features"]
+    lines += [
+        f"The same {peers['scored']['test']} test events in time order, each scored before it "
+        "is learned from. The River pipelines learn after every event (warm-up: every "
+        "training and validation event; our models were trained on the training part only); "
+        "our fine-tuned arms learn after every chunk. River "
+        f"{peers['river']}. Features: one-hot user, item, item and context fields (numeric "
+        "ones in quantile bins), profile fields, and running label rates of the earlier "
+        f"events (smoothed with m = {features['smoothing']:g}, with log(1 + count)) for the "
+        f"user, the item and user x {', '.join(peers['cross_fields']) or '(no field)'}. "
+        "Each pipeline's hyperparameters are chosen by validation AUC (warm-up on train, "
+        "test-then-train over validation); the best peer is the one with the higher "
+        "validation AUC. Ours: mean ± std over seeds; River: one run.", "",
+        "| model | learns | AUC | GAUC | LogLoss | mean chunk AUC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in record["prequential"].items():
+        for arm, learns in (("frozen", "never"), ("fine_tuned", "after each chunk")):
+            cells = [_cell([r[arm][m] for r in runs]) for m in METRICS]
+            cells.append(_cell(chunk_means(runs, arm)))
+            lines.append(f"| {name} {arm.replace('_', '-')} | {learns} | {' | '.join(cells)} |")
+    for key, pipeline in peers["pipelines"].items():
+        label = f"{pipeline['name']} ({pipeline['describe']})"
+        if key == peers["best"]:
+            label = f"**{label}, best peer**"
+        cells = [f"{pipeline['test'][m]:.4f}" for m in METRICS]
+        cells.append(f"{_finite_mean(tuple(pipeline['chunk_auc'])):.4f}")
+        lines.append(f"| {label} | after each event | {' | '.join(cells)} |")
+    lines += ["", "Validation AUC of each candidate tried:", ""]
+    for pipeline in peers["pipelines"].values():
+        tried = ", ".join(f"lr {c['lr']:g}{' k ' + str(c['n_factors']) if c['n_factors'] else ''}"
+                          f" {'scaled' if c['scale'] else 'raw'}: {c['auc']:.4f}"
+                          for c in pipeline["validation"])
+        edge = " (the chosen learning rate is at the edge of the grid)" if pipeline[
+            "at_edge"] else ""
+        lines.append(f"- {pipeline['name']}: {tried}{edge}")
+    return lines
 
 
 def _finite_mean(values: tuple[float, ...]) -> float:
@@ -191,6 +241,11 @@ def plot(record: dict[str, Any], path: Path) -> None:
             curve = [_finite_mean(values) for values in zip(*(r[f"{arm}_auc"] for r in runs),
                                                             strict=True)]
             right.plot(days, curve, style, marker="o", label=f"{name} {arm.replace('_', '-')}")
+    peers = record.get("peers", {})
+    if peers.get("status") == "ran":
+        best = peers["pipelines"][peers["best"]]
+        days = [datetime.fromtimestamp(t, UTC) for t in best["chunk_end_ts"]]
+        right.plot(days, best["chunk_auc"], ":", marker="x", label=f"{best['name']} (best peer)")
     right.set_ylabel("AUC of the chunk")
     right.set_title("prequential AUC over the test period")
     right.legend(fontsize=7)

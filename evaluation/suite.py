@@ -2,8 +2,10 @@
 
 For every variant (the four models and UniRec's ablations) and every seed: train under the
 matched budget on the training part, score the test part. For the four models, also run the
-prequential evaluation (frozen vs fine-tuned) over the test period. Hyperparameters come from
-the tuning file (``--tune`` reruns the grid first). Writes ``<out>/<log name>.md``,
+prequential evaluation (frozen vs fine-tuned) over the test period, and replay the same test
+events through the online River peers (``evaluation.river_peers``; skipped, with a note, when
+River is not installed or ``peers`` is off). Hyperparameters come from the tuning file
+(``--tune`` reruns the grid first). Writes ``<out>/<log name>.md``,
 ``.png`` and ``.json``; returns the JSON record.
 """
 
@@ -30,6 +32,7 @@ from evaluation.experiment import (
 )
 from evaluation.prequential import prequential
 from evaluation.results_report import write_report
+from evaluation.river_peers import peers_record
 from evaluation.tuning import RUNS_PER_MODEL, load_tuning, save_tuning, tune
 from eventlog.log import EventLog
 from model.kinds import build_model, parameter_count
@@ -46,14 +49,16 @@ def device_name(device: torch.device) -> str:
 
 
 def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device,
-              retune: bool = False, on_run: Progress | None = None) -> dict[str, Any]:
-    """Run the table (after the tuning grid when ``retune``) and write the report files."""
+              retune: bool = False, on_run: Progress | None = None,
+              peers: bool = True) -> dict[str, Any]:
+    """Run the table (after the tuning grid when ``retune``), then the River peers (when
+    ``peers``), and write the report files."""
     started = time.perf_counter()
     splits = make_splits(log, budget)
     spec = splits.featurizer.spec
     target = parameter_count(build_model("unirec", budget.model_config(0.0), spec))
     widths = {v.kind: matched_width(v.kind, budget, spec, target) for v in MODELS}
-    total = len(VARIANTS) * budget.seeds + (RUNS_PER_MODEL * len(MODELS) if retune else 0)
+    total = len(VARIANTS) * budget.seeds + (RUNS_PER_MODEL * len(MODELS) if retune else 0) + 1
     done = 0
 
     def step(label: str) -> None:
@@ -90,6 +95,12 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
                      "runs": runs})
         if preq:
             online[variant.name] = preq
+    val_start = len(splits.train)
+    if peers:
+        peer_section = peers_record(log, val_start, val_start + len(splits.val), budget.chunks)
+    else:
+        peer_section = {"status": "skipped", "note": "not run (unirec eval-suite --no-peers)"}
+    step("river peers")
     record = {
         "dataset": log.name,
         "events": len(log),
@@ -100,6 +111,7 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
         "hyperparameters": "tuned: " + tuning_path.name if tuned else "untuned defaults",
         "variants": rows,
         "prequential": online,
+        "peers": peer_section,
         "wall_seconds": time.perf_counter() - started,
     }
     write_report(record, out_dir)

@@ -1,11 +1,13 @@
 """The evaluation harness: time splits that never leak, prequential test-then-train order, the
 claim verdicts, and ``unirec eval-suite`` end to end on a tiny generic event file (report,
-PNG, JSON; ``--tune`` writes the tuning file that later runs read). ``unirec train --model``
-and ``eval`` round-trip a baseline. Metric correctness (AUC/LogLoss vs scikit-learn, GAUC on a
-hand-made example) is pinned in ``test_model_metrics.py``."""
+PNG, JSON, the River peers' section, which ``--no-peers`` skips; ``--tune`` writes the tuning
+file that later runs read). ``unirec train --model`` and ``eval`` round-trip a baseline.
+Metric correctness (AUC/LogLoss vs scikit-learn, GAUC on a hand-made example) is pinned in
+``test_model_metrics.py``; the River peers' own properties in ``test_river_peers.py``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -97,10 +99,14 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     assert set(record["prequential"]) == {v.name for v in MODELS}
     report = (out / "tiny.md").read_text()
     assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
+    assert "## Online peers (River)" in report
+    assert record["peers"]["status"] == ("ran" if importlib.util.find_spec("river") else
+                                         "skipped")
     tuning = json.loads((out / "tiny.tuning.json").read_text())["models"]
     assert main([*argv, "--seeds", "1", "--steps", "1", "--d-model", "16",
-                 "--history-len", "8"]) == 0
+                 "--history-len", "8", "--no-peers"]) == 0
     record = json.loads(capsys.readouterr().out)
+    assert record["peers"]["status"] == "skipped" and "--no-peers" in record["peers"]["note"]
     assert record["hyperparameters"] == "tuned: tiny.tuning.json"
     for row in record["variants"]:
         assert (row["lr"], row["dropout"]) == (tuning[row["kind"]]["lr"],
