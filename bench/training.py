@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.experiment import Budget
+from evaluation.experiment import UNIREC_CAPACITY, Budget
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from eventlog.log import EventLog
 from model.baselines import MODEL_KINDS
@@ -66,8 +66,10 @@ def _data_dir() -> Path | None:
 
 
 def sizes() -> dict[str, ModelConfig]:
-    """The two sizes: the eval suite's budget and the default ``ModelConfig``."""
-    return {"suite": Budget().model_config(dropout=0.1), "default": ModelConfig()}
+    """The two sizes: the eval suite's budget (with UniRec's capacity split there) and the
+    default ``ModelConfig``."""
+    return {"suite": Budget().model_config(dropout=0.1, **UNIREC_CAPACITY),
+            "default": ModelConfig()}
 
 
 def measure(kind: str, cfg: ModelConfig, log: EventLog, steps: int, batch: int) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 
 from eventlog.log import EventLog, time_split
 from model.baselines import MODEL_KINDS
-from model.config import INPUT_COMPRESSION_WIDTHS, ModelConfig
+from model.config import ModelConfig
 from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
 from model.kinds import build_model, parameter_count
@@ -41,7 +41,7 @@ WIDTHS = tuple(range(8, 257, 4))  # d_model candidates for matching (multiples o
 class Budget:
     """Sizes and schedule shared by every run (the matched budget)."""
 
-    d_model: int = 32
+    d_model: int = 48  # UniRec's; the baselines' are matched on parameter count
     n_heads: int = 4
     history_len: int = 20
     core_k: int = 8
@@ -71,22 +71,28 @@ class Variant:
     claim: str = ""  # what the row tests (empty for the default models)
 
 
+# UniRec's capacity split on the matched budget: two layers (the second at half the S width)
+# at d = 48 (``Budget.d_model``) instead of eight layers at d = 32; chosen on validation
+# (docs/model.md, "Evaluation protocol": the capacity split), so every UniRec row shares it.
+UNIREC_CAPACITY: dict[str, Any] = {"n_layers": 2, "layer_widths": (1.0, 0.5)}
 MODELS = (
-    Variant("unirec", "unirec"),
+    Variant("unirec", "unirec", UNIREC_CAPACITY),
     Variant("deepfm", "deepfm", claim="no sequence"),
     Variant("din", "din", claim="target attention over the history"),
     Variant("sasrec-dcnv2", "sasrec-dcnv2", claim="compress first, then interact"),
 )
 ABLATIONS = (
-    Variant("unirec -S<->F", "unirec", {"seq_feature_mixing": False},
+    Variant("unirec -S<->F", "unirec", {**UNIREC_CAPACITY, "seq_feature_mixing": False},
             "S<->F off-diagonal blocks closed"),
-    Variant("unirec input-compression", "unirec", {"layer_widths": INPUT_COMPRESSION_WIDTHS},
+    Variant("unirec input-compression", "unirec",
+            {**UNIREC_CAPACITY, "layer_widths": (0.5, 0.5)},
             "compression at the input instead of delayed"),
-    Variant("unirec -state", "unirec", {"use_state": False}, "GRU state off"),
-    Variant("unirec -core", "unirec", {"core_selection": False},
+    Variant("unirec -state", "unirec", {**UNIREC_CAPACITY, "use_state": False}, "GRU state off"),
+    Variant("unirec -core", "unirec", {**UNIREC_CAPACITY, "core_selection": False},
             "core-behaviour selection off"),
-    Variant("unirec -UG-Sep", "unirec", {"ug_sep": False}, "UG-Sep off (U->G open)"),
-    Variant("unirec pyramid", "unirec", {"compression": "pyramid"},
+    Variant("unirec -UG-Sep", "unirec", {**UNIREC_CAPACITY, "ug_sep": False},
+            "UG-Sep off (U->G open)"),
+    Variant("unirec pyramid", "unirec", {**UNIREC_CAPACITY, "compression": "pyramid"},
             "pyramid instead of learned-query compression"),
 )
 VARIANTS = MODELS + ABLATIONS

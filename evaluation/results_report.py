@@ -159,6 +159,9 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         lines.append(f"| {name} | {' | '.join(cells)} | {runs[0]['online_steps']} |")
     if "peers" in record:
         lines += peer_lines(record)
+    if record.get("changes"):
+        lines += ["", "## What changed, and what each change bought", "",
+                  record["changes"].strip()]
     lines += ["", "## Claims (AUC difference, predicted-better minus predicted-worse)", "",
               f"A difference counts when it exceeds {SIGNIFICANCE:g} standard errors.", "",
               "| claim | comparison | Δ AUC | s.e. | verdict | Δ GAUC |",

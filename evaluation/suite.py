@@ -6,7 +6,9 @@ prequential evaluation (frozen vs fine-tuned) over the test period, and replay t
 events through the online River peers (``evaluation.river_peers``; skipped, with a note, when
 River is not installed or ``peers`` is off). Hyperparameters come from the tuning file
 (``--tune`` reruns the grid first). Writes ``<out>/<log name>.md``,
-``.png`` and ``.json``; returns the JSON record.
+``.png`` and ``.json``; returns the JSON record. A hand-kept ``<out>/<log name>.changes.md``
+(what was changed in the model or the protocol and what each change measured) goes into the
+report as it is.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
     started = time.perf_counter()
     splits = make_splits(log, budget)
     spec = splits.featurizer.spec
-    target = parameter_count(build_model("unirec", budget.model_config(0.0), spec))
+    target = parameter_count(build_model("unirec", budget.model_config(0.0, **MODELS[0].overrides),
+                                         spec))
     widths = {v.kind: matched_width(v.kind, budget, spec, target) for v in MODELS}
     total = len(VARIANTS) * budget.seeds + (RUNS_PER_MODEL * len(MODELS) if retune else 0) + 1
     done = 0
@@ -112,6 +115,8 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
         "variants": rows,
         "prequential": online,
         "peers": peer_section,
+        "changes": changes.read_text() if (changes := out_dir / f"{log.name}.changes.md"
+                                            ).is_file() else None,
         "wall_seconds": time.perf_counter() - started,
     }
     write_report(record, out_dir)
