@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0, help="labels/s of the delay run")
     parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=OnlineConfig().batch_size)
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--no-student", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=1)
