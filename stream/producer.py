@@ -215,7 +215,7 @@ class _Replayer:
         self.stats = ReplayStats()
         # (due, seq, key, value, the event's record timestamp)
         self._labels: list[tuple[float, int, bytes, bytes, int]] = []
-        self._last_ms: dict[str, int] = {}  # each user's last record timestamp
+        self._last_ms = -1  # the last event's record timestamp
         self._started = 0.0
         self._last_progress = 0.0
 
@@ -240,10 +240,13 @@ class _Replayer:
                                 self.sampler.candidates(event), dict(event.context))
         # Record timestamps order a user's messages across topics (stream.gate: within one
         # millisecond an impression comes before an interaction): this impression must get a
-        # later millisecond than the user's previous interaction, whatever the send rate.
-        user = event.user_id
-        stamp = max(int(time.time() * 1000), self._last_ms.get(user, -1) + 1)
-        self._last_ms[user] = stamp
+        # later millisecond than the user's previous interaction, whatever the send rate. And
+        # the gate reads each partition's timestamps as being in offset order: so every event
+        # gets a later millisecond than the previous one of ANY user (a stamp per user, run
+        # ahead of the clock by a burst of that user's events, let another user's earlier
+        # interaction stand behind it in the partition, and an impression pass before it).
+        stamp = max(int(time.time() * 1000), self._last_ms + 1)
+        self._last_ms = stamp
         self.sender.send(self.topics.impressions, key, encode(impression), stamp)
         self.sender.send(self.topics.interactions, key, encode(event), stamp)
         self.sampler.observe(event)
