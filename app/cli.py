@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,18 +151,28 @@ def _progress(total_hint: str) -> tuple[tqdm, object]:
     return bar, on_step
 
 
-def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog) -> dict:
+def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog,
+           stop: threading.Event | None = None) -> dict | None:
+    """Train and save the checkpoint; returns its summary, or None (nothing saved) when
+    ``stop`` was set during training."""
     model_cfg = ModelConfig(d_model=args.d_model, history_len=args.history_len)
     train_cfg = TrainConfig(
         lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
         seed=args.seed,
     )
-    bar, on_step = _progress("training")
+    bar, show = _progress("training")
+
+    def on_step(step: int, total: int, loss: float) -> bool:
+        show(step, total, loss)
+        return stop is not None and stop.is_set()
+
     with bar:
         model, meta = train_on_log(
             event_log, model_cfg, train_cfg, settings.torch_device(), args.train_fraction, on_step,
             args.model,
         )
+    if stop is not None and stop.is_set():
+        return None
     path = args.checkpoint or settings.checkpoint_path(event_log.name)
     save(model, path, meta)
     log.info("saved %s (%d parameters, %d steps)", path, meta["parameters"], meta["steps"])
@@ -214,10 +225,14 @@ def run_demo(args: argparse.Namespace) -> None:
     settings = _settings(train_args)
     event_log = _open_log(train_args, settings)
     checkpoint = settings.checkpoint_path(event_log.name)
+    train = None
     if args.retrain or not checkpoint.is_file():
         print(f"unirec demo: no model at {checkpoint}; training on the first 80% of "
-              f"{event_log.name} ({args.train_steps} steps)", file=sys.stderr)
-        _train(train_args, settings, event_log)
+              f"{event_log.name} ({args.train_steps} steps) while the history streams into "
+              "the broker", file=sys.stderr)
+
+        def train(stop: threading.Event) -> bool:
+            return _train(train_args, settings, event_log, stop) is not None
     config = DemoConfig(
         run_dir=settings.run_dir, checkpoint=checkpoint, data_dir=settings.data_dir,
         events=args.events, rate=args.rate, partitions=args.partitions,
@@ -225,7 +240,7 @@ def run_demo(args: argparse.Namespace) -> None:
         learning=not args.no_train,
     )
     try:
-        code = run(config, event_log, args.json)
+        code = run(config, event_log, args.json, train)
     except (DemoError, BrokerStartError, BrokerUnavailable, TopicError) as exc:
         raise CliError(str(exc).splitlines()[0]) from exc
     if code:

@@ -1,12 +1,14 @@
 """``unirec demo``: the whole loop on one machine, no Docker (docs/system.md, "Deployment").
 
-1. A model: the checkpoint in the run directory, or one trained now on the time-ordered
-   first 80% of MovieLens-100K (``train_steps`` steps).
-2. An embedded Tansu broker on a free loopback port, and ``unirec worker`` as a subprocess
-   (a fresh state store under ``<run dir>/demo``, the HTTP API on ``web_port``).
-3. A producer replaying the log: the training period as interactions only (the users'
-   histories and GRU states, as a live system would have them), then the held-out period
-   (or its first ``events``) as impression, interaction and label per event, at ``rate``.
+1. An embedded Tansu broker on a free loopback port, and a producer that starts at once with
+   the training period, sent as interactions only (the users' histories and GRU states, as a
+   live system would have them).
+2. A model: the checkpoint in the run directory, or one trained now (``train``, on the
+   time-ordered first 80% of MovieLens-100K) while that history streams into the broker.
+3. ``unirec worker`` as a subprocess (a fresh state store under ``<run dir>/demo``, the HTTP
+   API on ``web_port``), which consumes the history from the start; once it has applied all of
+   it, the producer replays the held-out period (or its first ``events``) as impression,
+   interaction and label per event, at ``rate``.
 4. Live progress on stderr every second, from the worker's ``/metrics`` and the fleet monitor's
    ``/fleet/drift`` (``unirec monitor`` as a subprocess beside the worker, a fresh app id: its
    page's URL is printed).
@@ -36,7 +38,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -166,8 +168,10 @@ class Demo:
     """One run of the demo (see the module docstring); ``run()`` returns the summary."""
 
     def __init__(self, config: DemoConfig, event_log: EventLog,
-                 out: IO[str] = sys.stderr, stop: threading.Event | None = None) -> None:
+                 out: IO[str] = sys.stderr, stop: threading.Event | None = None,
+                 train: Callable[[threading.Event], bool] | None = None) -> None:
         self.config = config
+        self.train = train  # writes config.checkpoint; False: stopped before it finished
         self.log = event_log
         self.out = out
         self.stop = stop if stop is not None else threading.Event()
@@ -184,6 +188,7 @@ class Demo:
                                    scored_events=len(self.replayed), learning=config.learning)
         self.streamed = np.full(len(self.replayed), np.nan)  # the real item's score, by event
         self.produced = threading.Event()
+        self.serving = threading.Event()  # set once the worker serves (or the demo stops)
         self.producer_error: BaseException | None = None
 
     def run(self) -> DemoSummary:
@@ -194,6 +199,18 @@ class Demo:
         with EmbeddedBroker(log_dir=self.home) as broker:
             bootstrap = broker.bootstrap_servers
             ensure_topics(bootstrap, self.config.partitions, topics=self.topics)
+            producer = threading.Thread(target=self._produce, args=(bootstrap,),
+                                        name="demo-producer", daemon=True)
+            producer.start()
+            self._say(f"streaming the history ({len(self.history):,} interactions) into the "
+                      f"broker at {bootstrap}")
+            if self.train is not None and not self.train(self.stop):
+                self.stop.set()
+                self.serving.set()
+                producer.join(timeout=30)
+                self.summary.interrupted = True
+                self.summary.seconds = round(time.perf_counter() - started, 1)
+                return self.summary
             port = self.config.web_port or free_port()
             self.summary.api = f"http://127.0.0.1:{port}"
             worker = self._start_worker(bootstrap, port)
@@ -203,14 +220,15 @@ class Demo:
                 self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
                 self._say(f"fleet monitor on {self.summary.monitor} (the page; JSON at "
                           f"/fleet/drift, /fleet/versions)")
-                producer = threading.Thread(target=self._produce, args=(bootstrap,),
-                                            name="demo-producer", daemon=True)
+                self._wait_history(worker)
                 replay_started = time.perf_counter()
-                producer.start()
+                self.serving.set()
                 self._follow(worker)
                 self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
                 producer.join(timeout=30)
-                if self.producer_error is not None:
+                # Once stopped (Ctrl-C reaches the broker too: it shares the terminal's
+                # process group), unacknowledged sends are the stop's doing, not a failure.
+                if self.producer_error is not None and not self.stop.is_set():
                     raise DemoError(f"the producer failed: {self.producer_error}")
                 self._finish(self._metrics())
                 if not self.stop.is_set():
@@ -219,6 +237,7 @@ class Demo:
                 if not self.stop.is_set() and not self.config.learning:
                     self.summary.offline = self._offline_auc()
             finally:
+                self.serving.set()  # the producer must not wait for a worker that is gone
                 _stop(worker, self.worker_log, timeout_s=60)
                 _stop(monitor, self.monitor_log, timeout_s=30)
         self.summary.interrupted = self.stop.is_set()
@@ -313,6 +332,7 @@ class Demo:
             producer = open_producer(bootstrap)
             try:
                 send_interactions(self.history, producer, self.topics, stop=self.stop)
+                self.serving.wait()  # the scored replay waits for the worker to serve
                 replay_events(self._until_stopped(self.replayed), bootstrap, self.topics,
                               rate=self.config.rate, negatives=self.config.negatives,
                               producer=producer, seen=self.history)
@@ -329,6 +349,24 @@ class Demo:
             if self.stop.is_set():
                 return
             yield pair
+
+    def _wait_history(self, worker: subprocess.Popen) -> None:
+        """Until the worker has applied the whole history (streamed while the model trained):
+        the scored replay then starts against the users' states, as the offline evaluation
+        has them, instead of racing a backlog through the worker's event-time gate."""
+        t = self.topics
+        deadline = time.monotonic() + self.config.timeout_s
+        while not self.stop.is_set():
+            self._check_alive(worker)
+            samples = self._metrics()
+            done = (total(samples, "unirec_events_applied_total", topic=t.interactions)
+                    + total(samples, "unirec_events_rejected_total", topic=t.interactions))
+            if done >= len(self.history):
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(f"the worker applied {done:,.0f} of the {len(self.history):,} "
+                                f"history interactions in {self.config.timeout_s:.0f} s")
+            time.sleep(0.2)
 
     def _metrics(self) -> dict:
         return scrape(self.summary.api)
@@ -516,9 +554,11 @@ def _read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> It
         consumer.close()
 
 
-def run_demo(config: DemoConfig, event_log: EventLog, as_json: bool) -> int:
+def run_demo(config: DemoConfig, event_log: EventLog, as_json: bool,
+             train: Callable[[threading.Event], bool] | None = None) -> int:
     """Run the demo with Ctrl-C handled (exit status 130 when interrupted); prints the
-    summary on stdout, as text or JSON."""
+    summary on stdout, as text or JSON. ``train(stop)``: trains and saves the checkpoint while
+    the history streams (None: it exists); returns False when ``stop`` cut it short."""
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
 
@@ -529,7 +569,7 @@ def run_demo(config: DemoConfig, event_log: EventLog, as_json: bool) -> int:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        summary = Demo(config, event_log, stop=stop).run()
+        summary = Demo(config, event_log, stop=stop, train=train).run()
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

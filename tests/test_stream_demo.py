@@ -39,11 +39,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-runs")
 
 
-def demo(run_dir: Path, *args: str) -> subprocess.Popen:
+def demo(run_dir: Path, *args: str, train_steps: int = 2) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_RUN_DIR": str(run_dir),
            "UNIREC_DEVICE": "cpu"}
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", "--train-steps", "2", *args],
+        [sys.executable, "-m", "app.cli", "demo", "--train-steps", str(train_steps), *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
@@ -123,3 +123,22 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started(movielens: EventLog,
     assert run.returncode == 130, err[-3000:]
     assert "(interrupted)" in out
     assert leftovers(run_dir) == []
+
+
+def test_ctrl_c_while_the_model_trains_stops_the_demo_and_saves_no_model(
+        movielens: EventLog, tmp_path: Path) -> None:
+    """The history streams into the broker while the model trains; Ctrl-C then stops the
+    training, the producer and the broker, and no half-trained checkpoint is left behind."""
+    run = demo(tmp_path, train_steps=100_000)
+    deadline = time.monotonic() + 300
+    progress = ""
+    while "streaming the history" not in progress:
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+        progress = run.stderr.readline()
+    time.sleep(3)  # into the training steps
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    assert "(interrupted)" in out
+    assert not (tmp_path / "movielens-100k" / "model.pt").exists()
+    assert leftovers(tmp_path) == []
