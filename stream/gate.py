@@ -12,19 +12,15 @@ its own millisecond; a label always follows its impression).
 
 A held record of partition p is released once every other topic's partition p has shown a
 record at or after it in that order, or is idle (read up to its end, e.g. a deployment that
-produces no impressions) and the record has been held for ``idle_grace_s`` AND for
-``IDLE_POLLS`` consumer polls (``polled``): the record can no longer be overtaken. Both are
-there because "read up to its end" is judged on the high-water mark of the partition's last
-fetch, which can predate the held record: a label produced just after its impression can
-arrive while the impressions partition still looks empty. The grace covers the producer
-(the other record reaches the broker within it); the polls cover the consumer: a busy loop
-(a large batch to score, a learner thread sharing the process) can outlast the grace, and
-the consumer fetches ahead, so the high-water mark read one poll later may still come from a
-fetch issued before the record was held; two polls later it comes from a fetch issued after.
-Release keeps offset order within a topic and partition. The caller processes what one
-``release`` returns as the worker does: the impressions first, each scored with the
-interactions of the same release ordered before it (``preceding_interactions``), then the
-interactions, then the labels.
+produces no impressions) and the record has been held for ``idle_grace_s``: the record can
+no longer be overtaken. The grace is there because "read up to its end" is judged on the
+high-water mark of the partition's last fetch, which can predate the held record: a label
+produced just after its impression can arrive while the impressions partition still looks
+empty. Within the grace the consumer's next fetch of that partition (``fetch_max_wait_ms``
+is below the grace) brings the impression or a newer high-water mark. Release keeps offset
+order within a topic and partition. The caller processes what one ``release`` returns as the
+worker does: the impressions first, each scored with the interactions of the same release
+ordered before it (``preceding_interactions``), then the interactions, then the labels.
 
 The gate holds at most ``max_held`` records per topic and partition: past that, the oldest
 are released anyway (one topic far behind, or silent for a while) and counted in
@@ -45,8 +41,6 @@ KINDS = ("impressions", "interactions", "labels")  # the order of one millisecon
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 IDLE_GRACE_S = 0.3
 """Seconds a record is held before an idle topic lets it pass (module docstring)."""
-IDLE_POLLS = 2
-"""Consumer polls a record is held before an idle topic lets it pass (module docstring)."""
 FETCH_MAX_WAIT_MS = 100
 """The consumer's ``fetch_max_wait_ms``: how stale an idle partition's high-water mark can
 be, well under ``IDLE_GRACE_S``."""
@@ -69,21 +63,16 @@ class EventTimeGate:
         self.idle_grace_s = idle_grace_s
         self.clock = clock
         self.released_early: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self._polls = 0  # consumer polls so far (``polled``)
-        # each held record with the clock reading and the poll count when it was held
-        self._held: dict[str, dict[int, deque[tuple[float, int, ConsumedRecord]]]] = {
+        # each held record with the clock reading when it was held
+        self._held: dict[str, dict[int, deque[tuple[float, ConsumedRecord]]]] = {
             kind: {} for kind in KINDS}
         self._newest: dict[str, dict[int, tuple[int, int, int]]] = {kind: {} for kind in KINDS}
-
-    def polled(self) -> None:
-        """Count one consumer poll; call it after each poll, before holding what it brought."""
-        self._polls += 1
 
     def hold(self, kind: str, records: Iterable[ConsumedRecord]) -> None:
         """Buffer ``records`` of ``kind`` (one of ``KINDS``), given in offset order."""
         held, newest, now = self._held[kind], self._newest[kind], self.clock()
         for r in records:
-            held.setdefault(r.partition, deque()).append((now, self._polls, r))
+            held.setdefault(r.partition, deque()).append((now, r))
             newest[r.partition] = order_key(kind, r)
 
     def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[ConsumedRecord]]:
@@ -101,22 +90,21 @@ class EventTimeGate:
             # in time order across the kinds: a record held back holds back every later one
             # (an idle topic lets a record pass, but not ahead of an earlier held record)
             while queues:
-                key, kind = min((order_key(k, q[0][2]), k) for k, q in queues.items())
-                since, at_poll, _ = queues[kind][0]
-                settled = since <= ripe and self._polls - at_poll >= IDLE_POLLS
+                key, kind = min((order_key(k, q[0][1]), k) for k, q in queues.items())
+                since = queues[kind][0][0]
                 for k in KINDS:
                     if k != kind and (k, partition) not in is_idle:
                         is_idle[(k, partition)] = idle(k, partition)
                 if not all(key < self._newest[k].get(partition, (-1, 0, 0))
-                           or (is_idle[(k, partition)] and settled)
+                           or (is_idle[(k, partition)] and since <= ripe)
                            for k in KINDS if k != kind):
                     break
-                out[kind].append(queues[kind].popleft()[2])
+                out[kind].append(queues[kind].popleft()[1])
                 if not queues[kind]:
                     del queues[kind]
             for kind, queue in queues.items():
                 while len(queue) > self.max_held:
-                    out[kind].append(queue.popleft()[2])
+                    out[kind].append(queue.popleft()[1])
                     self.released_early[kind] += 1
         return out
 

@@ -562,7 +562,6 @@ class ConsumerLoop:
         """Score the polled impressions, then apply and join what the gate releases."""
         services, gate, topics = self.services, self.gate, self.topics
         now_ms, limits = int(time.time() * 1000), self.config.limits
-        gate.polled()
         for tp, records in polled.items():
             gate.hold(topics.kind_of(tp.topic), [
                 ConsumedRecord(tp.partition, r.offset, r.key, r.value,

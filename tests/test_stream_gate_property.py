@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.gate import FETCH_MAX_WAIT_MS, IDLE_GRACE_S, IDLE_POLLS, KINDS, EventTimeGate, order_key
+from stream.gate import FETCH_MAX_WAIT_MS, IDLE_GRACE_S, KINDS, EventTimeGate, order_key
 from stream.records import ConsumedRecord
 
 PARTITIONS = (0, 1)
@@ -131,14 +131,12 @@ def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
         action = data.draw(st.sampled_from(actions))
         if action == "produce":
             world.produce(data.draw(st.integers(1, 4)), clock.now)
-        elif action == "deliver":  # a poll that brought records
+        elif action == "deliver":
             stream = data.draw(st.sampled_from(ready))
-            gate.polled()
             gate.hold(stream[0], world.deliver(stream, data.draw(st.integers(1, 3))))
         elif action == "advance":
             clock.now += data.draw(st.sampled_from(ADVANCES))
-        else:  # a poll, then the release; idle as truthful as allowed, or some withheld
-            gate.polled()
+        else:  # idle: as truthful as allowed, or some of it withheld
             truthful = {s: world.may_look_idle(s, clock.now) for s in streams}
             if not data.draw(st.booleans()):
                 truthful = {s: idle and data.draw(st.booleans())
@@ -147,11 +145,8 @@ def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
     # the end: everything produced and delivered, every topic idle, the grace passed
     world.produce(len(world.production), clock.now)
     for stream in streams:
-        gate.polled()
         gate.hold(stream[0], world.deliver(stream, len(world.records[stream])))
     clock.now += IDLE_GRACE_S + STALE_S + 0.01
-    for _ in range(IDLE_POLLS):
-        gate.polled()
     release(dict.fromkeys(streams, True))
     return out
 
