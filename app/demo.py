@@ -354,13 +354,10 @@ class Demo:
         """Until the worker has applied the whole history (streamed while the model trained):
         the scored replay then starts against the users' states, as the offline evaluation
         has them, instead of racing a backlog through the worker's event-time gate."""
-        t = self.topics
         deadline = time.monotonic() + self.config.timeout_s
         while not self.stop.is_set():
             self._check_alive(worker)
-            samples = self._metrics()
-            done = (total(samples, "unirec_events_applied_total", topic=t.interactions)
-                    + total(samples, "unirec_events_rejected_total", topic=t.interactions))
+            done = self._interactions_done(self._metrics())
             if done >= len(self.history):
                 return
             if time.monotonic() > deadline:
@@ -428,12 +425,16 @@ class Demo:
         return (f"fleet {fleet['n']:,} AUC {_fmt(fleet.get('auc_dynamic'))}/"
                 f"{_fmt(fleet.get('auc_static'))} D {_fmt(fleet.get('distance'))}")
 
+    def _interactions_done(self, samples: dict) -> float:
+        """Interactions the worker has applied or rejected (dead-lettered)."""
+        t = self.topics
+        return (total(samples, "unirec_events_applied_total", topic=t.interactions)
+                + total(samples, "unirec_events_rejected_total", topic=t.interactions))
+
     def _consumed_all(self, samples: dict) -> bool:
         t = self.topics
         n = len(self.replayed)
-        return (total(samples, "unirec_events_applied_total", topic=t.interactions)
-                + total(samples, "unirec_events_rejected_total", topic=t.interactions)
-                >= len(self.history) + n
+        return (self._interactions_done(samples) >= len(self.history) + n
                 and total(samples, "unirec_events_consumed_total", topic=t.impressions) >= n
                 and total(samples, "unirec_events_consumed_total", topic=t.labels) >= n)
 
