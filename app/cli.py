@@ -417,9 +417,10 @@ def _add_consumer_flags(parser: argparse.ArgumentParser, group: str, port: int, 
                         help="w8a16: score with int8 weights and bf16 activations (UG-Sep)")
     parser.add_argument("--timeout", type=float, default=10.0, help="broker timeout, seconds")
     parser.add_argument("--idle-grace", type=float, default=IDLE_GRACE_S,
-                        help="seconds a record waits before a topic with nothing to read lets "
-                             "it pass the event-time merge (guards against a stale high-water "
-                             "mark; adds that latency where a topic is idle)")
+                        help="seconds after a record's arrival at which a topic with nothing to "
+                             "read (asked of the broker) lets it pass the event-time merge "
+                             "(covers a producer delivering one topic later than another; "
+                             "adds that latency where a topic is idle)")
     parser.add_argument("--feedback-window", type=float, default=3600.0,
                         help="seconds of stream time (broker time) an impression waits for "
                              "its labels")

@@ -11,13 +11,14 @@ topics: impression, then interaction, then label (an impression never sees an in
 its own millisecond; a label always follows its impression).
 
 A held record of partition p is released once every other topic's partition p has shown a
-record at or after it in that order, or is idle (read up to its end, e.g. a deployment that
-produces no impressions) and the record has been held for ``idle_grace_s``: the record can
-no longer be overtaken. The grace is there because "read up to its end" is judged on the
-high-water mark of the partition's last fetch, which can predate the held record: a label
-produced just after its impression can arrive while the impressions partition still looks
-empty. Within the grace the consumer's next fetch of that partition (``fetch_max_wait_ms``
-is below the grace) brings the impression or a newer high-water mark. Release keeps offset
+record at or after it in that order, or was read to its end as of a moment at least
+``idle_grace_s`` after the record was held (e.g. a deployment that produces no impressions):
+the record can no longer be overtaken. "Read to its end as of t" is the caller's answer
+(``ReadToEnd``), and it must be true of the broker at t, not of a high-water mark fetched
+before t: the consumer reads ahead, and a loop pass slower than any grace would otherwise
+let an idle mark older than the held record release it. The grace covers the producer: a
+record may reach the broker up to ``idle_grace_s`` after a record of another topic that
+follows it in time (the producer batches each partition separately). Release keeps offset
 order within a topic and partition. The caller processes what one ``release`` returns as the
 worker does: the impressions first, each scored with the interactions of the same release
 ordered before it (``preceding_interactions``), then the interactions, then the labels.
@@ -40,10 +41,12 @@ from stream.records import ConsumedRecord
 KINDS = ("impressions", "interactions", "labels")  # the order of one millisecond's records
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 IDLE_GRACE_S = 0.3
-"""Seconds a record is held before an idle topic lets it pass (module docstring)."""
-FETCH_MAX_WAIT_MS = 100
-"""The consumer's ``fetch_max_wait_ms``: how stale an idle partition's high-water mark can
-be, well under ``IDLE_GRACE_S``."""
+"""Seconds after a record's hold as of which an idle topic must be read to its end to let it
+pass (module docstring)."""
+
+ReadToEnd = Callable[[str, int, float], bool]
+"""``read_to_end(kind, partition, as_of)``: whether, at some clock reading at or after
+``as_of``, every record then on the broker in ``kind``'s topic partition had been held."""
 
 
 def order_key(kind: str, record: ConsumedRecord) -> tuple[int, int, int]:
@@ -75,14 +78,14 @@ class EventTimeGate:
             held.setdefault(r.partition, deque()).append((now, r))
             newest[r.partition] = order_key(kind, r)
 
-    def release(self, idle: Callable[[str, int], bool]) -> dict[str, list[ConsumedRecord]]:
+    def release(self, read_to_end: ReadToEnd) -> dict[str, list[ConsumedRecord]]:
         """``{kind: records}`` that can no longer be overtaken, in offset order per partition.
 
-        ``idle(kind, p)``: whether partition p of that kind's topic has nothing more to read.
+        ``read_to_end`` is asked only about a topic partition that holds a record back, and
+        only once that record was held ``idle_grace_s`` ago.
         """
         out: dict[str, list[ConsumedRecord]] = {kind: [] for kind in KINDS}
-        ripe = self.clock() - self.idle_grace_s  # held before this: idle topics let it pass
-        is_idle: dict[tuple[str, int], bool] = {}
+        now = self.clock()
         partitions = {p for held in self._held.values() for p, queue in held.items() if queue}
         for partition in sorted(partitions):
             queues = {kind: queue for kind in KINDS
@@ -91,12 +94,9 @@ class EventTimeGate:
             # (an idle topic lets a record pass, but not ahead of an earlier held record)
             while queues:
                 key, kind = min((order_key(k, q[0][1]), k) for k, q in queues.items())
-                since = queues[kind][0][0]
-                for k in KINDS:
-                    if k != kind and (k, partition) not in is_idle:
-                        is_idle[(k, partition)] = idle(k, partition)
+                as_of = queues[kind][0][0] + self.idle_grace_s
                 if not all(key < self._newest[k].get(partition, (-1, 0, 0))
-                           or (is_idle[(k, partition)] and since <= ripe)
+                           or (as_of <= now and read_to_end(k, partition, as_of))
                            for k in KINDS if k != kind):
                     break
                 out[kind].append(queues[kind].popleft()[1])

@@ -115,7 +115,6 @@ from stream.changelog import (
 )
 from stream.drift_tracker import DriftConfig, DriftTracker
 from stream.gate import (
-    FETCH_MAX_WAIT_MS,
     IDLE_GRACE_S,
     KINDS,
     EventTimeGate,
@@ -135,6 +134,7 @@ from stream.metrics import WorkerMetrics
 from stream.model_updates import HotSwap, UpdateListener, announce, starting_model
 from stream.ownership import Ownership, WorkerDirectory, advertised_url
 from stream.ownership import announce as announce_owner
+from stream.partition_ends import PartitionEnds
 from stream.producer import open_producer
 from stream.publisher import KafkaPublisher
 from stream.records import ConsumedRecord
@@ -191,7 +191,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0
     lag_interval_s: float = 1.0  # seconds between consumer lag updates
     max_held: int = 32768  # records the gate may hold per topic and partition (stream.gate)
-    idle_grace_s: float = IDLE_GRACE_S  # how long an idle topic holds a record (stream.gate)
+    idle_grace_s: float = IDLE_GRACE_S  # how long an idle topic holds a record back (stream.gate)
     profiles_dataset: str | None = None  # a data set whose user profiles the scorer reads
     data_dir: Path | None = None  # where that data set is cached
     api_token: ApiToken | None = None  # the HTTP API's bearer token (its repr hides it)
@@ -419,8 +419,9 @@ class ConsumerLoop:
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             request_timeout_ms=int(max(config.timeout_s, config.session_timeout_s + 5) * 1000),
             fetch_max_bytes=64 << 20,
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # idle high-water marks stay fresh (gate)
         )
+        self.ends = PartitionEnds(self.consumer, self.topics.of, self._input_partitions,
+                                  self.position_of, clock=self.gate.clock)
         self.rebalance = _Rebalance(self)
         topics = self.topics
         self.consumer.subscribe([topics.interactions, topics.impressions, topics.labels],
@@ -434,6 +435,7 @@ class ConsumerLoop:
                 services.log_ids.pop(tp.partition, None)
                 services.metrics.forget_partition(tp.topic, tp.partition)
             self.gate.forget(self.topics.kind_of(tp.topic), tp.partition)
+            self.ends.forget(tp)
             self.next_offsets.pop(tp, None)
             self.processed.pop(tp, None)
 
@@ -570,7 +572,7 @@ class ConsumerLoop:
             if records:
                 self.next_offsets[tp] = records[-1].offset + 1
         early = dict(gate.released_early)
-        released = gate.release(self.idle)
+        released = gate.release(self.ends)
         for kind in KINDS:
             if gate.released_early[kind] > early[kind]:
                 services.metrics.released_early.labels(topics.of(kind)).inc(
@@ -625,26 +627,22 @@ class ConsumerLoop:
         log.info("committed on revocation: %s",
                  sorted(f"{tp.topic}[{tp.partition}]@{o.offset}" for tp, o in offsets.items()))
 
-    def idle(self, kind: str, partition: int) -> bool:
-        """Whether partition ``partition`` of ``kind``'s topic was read up to its end (as of
-        the last fetch)."""
-        tp = TopicPartition(self.topics.of(kind), partition)
-        try:
-            end = self.consumer.highwater(tp)
-        except Exception:  # not assigned (rebalancing)
-            return False
-        if end is None:
-            return False
+    def _input_partitions(self) -> list[TopicPartition]:
+        inputs = self.topics.inputs()
+        return [tp for tp in self.consumer.assignment() if tp.topic in inputs]
+
+    def position_of(self, tp: TopicPartition) -> int | None:
+        """One past the last record polled from ``tp`` (its consumer position before the first
+        poll since its assignment); None if not assigned or not known yet."""
         position = self.next_offsets.get(tp)
-        if position is None:  # nothing polled from it yet since its assignment
+        if position is None:
             try:
                 position = self.consumer.position(tp, timeout_ms=200)
             except Exception:  # not assigned (rebalancing), or not known yet
-                return False
-            if position is None:
-                return False
-            self.next_offsets[tp] = position
-        return position >= end
+                return None
+            if position is not None:
+                self.next_offsets[tp] = position
+        return position
 
     def report_lag(self) -> None:
         """Set the lag gauge of each assigned ``interactions`` partition already fetched."""

@@ -13,7 +13,7 @@ def rec(partition: int, offset: int, ts: int, user: bytes = b"u") -> ConsumedRec
     return ConsumedRecord(partition, offset, user, b"{}", ts)
 
 
-def never_idle(kind: str, partition: int) -> bool:
+def never_idle(kind: str, partition: int, as_of: float) -> bool:
     return False
 
 
@@ -71,11 +71,15 @@ def test_idle_topics_hold_nothing_back_once_the_grace_has_passed() -> None:
     gate = EventTimeGate(idle_grace_s=0.3, clock=clock)
     gate.hold("interactions", [rec(2, 0, 300), rec(2, 1, 100), rec(3, 0, 50)])
 
-    def idle(kind: str, partition: int) -> bool:
+    asked: list[float] = []
+
+    def idle(kind: str, partition: int, as_of: float) -> bool:
+        asked.append(as_of)
         return partition == 2 and kind in ("impressions", "labels")
 
     clock.now = 0.2
-    assert gate.release(idle)["interactions"] == []  # the idle mark may predate them
+    assert gate.release(idle)["interactions"] == []  # an earlier record may still arrive
+    assert asked == []  # nothing to ask before the grace has passed
     clock.now = 0.3
     released = gate.release(idle)["interactions"]
     assert [(r.partition, r.offset) for r in released] == [(2, 0), (2, 1)]
@@ -89,7 +93,7 @@ def test_a_label_is_not_released_ahead_of_its_impression_by_a_stale_idle_mark() 
     gate = EventTimeGate(idle_grace_s=0.3, clock=clock)
     impressions_fetched = False
 
-    def idle(kind: str, partition: int) -> bool:
+    def idle(kind: str, partition: int, as_of: float) -> bool:
         return kind != "impressions" or not impressions_fetched
 
     gate.hold("labels", [rec(0, 0, 101)])
@@ -101,7 +105,26 @@ def test_a_label_is_not_released_ahead_of_its_impression_by_a_stale_idle_mark() 
     assert offsets(released["impressions"]) == [0]
     assert released["labels"] == []  # not idle any more, and nothing newer seen
     clock.now = 0.5
-    assert offsets(gate.release(lambda kind, partition: True)["labels"]) == [0]
+    assert offsets(gate.release(lambda kind, partition, as_of: True)["labels"]) == [0]
+
+
+def test_an_idle_answer_from_before_the_grace_ends_releases_nothing() -> None:
+    """A slow loop pass: the impressions partition was last seen read to its end at 0.1 s,
+    the interaction was held at 0.2 s, and the clock reads 5 s when the gate next releases.
+    The old answer says nothing of an impression that reached the broker after 0.1 s."""
+    clock = Clock()
+    gate = EventTimeGate(idle_grace_s=0.3, clock=clock)
+    seen_read_to_end_at = 0.1
+
+    def read_to_end(kind: str, partition: int, as_of: float) -> bool:
+        return kind == "labels" or as_of <= seen_read_to_end_at
+
+    clock.now = 0.2
+    gate.hold("interactions", [rec(0, 0, 100)])
+    clock.now = 5.0
+    assert gate.release(read_to_end)["interactions"] == []
+    seen_read_to_end_at = 5.0
+    assert offsets(gate.release(read_to_end)["interactions"]) == [0]
 
 
 def test_release_stops_at_the_first_record_not_yet_due_keeping_offset_order() -> None:

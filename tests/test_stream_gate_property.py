@@ -1,12 +1,14 @@
 """``EventTimeGate`` against any schedule of production, fetches, idle signals and clock moves.
 
 Property: for two partitions, each with its three topics' records (timestamps non-decreasing
-per topic, offsets in order), produced in event-time order at arbitrary clock readings,
+per topic, offsets in order), produced in event-time order at arbitrary clock readings, each
+reaching the broker up to less than ``IDLE_GRACE_S`` later (the producer batches each topic
+partition separately, so a record can reach it after a later record of another topic),
 fetched in arbitrary poll batches (topics and partitions interleaved arbitrarily), with
-``release`` called at arbitrary moments and the idle signal arbitrary but truthful up to the
-consumer's documented staleness (a topic partition may look idle only if every record of it
-produced at least ``FETCH_MAX_WAIT_MS`` ago was delivered), what ``release`` returns, each
-call's records taken in time order as the worker does:
+``release`` called at arbitrary moments and the read-to-end answers taken from checks of the
+broker made at arbitrary moments, however old (a slow loop pass), truthful as of their
+moment or withheld, what ``release`` returns, each call's records taken in time order as the
+worker does:
 
 (a) is in event-time order per partition: timestamp, then impression < interaction < label,
     then offset (the spec is written out here, not taken from the gate);
@@ -24,12 +26,12 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.gate import FETCH_MAX_WAIT_MS, IDLE_GRACE_S, KINDS, EventTimeGate, order_key
+from stream.gate import IDLE_GRACE_S, KINDS, EventTimeGate, order_key
 from stream.records import ConsumedRecord
 
 PARTITIONS = (0, 1)
 SPEC_RANK = {"impressions": 0, "interactions": 1, "labels": 2}  # one millisecond's order
-STALE_S = FETCH_MAX_WAIT_MS / 1000  # how old the idle signal's high-water mark can be
+DELAYS = (0.0, 0.1, 0.2, 0.29)  # how much later than produced a record reaches the broker
 
 Stream = tuple[str, int]  # (kind, partition)
 
@@ -48,37 +50,51 @@ class Clock:
 
 @dataclass
 class World:
-    """The records of every stream, what was produced (and when) and delivered so far."""
+    """The records of every stream, when each reached the broker, what was delivered, and
+    the broker checks made so far."""
 
     records: dict[Stream, list[ConsumedRecord]]
     production: list[tuple[str, ConsumedRecord]]  # every record, in event-time order
-    produced_at: dict[tuple[str, int, int], float] = field(default_factory=dict)
+    on_broker_at: dict[tuple[str, int, int], float] = field(default_factory=dict)
     delivered: dict[Stream, int] = field(default_factory=dict)  # how many, per stream
+    checked: dict[Stream, tuple[float, bool]] = field(default_factory=dict)  # (when, read)
 
     def produced(self) -> int:
-        return len(self.produced_at)
+        return len(self.on_broker_at)
 
-    def produce(self, n: int, now: float) -> None:
-        for kind, r in self.production[self.produced():self.produced() + n]:
-            self.produced_at[(kind, r.partition, r.offset)] = now
+    def produce(self, delays: list[float], now: float) -> None:
+        """The next ``len(delays)`` records, produced at ``now``, each on the broker after its
+        delay, but not before the record before it in its stream (a log)."""
+        for (kind, r), delay in zip(self.production[self.produced():], delays, strict=False):
+            before = [self.on_broker_at[(kind, r.partition, o)] for o in range(r.offset)]
+            self.on_broker_at[(kind, r.partition, r.offset)] = max([now + delay, *before])
 
-    def deliverable(self, stream: Stream) -> list[ConsumedRecord]:
+    def deliverable(self, stream: Stream, now: float) -> list[ConsumedRecord]:
         kind, _ = stream
         done = self.delivered.get(stream, 0)
-        return [r for r in self.records[stream][done:]
-                if (kind, r.partition, r.offset) in self.produced_at]
+        out = []
+        for r in self.records[stream][done:]:
+            if self.on_broker_at.get((kind, r.partition, r.offset), now + 1) > now:
+                break
+            out.append(r)
+        return out
 
-    def deliver(self, stream: Stream, n: int) -> list[ConsumedRecord]:
-        batch = self.deliverable(stream)[:n]
+    def deliver(self, stream: Stream, n: int, now: float) -> list[ConsumedRecord]:
+        batch = self.deliverable(stream, now)[:n]
         self.delivered[stream] = self.delivered.get(stream, 0) + len(batch)
         return batch
 
-    def may_look_idle(self, stream: Stream, now: float) -> bool:
-        """Truthful up to staleness: every record produced ``STALE_S`` ago or earlier is
-        delivered."""
+    def check(self, stream: Stream, now: float) -> None:
+        """A broker check at ``now``: is every record then on the broker delivered?"""
         kind, _ = stream
-        return all(self.produced_at.get((kind, r.partition, r.offset), now) > now - STALE_S
-                   for r in self.records[stream][self.delivered.get(stream, 0):])
+        self.checked[stream] = now, all(
+            self.on_broker_at.get((kind, r.partition, r.offset), now + 1) > now
+            for r in self.records[stream][self.delivered.get(stream, 0):])
+
+    def read_to_end(self, stream: Stream, as_of: float) -> bool:
+        """The last check's answer, if it was made at ``as_of`` or later."""
+        when, read = self.checked.get(stream, (-1.0, False))
+        return when >= as_of and read
 
 
 @st.composite
@@ -109,7 +125,7 @@ def in_time_order(released: dict[str, list[ConsumedRecord]]) -> list[tuple[str, 
                   key=lambda kr: (kr[1].partition, order_key(*kr)))
 
 
-ADVANCES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
+ADVANCES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 2.0)
 
 
 def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
@@ -118,36 +134,40 @@ def run(world: World, data: st.DataObject, gate: EventTimeGate, clock: Clock,
     out: list[tuple[str, ConsumedRecord]] = []
     streams = list(world.records)
 
-    def release(idle: dict[Stream, bool]) -> None:
-        out.extend(in_time_order(gate.release(lambda kind, p: idle[(kind, p)])))
+    def release() -> None:
+        out.extend(in_time_order(gate.release(
+            lambda kind, p, as_of: world.read_to_end((kind, p), as_of))))
 
     for _ in range(steps):
-        actions = ["advance", "release"]
+        actions = ["advance", "release", "check"]
         if world.produced() < len(world.production):
             actions.append("produce")
-        ready = [s for s in streams if world.deliverable(s)]
+        ready = [s for s in streams if world.deliverable(s, clock.now)]
         if ready:
             actions.append("deliver")
         action = data.draw(st.sampled_from(actions))
         if action == "produce":
-            world.produce(data.draw(st.integers(1, 4)), clock.now)
+            world.produce(data.draw(st.lists(st.sampled_from(DELAYS), min_size=1, max_size=4)),
+                          clock.now)
         elif action == "deliver":
             stream = data.draw(st.sampled_from(ready))
-            gate.hold(stream[0], world.deliver(stream, data.draw(st.integers(1, 3))))
+            gate.hold(stream[0], world.deliver(stream, data.draw(st.integers(1, 3)), clock.now))
         elif action == "advance":
             clock.now += data.draw(st.sampled_from(ADVANCES))
-        else:  # idle: as truthful as allowed, or some of it withheld
-            truthful = {s: world.may_look_idle(s, clock.now) for s in streams}
-            if not data.draw(st.booleans()):
-                truthful = {s: idle and data.draw(st.booleans())
-                            for s, idle in truthful.items()}
-            release(truthful)
-    # the end: everything produced and delivered, every topic idle, the grace passed
-    world.produce(len(world.production), clock.now)
+        elif action == "check":
+            for stream in data.draw(st.lists(st.sampled_from(streams), min_size=1)):
+                world.check(stream, clock.now)
+        else:
+            release()
+    # the end: everything produced and delivered, the grace passed, every topic checked
+    world.produce([0.0] * len(world.production), clock.now)
+    clock.now += max(DELAYS)
     for stream in streams:
-        gate.hold(stream[0], world.deliver(stream, len(world.records[stream])))
-    clock.now += IDLE_GRACE_S + STALE_S + 0.01
-    release(dict.fromkeys(streams, True))
+        gate.hold(stream[0], world.deliver(stream, len(world.records[stream]), clock.now))
+    clock.now += IDLE_GRACE_S
+    for stream in streams:
+        world.check(stream, clock.now)
+    release()
     return out
 
 
@@ -177,7 +197,7 @@ def test_release_is_ordered_complete_leak_free_and_exactly_once(
     check(world, run(world, data, EventTimeGate(clock=clock), clock, steps))
 
 
-def test_the_documented_staleness_is_below_the_grace() -> None:
-    """The property above holds only because an idle signal is at most ``STALE_S`` old while
-    a record waits ``IDLE_GRACE_S`` for it."""
-    assert STALE_S < IDLE_GRACE_S
+def test_the_producers_delays_are_below_the_grace() -> None:
+    """The property above holds only because a record reaches the broker less than
+    ``IDLE_GRACE_S`` after a later record of another topic."""
+    assert max(DELAYS) < IDLE_GRACE_S
