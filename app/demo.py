@@ -494,9 +494,9 @@ class Demo:
     def _offline_auc(self) -> dict[str, Any]:
         """``unirec eval``'s metrics of the checkpoint on the replayed events; the largest
         difference between an event's offline probability and its streamed score, and how many
-        events differ by more than ``SCORE_TOLERANCE`` (an impression the worker's gate let
-        through before its user's previous interaction was applied: it decides on the
-        partitions' high-water marks and a grace period, ``stream.gate``)."""
+        events differ by more than ``SCORE_TOLERANCE`` (none should: each would be an
+        impression scored with another state or history than its user's, e.g. one the worker's
+        event-time gate let through too early, ``stream.gate``)."""
         import torch
 
         from evaluation.quickstart import predict_on_log
