@@ -204,45 +204,48 @@ class Demo:
             producer.start()
             self._say(f"streaming the history ({len(self.history):,} interactions) into the "
                       f"broker at {bootstrap}")
-            if self.train is not None and not self.train(self.stop):
+            if self.train is None or self.train(self.stop):
+                self._serve(bootstrap, producer)
+            else:  # interrupted while training: no model, nothing to serve
                 self.stop.set()
                 self.serving.set()
                 producer.join(timeout=30)
-                self.summary.interrupted = True
-                self.summary.seconds = round(time.perf_counter() - started, 1)
-                return self.summary
-            port = self.config.web_port or free_port()
-            self.summary.api = f"http://127.0.0.1:{port}"
-            worker = self._start_worker(bootstrap, port)
-            monitor = self._start_monitor(bootstrap)
-            try:
-                self._wait_ready(worker)
-                self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
-                self._say(f"fleet monitor on {self.summary.monitor} (the page; JSON at "
-                          f"/fleet/drift, /fleet/versions)")
-                self._wait_history(worker)
-                replay_started = time.perf_counter()
-                self.serving.set()
-                self._follow(worker)
-                self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
-                producer.join(timeout=30)
-                # Once stopped (Ctrl-C reaches the broker too: it shares the terminal's
-                # process group), unacknowledged sends are the stop's doing, not a failure.
-                if self.producer_error is not None and not self.stop.is_set():
-                    raise DemoError(f"the producer failed: {self.producer_error}")
-                self._finish(self._metrics())
-                if not self.stop.is_set():
-                    self.summary.online = self._online_auc(bootstrap)
-                    self._wait_fleet()
-                if not self.stop.is_set() and not self.config.learning:
-                    self.summary.offline = self._offline_auc()
-            finally:
-                self.serving.set()  # the producer must not wait for a worker that is gone
-                _stop(worker, self.worker_log, timeout_s=60)
-                _stop(monitor, self.monitor_log, timeout_s=30)
         self.summary.interrupted = self.stop.is_set()
         self.summary.seconds = round(time.perf_counter() - started, 1)
         return self.summary
+
+    def _serve(self, bootstrap: str, producer: threading.Thread) -> None:
+        """Run the worker and the fleet monitor beside the broker, replay the held-out events
+        once the history is applied, and fill in the summary; both are stopped at the end."""
+        port = self.config.web_port or free_port()
+        self.summary.api = f"http://127.0.0.1:{port}"
+        worker = self._start_worker(bootstrap, port)
+        monitor = self._start_monitor(bootstrap)
+        try:
+            self._wait_ready(worker)
+            self._say(f"HTTP API on {self.summary.api} (try /users/1/state, /metrics)")
+            self._say(f"fleet monitor on {self.summary.monitor} (the page; JSON at "
+                      f"/fleet/drift, /fleet/versions)")
+            self._wait_history(worker)
+            replay_started = time.perf_counter()
+            self.serving.set()
+            self._follow(worker)
+            self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
+            producer.join(timeout=30)
+            # Once stopped (Ctrl-C reaches the broker too: it shares the terminal's process
+            # group), unacknowledged sends are the stop's doing, not a failure.
+            if self.producer_error is not None and not self.stop.is_set():
+                raise DemoError(f"the producer failed: {self.producer_error}")
+            self._finish(self._metrics())
+            if not self.stop.is_set():
+                self.summary.online = self._online_auc(bootstrap)
+                self._wait_fleet()
+            if not self.stop.is_set() and not self.config.learning:
+                self.summary.offline = self._offline_auc()
+        finally:
+            self.serving.set()  # the producer must not wait for a worker that is gone
+            _stop(worker, self.worker_log, timeout_s=60)
+            _stop(monitor, self.monitor_log, timeout_s=30)
 
     # -------------------------------------------------------------------------- parts
 
