@@ -8,7 +8,10 @@ behind other partitions' responses, and a fetch is sent only from ``poll``, so a
 loop pass the newest mark can be older than any grace. ``PartitionEnds`` asks the broker
 instead: one ``ListOffsets`` for every assigned input partition, sent only when the gate asks
 about a moment later than the last answer, and at most once per ``min_interval_s``; the
-answer is true as of the clock reading taken before the request was sent.
+answer is true as of the clock reading taken before the request was sent. The request goes
+through a client of its own (``lister``): on the consumer's connection it would queue behind
+the consumer's long-poll fetch (measured: 400 ms per check instead of 0.6 ms with the
+default ``fetch_max_wait_ms`` of 500).
 
 A partition is read to its end when the consumer's position (one past the last record
 polled) is at or past both the listed end offset and the partition's fetched high-water
@@ -36,17 +39,21 @@ CHECK_INTERVAL_S = 0.1
 class PartitionEnds:
     """Answers ``stream.gate.ReadToEnd`` for ``consumer``.
 
-    ``topic_of(kind)``: the topic of a gate kind. ``partitions()``: the topic partitions to
-    check (the assigned input partitions). ``position(tp)``: one past the last record polled
-    from ``tp``, or None if not known. ``clock`` must be the gate's.
+    ``lister``: the client whose ``end_offsets`` asks the broker (a consumer outside any group,
+    not ``consumer`` itself: see the module docstring). ``topic_of(kind)``: the topic of a gate
+    kind. ``partitions()``: the topic partitions to check (the assigned input partitions).
+    ``position(tp)``: one past the last record polled from ``tp``, or None if not known.
+    ``clock`` must be the gate's.
     """
 
-    def __init__(self, consumer: KafkaConsumer, topic_of: Callable[[str], str],
+    def __init__(self, consumer: KafkaConsumer, lister: KafkaConsumer,
+                 topic_of: Callable[[str], str],
                  partitions: Callable[[], Iterable[TopicPartition]],
                  position: Callable[[TopicPartition], int | None],
                  min_interval_s: float = CHECK_INTERVAL_S, timeout_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.consumer = consumer
+        self.lister = lister
         self.topic_of = topic_of
         self.partitions = partitions
         self.position = position
@@ -84,7 +91,7 @@ class PartitionEnds:
         if not tps:
             return
         try:
-            ends = self.consumer.end_offsets(tps, timeout_ms=int(self.timeout_s * 1000))
+            ends = self.lister.end_offsets(tps, timeout_ms=int(self.timeout_s * 1000))
         except Exception as exc:  # the gate waits (records released by max_held at worst)
             log.warning("checking the input partitions' end offsets failed: %s", exc)
             return

@@ -34,7 +34,8 @@ def test_read_to_end_as_of_each_broker_check(bootstrap: str) -> None:
                               fetch_max_wait_ms=50)
     clock = Clock()
     positions: dict[TopicPartition, int] = {}
-    ends = PartitionEnds(consumer, topics.of, lambda: [tp], positions.get, clock=clock)
+    ends = PartitionEnds(consumer, consumer, topics.of, lambda: [tp], positions.get,
+                         clock=clock)
 
     def produce(n: int) -> None:
         for k in range(n):
@@ -84,8 +85,9 @@ def test_checks_are_rate_limited_and_a_later_moment_waits_for_the_next() -> None
 
     clock = Clock()
     tp = TopicPartition("t", 0)
-    ends = PartitionEnds(Consumer(), lambda kind: "t", lambda: [tp], lambda tp: 4,  # type: ignore[arg-type]
-                         min_interval_s=0.1, clock=clock)
+    consumer = Consumer()
+    ends = PartitionEnds(consumer, consumer, lambda kind: "t", lambda: [tp],  # type: ignore[arg-type]
+                         lambda tp: 4, min_interval_s=0.1, clock=clock)
     assert ends("interactions", 0, clock.now)
     clock.now += 0.05
     assert not ends("interactions", 0, clock.now)  # the last answer is older: no check yet
