@@ -61,6 +61,7 @@ class PartitionEnds:
         self.timeout_s = timeout_s
         self.clock = clock
         self.checks = 0  # broker checks answered
+        self.failures = 0  # checks failed since the last answer
         self._ends: dict[TopicPartition, int] = {}
         self._as_of = -math.inf  # the clock reading the ends are true of
         self._tried = -math.inf
@@ -93,8 +94,13 @@ class PartitionEnds:
         try:
             ends = self.lister.end_offsets(tps, timeout_ms=int(self.timeout_s * 1000))
         except Exception as exc:  # the gate waits (records released by max_held at worst)
-            log.warning("checking the input partitions' end offsets failed: %s", exc)
+            self.failures += 1
+            if self.failures == 1:  # once per streak: a check may come every min_interval_s
+                log.warning("checking the input partitions' end offsets failed: %s", exc)
             return
+        if self.failures:
+            log.info("end-offset checks answer again after %d failures", self.failures)
+            self.failures = 0
         self._ends = {tp: int(end) for tp, end in ends.items() if end is not None}
         self._as_of = now
         self.checks += 1

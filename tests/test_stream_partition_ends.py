@@ -95,3 +95,30 @@ def test_checks_are_rate_limited_and_a_later_moment_waits_for_the_next() -> None
     clock.now += 0.06
     assert ends("interactions", 0, clock.now)
     assert Consumer.calls == 2
+
+
+def test_a_failed_check_answers_not_read_and_the_next_one_recovers() -> None:
+    class Flaky:
+        fail = True
+
+        def end_offsets(self, tps: list[TopicPartition], timeout_ms: int) -> dict:
+            if Flaky.fail:
+                raise TimeoutError("no broker")
+            return dict.fromkeys(tps, 2)
+
+        def highwater(self, tp: TopicPartition) -> int:
+            return 2
+
+    clock = Clock()
+    tp = TopicPartition("t", 0)
+    flaky = Flaky()
+    ends = PartitionEnds(flaky, flaky, lambda kind: "t", lambda: [tp],  # type: ignore[arg-type]
+                         lambda tp: 2, min_interval_s=0.1, clock=clock)
+    assert not ends("labels", 0, clock.now)
+    clock.now += 0.2
+    assert not ends("labels", 0, clock.now)
+    assert ends.failures == 2 and ends.checks == 0
+    Flaky.fail = False
+    clock.now += 0.2
+    assert ends("labels", 0, clock.now)
+    assert ends.failures == 0 and ends.checks == 1
