@@ -145,7 +145,9 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         )
     lines += ["", "## Prequential (test-then-train) over the test period", "",
               f"{budget['chunks']} chunks in time order; each is scored, then learned from "
-              "with `train_step`. Both arms see the same histories and GRU states; only the "
+              "with `train_step` at the worker's online learner settings (`OnlineConfig`: "
+              "its learning rate, batch size and weight decay, the same for every model). "
+              "Both arms see the same histories and GRU states; only the "
               "weights differ. AUC/GAUC pool the whole period, whose fine-tuned scores come "
               "from successive model versions; the mean chunk AUC compares versions only "
               "within a chunk.", "",

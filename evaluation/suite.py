@@ -2,7 +2,9 @@
 
 For every variant (the four models and UniRec's ablations) and every seed: train under the
 matched budget on the training part, score the test part. For the four models, also run the
-prequential evaluation (frozen vs fine-tuned) over the test period, and replay the same test
+prequential evaluation (frozen vs fine-tuned) over the test period, fine-tuning with the
+worker's online learner settings (``ONLINE``: its learning rate, batch size and weight decay,
+the same for every model), and replay the same test
 events through the online River peers (``evaluation.river_peers``; skipped, with a note, when
 River is not installed or ``peers`` is off). Hyperparameters come from the tuning file
 (``--tune`` reruns the grid first). Writes ``<out>/<log name>.md``,
@@ -38,7 +40,11 @@ from evaluation.river_peers import peers_record
 from evaluation.tuning import RUNS_PER_MODEL, load_tuning, save_tuning, tune
 from eventlog.log import EventLog
 from model.kinds import build_model, parameter_count
+from model.online import OnlineConfig
 from model.training import TrainConfig
+
+ONLINE = OnlineConfig()
+"""The prequential fine-tuning: the settings the worker's online learner runs with."""
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs in all, what just finished)
 
@@ -82,7 +88,9 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
         for seed in range(budget.seeds):
             result = run_one(variant, hyper, seed, splits, budget, widths[variant.kind], device)
             if variant in MODELS:
-                train_cfg = TrainConfig(lr=hyper.lr, batch_size=budget.batch_size, seed=seed)
+                train_cfg = TrainConfig(lr=ONLINE.lr, weight_decay=ONLINE.weight_decay,
+                                        batch_size=ONLINE.batch_size, seed=seed,
+                                        task=ONLINE.task)
                 preq.append(asdict(prequential(result.model, splits.featurizer, splits.test,
                                                result.probabilities, train_cfg, budget.chunks,
                                                device)))
