@@ -72,53 +72,51 @@ def test_read_to_end_as_of_each_broker_check(bootstrap: str) -> None:
         producer.close()
 
 
-def test_checks_are_rate_limited_and_a_later_moment_waits_for_the_next() -> None:
-    class Consumer:
-        calls = 0
+class FakeBroker:
+    """A consumer whose every partition ends at offset 4, and whose checks can fail."""
 
-        def end_offsets(self, tps: list[TopicPartition], timeout_ms: int) -> dict:
-            Consumer.calls += 1
-            return dict.fromkeys(tps, 4)
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
 
-        def highwater(self, tp: TopicPartition) -> int:
-            return 4
+    def end_offsets(self, tps: list[TopicPartition], timeout_ms: int) -> dict:
+        self.calls += 1
+        if self.fail:
+            raise TimeoutError("no broker")
+        return dict.fromkeys(tps, 4)
 
-    clock = Clock()
+    def highwater(self, tp: TopicPartition) -> int:
+        return 4
+
+
+def read_to_end_at_4(broker: FakeBroker, clock: Clock) -> PartitionEnds:
+    """``PartitionEnds`` over ``broker`` for one partition whose position is 4."""
     tp = TopicPartition("t", 0)
-    consumer = Consumer()
-    ends = PartitionEnds(consumer, consumer, lambda kind: "t", lambda: [tp],  # type: ignore[arg-type]
+    return PartitionEnds(broker, broker, lambda kind: "t", lambda: [tp],  # type: ignore[arg-type]
                          lambda tp: 4, min_interval_s=0.1, clock=clock)
+
+
+def test_checks_are_rate_limited_and_a_later_moment_waits_for_the_next() -> None:
+    clock, broker = Clock(), FakeBroker()
+    ends = read_to_end_at_4(broker, clock)
     assert ends("interactions", 0, clock.now)
     clock.now += 0.05
     assert not ends("interactions", 0, clock.now)  # the last answer is older: no check yet
-    assert Consumer.calls == 1
+    assert broker.calls == 1
     clock.now += 0.06
     assert ends("interactions", 0, clock.now)
-    assert Consumer.calls == 2
+    assert broker.calls == 2
 
 
 def test_a_failed_check_answers_not_read_and_the_next_one_recovers() -> None:
-    class Flaky:
-        fail = True
-
-        def end_offsets(self, tps: list[TopicPartition], timeout_ms: int) -> dict:
-            if Flaky.fail:
-                raise TimeoutError("no broker")
-            return dict.fromkeys(tps, 2)
-
-        def highwater(self, tp: TopicPartition) -> int:
-            return 2
-
-    clock = Clock()
-    tp = TopicPartition("t", 0)
-    flaky = Flaky()
-    ends = PartitionEnds(flaky, flaky, lambda kind: "t", lambda: [tp],  # type: ignore[arg-type]
-                         lambda tp: 2, min_interval_s=0.1, clock=clock)
+    clock, broker = Clock(), FakeBroker()
+    broker.fail = True
+    ends = read_to_end_at_4(broker, clock)
     assert not ends("labels", 0, clock.now)
     clock.now += 0.2
     assert not ends("labels", 0, clock.now)
     assert ends.failures == 2 and ends.checks == 0
-    Flaky.fail = False
+    broker.fail = False
     clock.now += 0.2
     assert ends("labels", 0, clock.now)
     assert ends.failures == 0 and ends.checks == 1
