@@ -10,7 +10,6 @@ file unreadable. ``load(..., expect=...)`` checks the signature before any weigh
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,9 @@ def load(
             raise CheckpointError(f"{path}: weight {broken!r} holds NaN or infinity")
     except (CheckpointError, IncompatibleVersion):
         raise
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, RuntimeError,
-            AttributeError, TypeError) as exc:
-        raise CheckpointError(f"{path} is not a readable unirec checkpoint: {exc}") from exc
+    except Exception as exc:
+        # A corrupt or hostile file may raise anything (torch's weights-only unpickler raises
+        # IndexError on some bytes): whatever it is, the file is unreadable, never a crash.
+        raise CheckpointError(f"{path} is not a readable unirec checkpoint: "
+                              f"{type(exc).__name__}: {exc}") from exc
     return model.to(device).eval(), data["meta"]

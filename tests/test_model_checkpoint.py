@@ -5,12 +5,15 @@ refused with IncompatibleVersion naming the difference, before its weights are b
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from model_fixtures import (
     SPEC,
     cached_logits,
@@ -71,6 +74,38 @@ def test_loading_a_file_that_is_not_a_checkpoint_raises_checkpoint_error(tmp_pat
     path = tmp_path / f"{kind}.pt"
     path.write_bytes(GARBAGE[kind](tmp_path))
     with pytest.raises(CheckpointError, match=kind):
+        load(path)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048)
+       | st.integers(0, 2**32 - 1).map(lambda seed: np.random.default_rng(seed).bytes(2048)))
+def test_any_bytes_that_are_not_a_checkpoint_raise_checkpoint_error(tmp_path, data):
+    """Whatever the bytes (a model version may be corrupt or hostile), load raises
+    CheckpointError and nothing else: torch's weights-only unpickler raises IndexError, struct
+    and Unicode errors on some inputs."""
+    path = tmp_path / "version.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError):
+        load(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0.0, 0.999), flip=st.integers(0, 2**31))
+def test_a_truncated_or_bit_flipped_checkpoint_raises_checkpoint_error(tmp_path, cut, flip):
+    """A checkpoint cut anywhere, or with one byte changed anywhere, loads as itself or raises
+    CheckpointError, never another exception."""
+    real = _real_checkpoint(tmp_path / "real.pt")
+    path = tmp_path / "version.pt"
+    path.write_bytes(real[: int(len(real) * cut)])
+    with pytest.raises(CheckpointError):
+        load(path)
+    changed = bytearray(real)
+    changed[flip % len(real)] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    with contextlib.suppress(CheckpointError):
         load(path)
 
 
