@@ -78,7 +78,10 @@ class PartitionEnds:
         position = self.position(tp)
         if end is None or position is None:
             return False
-        high = self.consumer.highwater(tp)
+        try:
+            high = self.consumer.highwater(tp)
+        except Exception:  # not assigned (rebalancing): nothing is known of it
+            return False
         return position >= max(end, high if high is not None else 0)
 
     def check(self) -> None:

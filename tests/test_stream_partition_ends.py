@@ -9,6 +9,7 @@ import time
 import uuid
 
 from kafka import TopicPartition
+from kafka.errors import IllegalStateError
 
 from stream.kafka_client import kafka_consumer
 from stream.partition_ends import PartitionEnds
@@ -78,6 +79,7 @@ class FakeBroker:
     def __init__(self) -> None:
         self.calls = 0
         self.fail = False
+        self.assigned = True
 
     def end_offsets(self, tps: list[TopicPartition], timeout_ms: int) -> dict:
         self.calls += 1
@@ -86,6 +88,8 @@ class FakeBroker:
         return dict.fromkeys(tps, 4)
 
     def highwater(self, tp: TopicPartition) -> int:
+        if not self.assigned:
+            raise IllegalStateError("Partition is not assigned")
         return 4
 
 
@@ -120,3 +124,13 @@ def test_a_failed_check_answers_not_read_and_the_next_one_recovers() -> None:
     clock.now += 0.2
     assert ends("labels", 0, clock.now)
     assert ends.failures == 0 and ends.checks == 1
+
+
+def test_a_partition_no_longer_assigned_is_not_read_to_its_end_and_raises_nothing() -> None:
+    """Mid-rebalance the consumer refuses to speak of a revoked partition (IllegalStateError):
+    the answer is "not read", never an exception out of the worker's loop."""
+    clock, broker = Clock(), FakeBroker()
+    ends = read_to_end_at_4(broker, clock)
+    assert ends("impressions", 0, clock.now)
+    broker.assigned = False
+    assert not ends("impressions", 0, clock.now)
