@@ -97,6 +97,12 @@ class W8A16Embedding(nn.Module):
         """rows: [...] long -> [..., d] float32."""
         return self.qweight[rows].float() * self.scale[rows]
 
+    def bag(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: [..., L] (0 = empty slot) -> [..., d], the mean of each bag's non-empty rows,
+        as ``model.tokens.EmbeddingTable.bag``."""
+        count = (rows > 0).sum(-1, keepdim=True).clamp(min=1)
+        return self(rows).sum(-2) / count
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The activation dtype: autocast's when it is on for x's device, else x's own."""

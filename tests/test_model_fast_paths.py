@@ -5,6 +5,8 @@
   and in training the loss and every parameter's gradient;
 - ``guarded_step`` embeds each history once (the GRU unroll and the S tokens share it): its
   loss and gradients equal the plain two-embedding computation;
+- the table's bag lookup (one ``embedding_bag``) equals the mean of the gathered rows, and
+  the GRU unroll (``unbind`` over the steps) equals indexing step by step: values and gradients;
 - W8A16 (``model.quantize``): int8 per-channel rounding is within half a step of the weight;
   the quantized scorer's probabilities stay within a tolerance of fp32's, its cached path
   still equals its reference path, it stores fewer weight bytes, and the fp32 model it was
@@ -32,8 +34,10 @@ from torch.nn import functional as F
 
 from model.backbone import UniRecModel
 from model.features import CandidateInputs, UserInputs
-from model.quantize import quantize_per_channel, quantize_w8a16, weight_bytes
+from model.gru import UserStateGRU
+from model.quantize import W8A16Embedding, quantize_per_channel, quantize_w8a16, weight_bytes
 from model.scorer import Scorer
+from model.tokens import EmbeddingTable
 from model.training import guarded_step
 from model.user_state import served_state
 
@@ -111,6 +115,51 @@ def test_training_fast_path_equals_plain_path_loss_and_gradients() -> None:
     assert captured.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(captured[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bag_lookup_equals_the_mean_of_gathered_rows_value_and_gradient() -> None:
+    """Bags with empty slots (row 0), a full bag and an empty bag (zeros): ``embedding_bag``
+    gives the gathered rows' mean over non-empty slots, and the same table gradient."""
+    torch.manual_seed(0)
+    table = EmbeddingTable(30, 8, padding_idx=0)
+    rows = torch.randint(0, 30, (4, 5, 6))
+    rows[0, 0] = 0
+    rows[1, 1] = torch.arange(1, 7)
+    rows[2, 2, :4] = 0
+    weights = torch.randn(4, 5, 8)
+
+    count = (rows > 0).sum(-1, keepdim=True).clamp(min=1)
+    gathered = table(rows).sum(-2) / count
+    (gathered * weights).sum().backward()
+    plain_grad, table.weight.grad = table.weight.grad.clone(), None
+    bagged = table.bag(rows)
+    (bagged * weights).sum().backward()
+
+    torch.testing.assert_close(bagged, gathered)
+    assert bagged[0, 0].abs().max() == 0
+    torch.testing.assert_close(table.weight.grad, plain_grad)
+    assert table.weight.grad[0].abs().max() == 0  # padding learns nothing
+    quantized = W8A16Embedding(table)
+    torch.testing.assert_close(quantized.bag(rows), quantized(rows).sum(-2) / count)
+
+
+def test_gru_unroll_equals_stepping_by_index_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    gru = UserStateGRU(8)
+    events = torch.randn(5, 7, 8, requires_grad=True)
+    valid = torch.rand(5, 7) > 0.3
+    u0 = torch.randn(5, 8)
+
+    gates, u = gru.input_gates(events), u0
+    for t in range(events.shape[1]):
+        u = torch.where(valid[:, t, None], gru.step(gates[:, t], u), u)
+    u.square().sum().backward()
+    plain_grad, events.grad = events.grad.clone(), None
+    unrolled = gru.unroll(events, valid, u0)
+    unrolled.square().sum().backward()
+
+    torch.testing.assert_close(unrolled, u)
+    torch.testing.assert_close(events.grad, plain_grad)
 
 
 def test_int8_per_channel_error_is_at_most_half_a_step() -> None:
