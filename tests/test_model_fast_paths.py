@@ -1,8 +1,10 @@
 """The fast paths compute what the plain reference paths compute.
 
-- fused attention (``UniBlock.fused``: additive-bias ``baddbmm`` on the CPU, SDPA on CUDA)
-  equals the plain logits / ``attention_weights`` path: the cached and the reference logits,
-  and in training the loss and every parameter's gradient;
+- fused attention (``UniBlock.fused``: SDPA on CUDA and in no-grad passes, additive-bias
+  ``baddbmm`` in CPU training, no-grad candidates as one SDPA call per request) equals the
+  plain logits / ``attention_weights`` path: the cached and the reference logits, the
+  candidate layout alone on several requests and masks, and in training the loss and every
+  parameter's gradient;
 - ``guarded_step`` embeds each history once (the GRU unroll and the S tokens share it): its
   loss and gradients equal the plain two-embedding computation;
 - the table's bag lookup (one ``embedding_bag``) equals the mean of the gathered rows, and
@@ -33,6 +35,7 @@ from model_fixtures import (
 from torch.nn import functional as F
 
 from model.backbone import UniRecModel
+from model.blocks import UniBlock
 from model.features import CandidateInputs, UserInputs
 from model.gru import UserStateGRU
 from model.quantize import W8A16Embedding, quantize_per_channel, quantize_w8a16, weight_bytes
@@ -70,6 +73,27 @@ def test_fused_attention_equals_plain_when_scoring(ablation: str) -> None:
     assert max_diff(fast_cached, plain_cached) < TOL
     assert max_diff(fast_ref, plain_ref) < TOL
     assert max_diff(fast_cached, plain_ref) < 1e-4
+
+
+@torch.no_grad()
+def test_fused_candidate_layout_equals_plain_for_many_requests_and_masks() -> None:
+    """``candidate_attention`` (no-grad scoring: one SDPA call per request over [user side |
+    every candidate's own tokens]) equals the plain per-candidate layout, for B requests with
+    different user-side masks per candidate (validity and core selection)."""
+    torch.manual_seed(0)
+    cfg = fresh_model(0).cfg
+    block = UniBlock(cfg, n_slots=7).eval()
+    b, c, p_g, l_u = 3, 5, 4, 13
+    heads, e = cfg.n_heads, cfg.d_model // cfg.n_heads
+    g = torch.randn(b, c, p_g, cfg.d_model)
+    user_kv = (torch.randn(b, heads, l_u, e), torch.randn(b, heads, l_u, e))
+    user_mask = torch.rand(b, c, l_u) > 0.4
+    user_mask[0, 0] = False  # a candidate that reads no user column: only its own tokens
+    items = slice(3, 7)
+    fused = block.candidates(g, user_kv, user_mask, None, items)
+    block.fused = False
+    plain = block.candidates(g, user_kv, user_mask, None, items)
+    assert (fused - plain).abs().max() < TOL
 
 
 def _loss_and_grads(model: UniRecModel, user: UserInputs, cands: CandidateInputs,
