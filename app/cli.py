@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, help="held-out events to replay (default: all)")
     demo.add_argument("--rate", type=float, help="events/s of the replay (default: max)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    demo.add_argument("--train-steps", type=int, default=300,
+    demo.add_argument("--train-steps", type=int, default=250,
                       help="steps of the training run when there is no model yet")
     demo.add_argument("--retrain", action="store_true", help="train even if a model exists")
     demo.add_argument("--no-train", action="store_true",
