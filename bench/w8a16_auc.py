@@ -3,7 +3,8 @@
     python bench/w8a16_auc.py --checkpoint runs/movielens-100k/model.pt [--dataset movielens-100k]
 
 Evaluates the checkpoint's model as trained (fp32) and its ``model.quantize.quantize_w8a16``
-copy under bf16 autocast (what ``unirec worker --quantize w8a16`` scores with) on the test
+copy (what ``unirec worker --quantize w8a16`` scores with on the CPU: its matmuls in bf16 where
+the CPU computes bf16 natively, the rest in fp32) on the test
 period of the data set (the time split the checkpoint was trained with), the same way
 ``unirec eval`` does (``evaluation.quickstart.evaluate_on_log``). Reports both metric sets,
 the AUC difference, the bytes of the weights (parameters and buffers, what ``torch.save``
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.quickstart import evaluate_on_log
 from eventlog.loaders import load_dataset
 from model.checkpoint import load
-from model.quantize import quantize_w8a16, weight_bytes
+from model.quantize import native_bf16, quantize_w8a16, weight_bytes
 
 AUC_TOLERANCE = 0.001
 
@@ -51,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     fraction = meta.get("train_fraction", 0.8)
     fp32 = evaluate_on_log(model, log, device, fraction)
     quantized = quantize_w8a16(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        w8a16 = evaluate_on_log(quantized, log, device, fraction)  # type: ignore[arg-type]
+    w8a16 = evaluate_on_log(quantized, log, device, fraction)  # type: ignore[arg-type]
     diff = abs(w8a16["auc"] - fp32["auc"])
     print(json.dumps({
         "checkpoint": str(args.checkpoint),
+        "w8a16_matmul_dtype": "bf16" if native_bf16(device) else "fp32",
         "dataset": args.dataset,
         "fp32": fp32,
         "w8a16": w8a16,

@@ -4,7 +4,8 @@
 together: ``encode_user`` over B users, then B x C candidates); ``score`` is its B = 1 case.
 Runs on CUDA with bf16 autocast when a GPU is present, on the CPU in fp32 otherwise: the same
 code either way. With ``quantize="w8a16"`` (UG-Sep's serving form, ``model.quantize``) the
-candidates are scored by an int8-weight copy of the model under bf16 autocast on either device;
+candidates are scored by an int8-weight copy of the model whose matmuls run in bf16 where the
+device computes bf16 natively (``model.quantize.native_bf16``), the rest in fp32 on the CPU;
 ``model`` stays the fp32 model (the applier's user states, the online learner's copy, hot swaps).
 ``score_reference`` runs the full joint sequence per candidate (no reuse) and
 exists to check and to measure the cache.
@@ -37,7 +38,7 @@ class Scorer:
     the user's recent events, oldest first (only the newest ``history_len`` are read).
     ``score_many`` runs impressions with the same candidate count together, at most
     ``max_batch`` per model call. ``quantize``: "none" (the model as given) or "w8a16" (an
-    int8-weight copy, bf16 activations, scores the candidates).
+    int8-weight copy, bf16 matmuls where native, scores the candidates).
     """
 
     def __init__(self, model: UniRecModel, device: torch.device | None = None,
@@ -90,8 +91,8 @@ class Scorer:
         return self.batch_inputs([impression], [history], [profile], [state])
 
     def _autocast(self) -> torch.autocast:
-        """bf16 autocast on CUDA, and on any device for W8A16 (16-bit activations)."""
-        enabled = self.device.type == "cuda" or self.quantize == "w8a16"
+        """bf16 autocast on CUDA (fp32 on the CPU, where W8A16's own matmuls pick bf16)."""
+        enabled = self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def batches(self, impressions: Sequence[Impression]) -> list[list[int]]:

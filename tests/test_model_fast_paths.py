@@ -38,7 +38,14 @@ from model.backbone import UniRecModel
 from model.blocks import UniBlock
 from model.features import CandidateInputs, UserInputs
 from model.gru import UserStateGRU
-from model.quantize import W8A16Embedding, quantize_per_channel, quantize_w8a16, weight_bytes
+from model.quantize import (
+    W8A16Embedding,
+    W8A16Linear,
+    native_bf16,
+    quantize_per_channel,
+    quantize_w8a16,
+    weight_bytes,
+)
 from model.scorer import Scorer
 from model.tokens import EmbeddingTable
 from model.training import guarded_step
@@ -214,6 +221,25 @@ def test_w8a16_scores_close_to_fp32_and_cache_still_exact() -> None:
     assert w8.model is model and fp32.serving is model
     for name, tensor in model.state_dict().items():  # the fp32 model is untouched
         assert torch.equal(tensor, before[name]), name
+
+
+def test_w8a16_matmuls_take_bf16_only_where_native_and_return_the_input_dtype() -> None:
+    """Without autocast a W8A16 layer returns fp32 for fp32 input; its matmul is rounded to bf16
+    exactly when the device computes bf16 natively (``native_bf16``), else it equals the fp32
+    product of the dequantized weight. Under autocast it returns autocast's dtype."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = W8A16Linear(linear)
+    x = torch.randn(16, 64)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    exact = x @ (layer.qweight.float() * layer.scale).T + linear.bias.detach()
+    if native_bf16(torch.device("cpu")):
+        assert 0 < (out - exact).abs().max() < 0.05
+    else:
+        assert torch.allclose(out, exact, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
 
 
 def test_w8a16_rejects_unknown_mode() -> None:
