@@ -109,6 +109,7 @@ class W8A16Embedding(nn.Module):
         return self(rows).sum(-2) / count
 
 
+@functools.cache
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 natively: a CUDA GPU that supports bf16, or a CPU
     with AVX512-BF16 or AMX (elsewhere bf16 matmuls are emulated, slower than fp32)."""
@@ -126,12 +127,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return torch.bfloat16 if _native_bf16_cached(x.device) else x.dtype
-
-
-@functools.cache
-def _native_bf16_cached(device: torch.device) -> bool:
-    return native_bf16(device)
+    return torch.bfloat16 if native_bf16(x.device) else x.dtype
 
 
 def _back(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
