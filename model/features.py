@@ -15,6 +15,16 @@ users, items and values always land on a valid row (hashed ids): new ids never c
 A missing categorical value hashes a fixed sentinel, so "missing" has its own learned
 embedding.
 
+The spec also keeps the training log's most frequent actions (``actions``, with their
+training frequencies ``action_prior``; none when the log has a single action). For each, the
+user's numeric context C_u carries the smoothed share of that action among the history's
+events, as a logit centred on the prior:
+
+    share_a = (count_a + s * prior_a) / (n_valid + s),  feature_a = logit(share_a) - logit(prior_a)
+
+with s = ``action_smoothing``, so a user without history reads 0. A spec saved before these
+fields existed loads with none of them, and keeps its dimensions and fingerprint.
+
 ``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
 ``CandidateInputs``). Training gathers from arrays encoded once; serving encodes a request's
@@ -28,7 +38,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Self
 
 import numpy as np
@@ -57,19 +67,25 @@ class FeatureSpec:
     field_buckets: int = 1024
     action_buckets: int = 64
     max_bag: int = 8
+    actions: tuple[str, ...] = ()  # whose history shares C_u carries, most frequent first
+    action_prior: tuple[float, ...] = ()  # their frequencies in the training log
+    action_smoothing: float = 10.0  # pseudo-events at the prior in each share
 
     @classmethod
     def fit(
         cls,
         interactions: Iterable[Interaction],
         profiles: Iterable[UserProfile] = (),
+        max_actions: int = 16,
         **sizes: int,
     ) -> FeatureSpec:
-        """Find the fields and numeric statistics of a training log."""
+        """Find the fields, numeric statistics and frequent actions of a training log."""
+        action_counts: dict[str, int] = {}
         item_cat: set[str] = set()
         ctx_cat: set[str] = set()
         num_values: dict[tuple[str, str], list[float]] = {}
         for event in interactions:
+            action_counts[event.action] = action_counts.get(event.action, 0) + 1
             for role, features, cats in (
                 ("item", event.item_features, item_cat),
                 ("ctx", event.context, ctx_cat),
@@ -84,7 +100,7 @@ class FeatureSpec:
         ctx_num = sorted(n for r, n in num_values if r == "ctx" and n not in ctx_cat)
         stats = [np.asarray(num_values[("item", n)]) for n in item_num]
         stats += [np.asarray(num_values[("ctx", n)]) for n in ctx_num]
-        return cls(
+        spec = cls(
             item_cat=tuple(sorted(item_cat)),
             item_num=tuple(item_num),
             user_cat=tuple(user_cat),
@@ -94,6 +110,24 @@ class FeatureSpec:
             num_std=tuple(float(v.std()) or 1.0 for v in stats),
             **sizes,
         )
+        actions = spec.share_actions(action_counts, max_actions)
+        total = sum(action_counts.values())
+        return replace(spec, actions=actions,
+                       action_prior=tuple(action_counts[a] / total for a in actions))
+
+    def share_actions(self, counts: dict[str, int], limit: int) -> tuple[str, ...]:
+        """Up to ``limit`` actions by descending count (ties by name), skipping any whose
+        hashed row is taken by a more frequent one (its count would mix both); none when
+        there are fewer than two actions (a share of the only action is always 1)."""
+        if len(counts) < 2:
+            return ()
+        offset, size = self.blocks["action"]
+        kept: dict[int, str] = {}
+        for action in sorted(counts, key=lambda a: (-counts[a], a)):
+            row = offset + zlib.crc32(action.encode()) % size
+            if len(kept) < limit and row not in kept:
+                kept[row] = action
+        return tuple(kept.values())
 
     @property
     def blocks(self) -> dict[str, tuple[int, int]]:
@@ -134,22 +168,37 @@ class FeatureSpec:
 
     @property
     def user_numeric_dim(self) -> int:
-        return 2 * len(self.ctx_num) + DERIVED_USER_NUMERIC
+        return 2 * len(self.ctx_num) + DERIVED_USER_NUMERIC + len(self.actions)
 
     @property
     def item_numeric_dim(self) -> int:
         return 2 * len(self.item_num)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """All fields; without the action-share ones when there are no actions, so a spec
+        saved before they existed has the same dict (and fingerprint) as when it was saved."""
+        data = asdict(self)
+        if not self.actions:
+            for name in _ACTION_SHARE_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
-        return cls(**{f.name: _tuples(data[f.name]) for f in fields(cls)})
+        """A spec from ``to_dict``'s output; fields with defaults may be absent."""
+        return cls(**{f.name: _tuples(data[f.name]) for f in fields(cls) if f.name in data})
+
+
+_ACTION_SHARE_FIELDS = ("actions", "action_prior", "action_smoothing")
 
 
 def _as_long(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
 
 
 def _tuples(value: Any) -> Any:
@@ -261,6 +310,8 @@ class Featurizer:
         self._std = np.asarray(spec.num_std, dtype=np.float32)
         self._item_num_slice = slice(0, n_item_num)
         self._ctx_num_slice = slice(n_item_num, n_item_num + len(spec.ctx_num))
+        self._share_rows = np.asarray([self.row("action", a) for a in spec.actions], np.int64)
+        self._share_prior = np.asarray(spec.action_prior, dtype=np.float64)
 
     def row(self, block: str, value: str) -> int:
         """The embedding row of ``value`` in field ``block`` (hashed, never out of range)."""
@@ -436,8 +487,10 @@ class Featurizer:
             axis=1,
         )
         user_num = np.concatenate(
-            [context.num, context.num_present.astype(np.float32), derived], axis=1
-        )
+            [context.num, context.num_present.astype(np.float32), derived,
+             self._action_shares(np.where(valid, history.action[safe], 0), n_valid)],
+            axis=1,
+        ).astype(np.float32)
         user_cat = np.concatenate([users, context.cat], axis=1)
         return UserInputs(
             **{f.name: getattr(events, f.name) for f in fields(EventInputs)},
@@ -446,6 +499,14 @@ class Featurizer:
             user_num=torch.from_numpy(user_num).float(),
             state=torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)),
         )
+
+    def _action_shares(self, actions: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
+        """[B, len(spec.actions)] centred logit shares (module docstring) of the history's
+        action rows ``actions`` [B, n] (0 = pad) among its ``n_valid`` [B] events."""
+        counts = (actions[:, :, None] == self._share_rows).sum(axis=1)
+        s, prior = self.spec.action_smoothing, self._share_prior
+        share = (counts + s * prior) / (n_valid[:, None] + s)
+        return _logit(share) - _logit(prior)
 
     @staticmethod
     def assemble_candidates(items: ItemArrays) -> CandidateInputs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -163,13 +164,16 @@ def seq_outputs(model, request) -> list[torch.Tensor]:
 
 
 def changed_later_event(seed: int, n_hist: int, k: int):
-    """A request and a copy whose history event k has another item, action and context
-    (same timestamp, so the request's recency features are unchanged)."""
+    """A request and a copy whose history event k has another item and context. Its
+    timestamp and action stay, so the request's numeric context (recency, history length,
+    action shares: summaries of the history the S tokens may read, docs/model.md) is
+    unchanged and only the S -> S structure is under test."""
     base = make_request(seed, n_hist, 2)
     other = make_request(seed, n_hist, 2)
     old = other.history[k]
-    other.history[k] = event(np.random.default_rng(seed + 99), "u1", old.ts, k,
-                             item=(int(old.item_id[1:]) + 7) % 40)
+    new = event(np.random.default_rng(seed + 99), "u1", old.ts, k,
+                item=(int(old.item_id[1:]) + 7) % 40)
+    other.history[k] = msgspec.structs.replace(new, action=old.action)
     return base, other
 
 

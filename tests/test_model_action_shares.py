@@ -1,0 +1,112 @@
+"""The action shares of the user's numeric context: each is the smoothed share of one frequent
+training action among the history's events, as a logit centred on its training frequency;
+``FeatureSpec.fit`` picks the actions; and a spec saved before the shares existed loads with
+its old dimensions and fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+
+from eventlog.schema import Candidate, Impression, Interaction
+from model.features import DERIVED_USER_NUMERIC, FeatureSpec, Featurizer
+from model.signature import spec_fingerprint
+
+T0 = 1_700_000_000.0
+
+
+def interaction(k: int, action: str, user: str = "u") -> Interaction:
+    return Interaction(f"e{user}{k}", user, f"i{k % 7}", action, T0 + 60.0 * k,
+                       {"genre": "g"}, {"lat": float(k)})
+
+
+def training_log(counts: dict[str, int]) -> list[Interaction]:
+    actions = [a for a, n in counts.items() for _ in range(n)]
+    return [interaction(k, a) for k, a in enumerate(actions)]
+
+
+def shares(featurizer: Featurizer, history: list[Interaction], history_len: int = 8
+           ) -> np.ndarray:
+    impression = Impression("r", "u", T0 + 1e6, [Candidate("i1", {"genre": "g"})], {"lat": 0.0})
+    user, _ = featurizer.request(impression, history, None, np.zeros(4, np.float32), history_len)
+    n = len(featurizer.spec.actions)
+    return user.user_num[0, -n:].double().numpy() if n else np.zeros(0)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_fit_keeps_the_most_frequent_actions_first_with_their_training_frequencies():
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3, "buy": 1}), max_actions=2)
+    assert spec.actions == ("view", "like")
+    assert spec.action_prior == pytest.approx((0.6, 0.3))
+    assert spec.user_numeric_dim == 2 * len(spec.ctx_num) + DERIVED_USER_NUMERIC + 2
+
+
+def test_fit_skips_an_action_whose_hashed_row_a_more_frequent_one_holds():
+    buckets = 4
+    row = {a: zlib.crc32(a.encode()) % buckets for a in (f"a{i}" for i in range(40))}
+    first = "a0"
+    twin = next(a for a in row if a != first and row[a] == row[first])
+    other = next(a for a in row if row[a] != row[first])
+    spec = FeatureSpec.fit(training_log({first: 5, twin: 4, other: 3}), action_buckets=buckets)
+    assert spec.actions == (first, other)
+
+
+def test_a_log_with_a_single_action_has_no_shares():
+    spec = FeatureSpec.fit(training_log({"click": 9}))
+    assert spec.actions == ()
+    assert spec.user_numeric_dim == 2 * len(spec.ctx_num) + DERIVED_USER_NUMERIC
+
+
+def test_shares_equal_a_hand_count_over_the_history_window():
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3, "buy": 1}))
+    featurizer = Featurizer(spec)
+    history = [interaction(k, a) for k, a in enumerate(["buy"] * 5 + ["like", "view", "like"])]
+    history = [interaction(100, "view"), *history]  # older than the window of 8: not counted
+    counts = {"view": 1, "like": 2, "buy": 5}
+    s = spec.action_smoothing
+    expected = [logit((counts[a] + s * p) / (8 + s)) - logit(p)
+                for a, p in zip(spec.actions, spec.action_prior, strict=True)]
+    np.testing.assert_allclose(shares(featurizer, history), expected, rtol=1e-5)
+
+
+def test_a_user_without_history_reads_zero_shares_and_unknown_actions_count_for_none():
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
+    featurizer = Featurizer(spec)
+    assert np.all(shares(featurizer, []) == 0.0)
+    unknown = [interaction(k, "never-seen") for k in range(4)]
+    rows = {featurizer.row("action", a) for a in spec.actions}
+    assert featurizer.row("action", "never-seen") not in rows
+    assert np.all(shares(featurizer, unknown) < 0.0)
+
+
+def test_shares_are_finite_for_an_extreme_prior():
+    spec = FeatureSpec.fit(training_log({"view": 10_000, "like": 1}))
+    featurizer = Featurizer(spec)
+    for history in ([], [interaction(k, "like") for k in range(8)]):
+        assert np.all(np.isfinite(shares(featurizer, history)))
+
+
+def test_a_spec_saved_before_the_shares_loads_with_its_dimensions_and_fingerprint():
+    fitted = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
+    old = {k: v for k, v in asdict(fitted).items()
+           if k not in ("actions", "action_prior", "action_smoothing")}
+    old = json.loads(json.dumps(old))
+    loaded = FeatureSpec.from_dict(old)
+    assert loaded == replace(fitted, actions=(), action_prior=())
+    assert loaded.user_numeric_dim == 2 * len(loaded.ctx_num) + DERIVED_USER_NUMERIC
+    text = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert spec_fingerprint(loaded) == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_spec_with_shares_round_trips_through_its_dict():
+    fitted = FeatureSpec.fit(training_log({"view": 6, "like": 3, "buy": 2}))
+    assert FeatureSpec.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
