@@ -122,4 +122,4 @@ def gather_batch(
     items = featurizer.event_items(
         examples.events, own[:, None], len(spec.item_cat), len(spec.item_num)
     )
-    return user, featurizer.assemble_candidates(items)
+    return user, featurizer.assemble_candidates(items, user)

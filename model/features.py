@@ -22,8 +22,11 @@ events, as a logit centred on the prior:
 
     share_a = (count_a + s * prior_a) / (n_valid + s),  feature_a = logit(share_a) - logit(prior_a)
 
-with s = ``action_smoothing``, so a user without history reads 0. A spec saved before these
-fields existed loads with none of them, and keeps its dimensions and fingerprint.
+with s = ``action_smoothing``, so a user without history reads 0. The candidate's numeric
+context C_g carries the same shares over the history events that share a value with the
+candidate in one item field (its affinity: per item categorical field, one share per action
+and log(1 + matching events) / log(1 + n)). A spec saved before these fields existed loads
+with none of them, and keeps its dimensions and fingerprint.
 
 ``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
@@ -171,8 +174,14 @@ class FeatureSpec:
         return 2 * len(self.ctx_num) + DERIVED_USER_NUMERIC + len(self.actions)
 
     @property
+    def n_affinity(self) -> int:
+        """Affinity features of a candidate: per item categorical field, one share per action
+        and the matching-event count (none without actions)."""
+        return len(self.item_cat) * (len(self.actions) + 1) if self.actions else 0
+
+    @property
     def item_numeric_dim(self) -> int:
-        return 2 * len(self.item_num)
+        return 2 * len(self.item_num) + self.n_affinity
 
     def to_dict(self) -> dict[str, Any]:
         """All fields; without the action-share ones when there are no actions, so a spec
@@ -199,6 +208,11 @@ def _as_long(a: np.ndarray) -> torch.Tensor:
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p) - np.log1p(-p)
+
+
+def _logit_t(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
 
 
 def _tuples(value: Any) -> Any:
@@ -278,12 +292,14 @@ class UserInputs(EventInputs):
 
 @dataclass
 class CandidateInputs:
-    """C candidates for each of B requests, as tensors."""
+    """C candidates for each of B requests, as tensors. ``affinity`` depends on the request's
+    history too (``Featurizer.affinity``)."""
 
     item: torch.Tensor  # [B, C] long
     cat: torch.Tensor  # [B, C, Fi, L] long
     num: torch.Tensor  # [B, C, Fin] float
     num_present: torch.Tensor  # [B, C, Fin] bool
+    affinity: torch.Tensor  # [B, C, n_affinity] float
 
     def to(self, device: torch.device | str) -> CandidateInputs:
         return CandidateInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -312,6 +328,10 @@ class Featurizer:
         self._ctx_num_slice = slice(n_item_num, n_item_num + len(spec.ctx_num))
         self._share_rows = np.asarray([self.row("action", a) for a in spec.actions], np.int64)
         self._share_prior = np.asarray(spec.action_prior, dtype=np.float64)
+        self._share_prior_t = torch.from_numpy(self._share_prior)
+        self._missing_item_rows = torch.tensor(
+            [self.row(f"item:{f}", MISSING) for f in spec.item_cat], dtype=torch.int64
+        )
 
     def row(self, block: str, value: str) -> int:
         """The embedding row of ``value`` in field ``block`` (hashed, never out of range)."""
@@ -508,15 +528,42 @@ class Featurizer:
         share = (counts + s * prior) / (n_valid[:, None] + s)
         return _logit(share) - _logit(prior)
 
-    @staticmethod
-    def assemble_candidates(items: ItemArrays) -> CandidateInputs:
-        """Candidates [B, C] from item arrays shaped [B, C, ...]."""
+    def assemble_candidates(self, items: ItemArrays, history: EventInputs) -> CandidateInputs:
+        """Candidates [B, C] from item arrays shaped [B, C, ...], for requests whose event
+        histories are ``history`` (batch B)."""
+        cat = torch.from_numpy(np.ascontiguousarray(items.cat, dtype=np.int64))
         return CandidateInputs(
             item=torch.from_numpy(np.ascontiguousarray(items.item, dtype=np.int64)),
-            cat=torch.from_numpy(np.ascontiguousarray(items.cat, dtype=np.int64)),
+            cat=cat,
             num=torch.from_numpy(np.ascontiguousarray(items.num)).float(),
             num_present=torch.from_numpy(np.ascontiguousarray(items.num_present)),
+            affinity=self.affinity(history, cat),
         )
+
+    def affinity(self, history: EventInputs, cat: torch.Tensor) -> torch.Tensor:
+        """[B, C, n_affinity]: for each item categorical field f (in ``spec.item_cat`` order),
+        the centred logit shares of ``spec.actions`` (module docstring) among the history
+        events whose field f shares a value with the candidate's (``cat``: [B, C, Fi, L]), then
+        log(1 + those events) / log(1 + n). A missing value shares nothing."""
+        spec = self.spec
+        b, c = cat.shape[:2]
+        if not spec.n_affinity:
+            return torch.zeros(b, c, 0)
+        n_item_cat = len(spec.item_cat)
+        seen = history.hist_cat[:, None, :, :n_item_cat, :, None]  # [B, 1, n, Fi, L, 1]
+        wanted = cat[:, :, None, :, None, :]  # [B, C, 1, Fi, 1, L]
+        known = (wanted != 0) & (wanted != self._missing_item_rows[:, None, None])
+        match = ((seen == wanted) & known).flatten(-2).any(-1)  # [B, C, n, Fi]
+        match = (match & history.hist_valid[:, None, :, None]).float()
+        acted = (history.hist_action[..., None] == torch.from_numpy(self._share_rows)).float()
+        counts = torch.einsum("bcnf,bna->bcfa", match, acted)  # [B, C, Fi, A]
+        n_match = match.sum(dim=2)  # [B, C, Fi]
+        s = spec.action_smoothing
+        share = (counts.double() + s * self._share_prior_t) / (n_match[..., None].double() + s)
+        shares = (_logit_t(share) - _logit_t(self._share_prior_t)).float()
+        width = history.hist_valid.shape[1]
+        counted = torch.log1p(n_match) / math.log1p(width) if width else n_match
+        return torch.cat([shares.flatten(-2), counted], dim=-1)
 
     def requests(
         self,
@@ -550,7 +597,7 @@ class Featurizer:
         grid = (len(impressions), counts.pop())
         batched = ItemArrays(*(a.reshape(*grid, *a.shape[1:]) for a in
                                (items.item, items.cat, items.num, items.num_present)))
-        return user, self.assemble_candidates(batched)
+        return user, self.assemble_candidates(batched, user)
 
     @staticmethod
     def left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:

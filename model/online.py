@@ -85,7 +85,8 @@ def collate(
     items = featurizer.items([e.candidate for e in examples])
     cands = featurizer.assemble_candidates(
         ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
-                   items.num_present[:, None])
+                   items.num_present[:, None]),
+        user,
     )
     targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
     return user, cands, targets

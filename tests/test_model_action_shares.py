@@ -1,7 +1,8 @@
 """The action shares of the user's numeric context: each is the smoothed share of one frequent
 training action among the history's events, as a logit centred on its training frequency;
-``FeatureSpec.fit`` picks the actions; and a spec saved before the shares existed loads with
-its old dimensions and fingerprint."""
+the candidate's affinity: the same shares over the history events that share a value with the
+candidate in one item field; ``FeatureSpec.fit`` picks the actions; and a spec saved before the
+shares existed loads with its old dimensions and fingerprint."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
+import torch
 
 from eventlog.schema import Candidate, Impression, Interaction
 from model.features import DERIVED_USER_NUMERIC, FeatureSpec, Featurizer
@@ -21,9 +23,9 @@ from model.signature import spec_fingerprint
 T0 = 1_700_000_000.0
 
 
-def interaction(k: int, action: str, user: str = "u") -> Interaction:
+def interaction(k: int, action: str, user: str = "u", genre: object = "g") -> Interaction:
     return Interaction(f"e{user}{k}", user, f"i{k % 7}", action, T0 + 60.0 * k,
-                       {"genre": "g"}, {"lat": float(k)})
+                       {"genre": genre}, {"lat": float(k)})
 
 
 def training_log(counts: dict[str, int]) -> list[Interaction]:
@@ -31,10 +33,16 @@ def training_log(counts: dict[str, int]) -> list[Interaction]:
     return [interaction(k, a) for k, a in enumerate(actions)]
 
 
+def request(featurizer: Featurizer, history: list[Interaction], genres: list[object],
+            history_len: int = 8):
+    candidates = [Candidate(f"c{j}", {"genre": g}) for j, g in enumerate(genres)]
+    impression = Impression("r", "u", T0 + 1e6, candidates, {"lat": 0.0})
+    return featurizer.request(impression, history, None, np.zeros(4, np.float32), history_len)
+
+
 def shares(featurizer: Featurizer, history: list[Interaction], history_len: int = 8
            ) -> np.ndarray:
-    impression = Impression("r", "u", T0 + 1e6, [Candidate("i1", {"genre": "g"})], {"lat": 0.0})
-    user, _ = featurizer.request(impression, history, None, np.zeros(4, np.float32), history_len)
+    user, _ = request(featurizer, history, ["g"], history_len)
     n = len(featurizer.spec.actions)
     return user.user_num[0, -n:].double().numpy() if n else np.zeros(0)
 
@@ -110,3 +118,36 @@ def test_a_spec_saved_before_the_shares_loads_with_its_dimensions_and_fingerprin
 def test_a_spec_with_shares_round_trips_through_its_dict():
     fitted = FeatureSpec.fit(training_log({"view": 6, "like": 3, "buy": 2}))
     assert FeatureSpec.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+
+
+def test_affinity_equals_a_hand_count_over_the_events_sharing_a_field_value():
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3, "buy": 1}))
+    featurizer = Featurizer(spec)
+    assert spec.item_cat == ("genre",) and spec.n_affinity == len(spec.actions) + 1
+    history = [interaction(0, "like", genre=["a", "b"]), interaction(1, "view", genre="c"),
+               interaction(2, "like", genre=["b"]), interaction(3, "buy", genre=["c", "d"]),
+               interaction(4, "view", genre="a")]
+    _, cands = request(featurizer, history, [["a", "x"], "c", "zzz"], history_len=8)
+    s = spec.action_smoothing
+
+    def expected(counts: dict[str, int]) -> list[float]:
+        n = sum(counts.values())
+        out = [logit((counts.get(a, 0) + s * p) / (n + s)) - logit(p)
+               for a, p in zip(spec.actions, spec.action_prior, strict=True)]
+        return [*out, math.log1p(n) / math.log1p(8)]
+
+    got = cands.affinity[0].double().numpy()
+    np.testing.assert_allclose(got[0], expected({"like": 1, "view": 1}), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[1], expected({"view": 1, "buy": 1}), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[2], np.zeros(spec.n_affinity), atol=1e-7)
+
+
+def test_affinity_ignores_missing_values_and_padding():
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
+    featurizer = Featurizer(spec)
+    history = [interaction(k, "like", genre=None) for k in range(3)]
+    _, cands = request(featurizer, history, [None, "g"], history_len=8)
+    assert cands.affinity.shape == (1, 2, spec.n_affinity)
+    assert torch.all(cands.affinity == 0.0)
+    _, empty = request(featurizer, [], [None, "g"], history_len=8)
+    assert torch.all(empty.affinity == 0.0)
