@@ -74,6 +74,21 @@ class FeatureSpec:
     action_prior: tuple[float, ...] = ()  # their frequencies in the training log
     action_smoothing: float = 10.0  # pseudo-events at the prior in each share
 
+    def __post_init__(self) -> None:
+        """Refuses action-share fields that would make every share fail or come out NaN (a
+        hand-edited or hostile checkpoint): ValueError naming the field."""
+        if len(self.action_prior) != len(self.actions) or len(set(self.actions)) != len(
+                self.actions):
+            raise ValueError("actions must be distinct and action_prior must have one "
+                             f"frequency per action, got {len(self.actions)} actions and "
+                             f"{len(self.action_prior)} frequencies")
+        if not all(isinstance(p, float | int) and 0.0 < p <= 1.0 for p in self.action_prior):
+            raise ValueError(f"action_prior must lie in (0, 1], got {self.action_prior}")
+        if not (isinstance(self.action_smoothing, float | int)
+                and 0.0 < self.action_smoothing < math.inf):
+            raise ValueError(f"action_smoothing must be positive and finite, "
+                             f"got {self.action_smoothing!r}")
+
     @classmethod
     def fit(
         cls,
@@ -124,10 +139,10 @@ class FeatureSpec:
         there are fewer than two actions (a share of the only action is always 1)."""
         if len(counts) < 2:
             return ()
-        offset, size = self.blocks["action"]
+        block = self.blocks["action"]
         kept: dict[int, str] = {}
         for action in sorted(counts, key=lambda a: (-counts[a], a)):
-            row = offset + zlib.crc32(action.encode()) % size
+            row = hashed_row(block, action)
             if len(kept) < limit and row not in kept:
                 kept[row] = action
         return tuple(kept.values())
@@ -205,12 +220,13 @@ def _as_long(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
+def hashed_row(block: tuple[int, int], value: str) -> int:
+    """The row of ``value`` in a block (first row, number of rows) of the embedding table."""
+    offset, size = block
+    return offset + zlib.crc32(value.encode()) % size
 
 
-def _logit_t(p: torch.Tensor) -> torch.Tensor:
+def _logit(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(1e-6, 1 - 1e-6)
     return torch.log(p) - torch.log1p(-p)
 
@@ -326,9 +342,9 @@ class Featurizer:
         self._std = np.asarray(spec.num_std, dtype=np.float32)
         self._item_num_slice = slice(0, n_item_num)
         self._ctx_num_slice = slice(n_item_num, n_item_num + len(spec.ctx_num))
-        self._share_rows = np.asarray([self.row("action", a) for a in spec.actions], np.int64)
-        self._share_prior = np.asarray(spec.action_prior, dtype=np.float64)
-        self._share_prior_t = torch.from_numpy(self._share_prior)
+        self._share_rows = torch.tensor([self.row("action", a) for a in spec.actions],
+                                        dtype=torch.int64)
+        self._share_prior = torch.tensor(spec.action_prior, dtype=torch.float64)
         self._missing_item_rows = torch.tensor(
             [self.row(f"item:{f}", MISSING) for f in spec.item_cat], dtype=torch.int64
         )
@@ -340,8 +356,7 @@ class Featurizer:
         if found is None:
             if len(memo) >= self.MEMO_LIMIT:
                 memo.clear()
-            offset, size = self._blocks[block]
-            found = memo[value] = offset + zlib.crc32(value.encode()) % size
+            found = memo[value] = hashed_row(self._blocks[block], value)
         return found
 
     def _bag(self, block: str, value: Any, out: np.ndarray) -> None:
@@ -508,7 +523,7 @@ class Featurizer:
         )
         user_num = np.concatenate(
             [context.num, context.num_present.astype(np.float32), derived,
-             self._action_shares(np.where(valid, history.action[safe], 0), n_valid)],
+             self._action_shares(events).numpy()],
             axis=1,
         ).astype(np.float32)
         user_cat = np.concatenate([users, context.cat], axis=1)
@@ -520,13 +535,17 @@ class Featurizer:
             state=torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)),
         )
 
-    def _action_shares(self, actions: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
-        """[B, len(spec.actions)] centred logit shares (module docstring) of the history's
-        action rows ``actions`` [B, n] (0 = pad) among its ``n_valid`` [B] events."""
-        counts = (actions[:, :, None] == self._share_rows).sum(axis=1)
+    def _action_shares(self, events: EventInputs) -> torch.Tensor:
+        """[B, len(spec.actions)] float: the centred shares of the events' actions."""
+        acted = events.hist_action[..., None] == self._share_rows  # pads (row 0) match none
+        return self._centred_shares(acted.sum(dim=1), events.hist_valid.sum(dim=1))
+
+    def _centred_shares(self, counts: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """[..., A] float: logit((count_a + s prior_a) / (n + s)) - logit(prior_a) (module
+        docstring) from per-action counts [..., A] among n [...] events."""
         s, prior = self.spec.action_smoothing, self._share_prior
-        share = (counts + s * prior) / (n_valid[:, None] + s)
-        return _logit(share) - _logit(prior)
+        share = (counts.double() + s * prior) / (n.double()[..., None] + s)
+        return (_logit(share) - _logit(prior)).float()
 
     def assemble_candidates(self, items: ItemArrays, history: EventInputs) -> CandidateInputs:
         """Candidates [B, C] from item arrays shaped [B, C, ...], for requests whose event
@@ -555,12 +574,10 @@ class Featurizer:
         known = (wanted != 0) & (wanted != self._missing_item_rows[:, None, None])
         match = ((seen == wanted) & known).flatten(-2).any(-1)  # [B, C, n, Fi]
         match = (match & history.hist_valid[:, None, :, None]).float()
-        acted = (history.hist_action[..., None] == torch.from_numpy(self._share_rows)).float()
+        acted = (history.hist_action[..., None] == self._share_rows).float()
         counts = torch.einsum("bcnf,bna->bcfa", match, acted)  # [B, C, Fi, A]
         n_match = match.sum(dim=2)  # [B, C, Fi]
-        s = spec.action_smoothing
-        share = (counts.double() + s * self._share_prior_t) / (n_match[..., None].double() + s)
-        shares = (_logit_t(share) - _logit_t(self._share_prior_t)).float()
+        shares = self._centred_shares(counts, n_match)
         width = history.hist_valid.shape[1]
         counted = torch.log1p(n_match) / math.log1p(width) if width else n_match
         return torch.cat([shares.flatten(-2), counted], dim=-1)

@@ -151,3 +151,17 @@ def test_affinity_ignores_missing_values_and_padding():
     assert torch.all(cands.affinity == 0.0)
     _, empty = request(featurizer, [], [None, "g"], history_len=8)
     assert torch.all(empty.affinity == 0.0)
+
+
+@pytest.mark.parametrize("change", [
+    {"action_prior": (0.6,)},
+    {"actions": ("view", "view")},
+    {"action_prior": (0.6, 0.0)},
+    {"action_prior": (0.6, float("nan"))},
+    {"action_smoothing": 0.0},
+    {"action_smoothing": float("inf")},
+])
+def test_a_spec_whose_shares_would_fail_or_be_nan_is_refused(change):
+    fitted = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
+    with pytest.raises(ValueError, match="action"):
+        FeatureSpec.from_dict({**fitted.to_dict(), **change})
