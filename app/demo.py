@@ -232,8 +232,7 @@ class Demo:
             self._follow(worker)
             self.summary.replay_s = round(time.perf_counter() - replay_started, 2)
             producer.join(timeout=30)
-            # Once stopped (Ctrl-C reaches the broker too: it shares the terminal's process
-            # group), unacknowledged sends are the stop's doing, not a failure.
+            # Once stopped, a failed send is not reported: the stop is what was asked for.
             if self.producer_error is not None and not self.stop.is_set():
                 raise DemoError(f"the producer failed: {self.producer_error}")
             self._finish(self._metrics())

@@ -22,7 +22,10 @@ Contract:
 - ``stop()`` (and leaving the ``with`` block) terminates the process, waits, kills it if it has
   not exited after ``stop_timeout_s``; it is idempotent. An ``atexit`` hook stops brokers left
   running, and a broker started from the main thread also dies with its parent process (Linux
-  ``PR_SET_PDEATHSIG``), so a crashed test run leaves no broker behind.
+  ``PR_SET_PDEATHSIG``), so a crashed test run leaves no broker behind;
+- the broker runs in its own session (process group), so a Ctrl-C in the terminal reaches only
+  its owner, which stops its clients first and the broker last: the clients' final commits
+  and flushes still find it.
 """
 
 from __future__ import annotations
@@ -240,6 +243,7 @@ class EmbeddedBroker:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
                 env=env,
+                start_new_session=True,
                 preexec_fn=_die_with_parent if main_thread and _prctl is not None else None,
             )
         except OSError as exc:

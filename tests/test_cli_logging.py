@@ -40,3 +40,28 @@ def test_produce_prints_no_info_lines_without_v_and_library_ones_with_vv(
     assert any(name.startswith("kafka") for name in info_loggers(loud.stderr)), (
         loud.stderr[-2000:])
 
+
+
+def test_kafka_pythons_slow_task_warning_shows_only_at_vvv_and_its_other_warnings_always() -> None:
+    """A step of kafka-python's I/O loop delayed by a training thread holding the GIL is no
+    fault to report; any other warning of the same logger is."""
+    script = (
+        "import logging, sys\n"
+        "from app.cli import configure_logging\n"
+        "configure_logging(int(sys.argv[1]), 'demo')\n"
+        "selector = logging.getLogger('kafka.net.selector')\n"
+        "selector.warning('Task %r ran for %.3fs (>%.3fs threshold). It is blocking the event "
+        "loop -- likely a tight sync loop inside a coroutine.', 'task', 0.25, 0.1)\n"
+        "selector.warning('During exception %s, caught additional error %s', 'a', 'b')\n")
+
+    def stderr(verbose: int) -> str:
+        done = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    for verbose in (0, 1, 2):
+        shown = stderr(verbose)
+        assert "blocking the event loop" not in shown and "caught additional error" in shown
+    assert "blocking the event loop" in stderr(3)
