@@ -106,9 +106,12 @@ class OnlineLearner:
         self.examples = 0
         self.refused: str | None = None
 
-    def round(self) -> int:
+    def round(self, stop: threading.Event | None = None) -> int:
         """Take waiting examples, train on them, publish when due; returns examples taken.
-        Once ``refused`` is set, takes nothing (the labels are left to the buffer's bound)."""
+        Once ``refused`` is set, takes nothing (the labels are left to the buffer's bound).
+        Once ``stop`` is set, takes no further step: a stopping process is not held by a
+        backlog, and its thread is not mid-step when the interpreter exits (what is left
+        untrained is lost, as in a crash; the versions already published stand)."""
         if self.refused is not None:
             return 0
         joined = self.labels.take(self.cfg.take_max)
@@ -116,7 +119,8 @@ class OnlineLearner:
             self.examples += len(joined)
             self.trainer.add(online_example(j) for j in joined)
             self._distil(joined)
-        while (report := self.trainer.step()) is not None:
+        while not (stop is not None and stop.is_set()) \
+                and (report := self.trainer.step()) is not None:
             if report.accepted:
                 self.metrics.observe_train_step(report.loss)
             else:
@@ -156,7 +160,7 @@ class OnlineLearner:
         """Rounds until ``stop`` is set or ``refused``; waits ``idle_s`` when nothing was
         waiting."""
         while not stop.is_set() and self.refused is None:
-            if not self.round():
+            if not self.round(stop):
                 stop.wait(self.cfg.idle_s)
 
     def start(self, stop: threading.Event,

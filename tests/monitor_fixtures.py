@@ -2,8 +2,6 @@
 
 - ``MonitorProcess``: ``python -m app.cli monitor --fresh --short-timeouts`` on a free
   127.0.0.1 port, its output in a log file; ``stop`` ends it by its PID.
-- ``read_all(bootstrap, topic)``: every record of a topic up to its end offsets (read from a
-  fetch's high watermark, ``stream.topics.end_offsets``).
 - ``feedback_records(...)``: synthetic ``Feedback`` with probabilities that carry signal.
 """
 
@@ -14,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
 from stream_fixtures import ServiceProcess, http_get
 
 from stream.feedback import Feedback
-from stream.topics import end_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,23 +33,6 @@ class MonitorProcess(ServiceProcess):
         """The JSON body of ``GET path`` (None when it does not answer 200)."""
         status, body = http_get(self.url + path, timeout_s=5.0)
         return json.loads(body) if status == 200 else None
-
-
-def read_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of ``topic`` up to its end offsets now."""
-    ends = end_offsets(bootstrap, topic)
-    want = sum(ends.values())
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000,
-                             enable_auto_commit=False)
-    consumer.assign([TopicPartition(topic, p) for p in ends])
-    consumer.seek_to_beginning()
-    records = []
-    for record in consumer:
-        records.append(record)
-        if len(records) == want:
-            break
-    consumer.close()
-    return records
 
 
 def feedback_records(n: int, version: int, t0: float, spacing_s: float, seed: int,

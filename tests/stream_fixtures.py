@@ -7,6 +7,8 @@
 - ``wait_for(condition, timeout_s, worker, what)``: polls, failing early (with the worker's
   output) if the worker exits, and on time-out.
 - ``http_get(url)``: ``(status, body)``, error statuses returned rather than raised.
+- ``read_all(bootstrap, topic)``: every record of a topic up to its end offsets (read from a
+  fetch's high watermark, ``stream.topics.end_offsets``), without waiting out a timeout.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from kafka import KafkaConsumer, TopicPartition
 
 from model.backbone import UniRecModel
 from model.checkpoint import save
@@ -30,6 +34,7 @@ from model.config import ModelConfig
 from model.features import FeatureSpec
 from stream.broker import free_port
 from stream.producer import synthetic_events
+from stream.topics import end_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, dropout=0.0)
@@ -156,3 +161,20 @@ def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, b""
+
+
+def read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its end offsets now."""
+    ends = end_offsets(bootstrap, topic)
+    want = sum(ends.values())
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000,
+                             enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, p) for p in ends])
+    consumer.seek_to_beginning()
+    records = []
+    for record in consumer:
+        records.append(record)
+        if len(records) == want:
+            break
+    consumer.close()
+    return records

@@ -19,8 +19,8 @@ import msgspec
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from monitor_fixtures import MonitorProcess, feedback_records, read_all
-from stream_fixtures import REPO, WorkerProcess, tiny_checkpoint, wait_for
+from monitor_fixtures import MonitorProcess, feedback_records
+from stream_fixtures import REPO, WorkerProcess, read_all, tiny_checkpoint, wait_for
 
 from model.feedback_stats import auc_grid
 from model.prediction_metrics import auc

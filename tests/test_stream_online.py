@@ -120,6 +120,12 @@ class InProcessWorker:
 
     def feed(self, chunk: list[tuple[Impression, int]]) -> None:
         """Score, join the labels, feed drift, one learner round, swap what was announced."""
+        self.join(chunk)
+        self.learner.round()
+        self.hot_swap.offer(self.updates)
+
+    def join(self, chunk: list[tuple[Impression, int]]) -> None:
+        """Score, join the labels and feed drift: the learner's examples wait in the buffer."""
         scored = self.services.scorer.score_many([i for i, _ in chunk])
         self.scored += scored
         joined = []
@@ -129,8 +135,6 @@ class InProcessWorker:
                                                   impression.candidates[0].item_id, label,
                                                   impression.ts), impression.ts))
         self.drift.update([j for j in joined if j is not None])
-        self.learner.round()
-        self.hot_swap.offer(self.updates)
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.metrics.registry.get_sample_value(name, labels)
@@ -173,6 +177,23 @@ def test_preference_shift_fine_tuned_beats_the_twin_versions_rise_and_distance_r
     assert worker.sample("unirec_surrogate_distance", window="256") == report["distance"]
     assert worker.sample("unirec_student_imitation_loss", window="256") is not None
     assert worker.sample("unirec_score_psi", window="256") == report["psi"]
+
+
+def test_a_stopped_learner_takes_no_step_so_a_backlog_does_not_hold_a_stopping_worker(
+        tmp_path: Path) -> None:
+    """Once the worker's stop is set, a round takes the waiting examples but trains on none of
+    them and publishes nothing (a SIGTERM'd trainer had kept training through its backlog
+    past the join's timeout, and died mid-step at exit); without the stop the same backlog
+    trains."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.0, checkpoint_every=1)
+    worker = InProcessWorker(tmp_path, tiny_model(), online)
+    worker.join(preference_stream(5, 64, "comedy"))
+    stop = threading.Event()
+    stop.set()
+    assert worker.learner.round(stop) == 64
+    assert worker.learner.trainer.steps == 0 and worker.updates == []
+    worker.learner.round()
+    assert worker.learner.trainer.steps == 4 and len(worker.updates) == 4
 
 
 def test_a_nan_batch_is_refused_and_the_old_weights_keep_serving(

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from kafka import KafkaConsumer
-from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
+from stream_fixtures import WorkerProcess, http_get, read_all, tiny_checkpoint, wait_for
 
 from stream.broker import EmbeddedBroker
 from stream.producer import replay_events, synthetic_events
@@ -71,10 +70,8 @@ def test_a_separate_trainer_publishes_versions_that_the_worker_serves(tmp_path: 
             codes = [p.stop() for p in (trainer, worker) if p is not None]
         assert codes == [0, 0]
 
-        consumer = KafkaConsumer(topics.scores, bootstrap_servers=bootstrap, group_id=None,
-                                 auto_offset_reset="earliest", consumer_timeout_ms=5000)
-        scores = [msgspec.json.decode(r.value, type=Scores) for r in consumer]
-        consumer.close()
+        scores = [msgspec.json.decode(r.value, type=Scores)
+                  for r in read_all(bootstrap, topics.scores)]
     # The worker's, once per impression; none from the trainer.
     assert len(scores) == N_EVENTS + LATER
     later = {f"req-syn4-{i}" for i in range(LATER)}
