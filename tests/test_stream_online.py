@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from model_fixtures import PROFILES, SPEC, T0, USERS, config, context
-from stream_fixtures import WorkerProcess, http_get, tiny_checkpoint, wait_for
+from stream_fixtures import WorkerProcess, http_get, read_all, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
 from model.backbone import UniRecModel
@@ -412,14 +412,7 @@ def post_json(url: str, body: bytes) -> int:
 
 def score_versions(bootstrap: str, topic: str) -> set[int]:
     """The model versions found in ``topic`` (the scores) so far."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                             auto_offset_reset="earliest", consumer_timeout_ms=1500)
-    try:
-        return {json.loads(r.value)["model_version"] for r in consumer}
-    finally:
-        consumer.close()
+    return {json.loads(r.value)["model_version"] for r in read_all(bootstrap, topic)}
 
 
 @pytest.mark.broker

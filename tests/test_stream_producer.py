@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from stream_fixtures import read_all
 
 from app.cli import main
 from eventlog.log import EventLog
@@ -55,22 +55,6 @@ def small_log(n: int = 40, seed: int = 1) -> EventLog:
     return EventLog("small", events, labels)
 
 
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic``, read up to its end offsets."""
-    ends = end_offsets(bootstrap, topic)
-    tps = [TopicPartition(topic, p) for p in ends]
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=2000)
-    consumer.assign(tps)
-    consumer.seek_to_beginning()
-    records = []
-    for record in consumer:
-        records.append(record)
-        if len(records) == sum(ends.values()):
-            break
-    consumer.close()
-    return records
-
-
 def test_replay_sends_impression_interaction_and_label_per_event(
     broker: EmbeddedBroker, topics: TopicNames
 ) -> None:
@@ -84,7 +68,7 @@ def test_replay_sends_impression_interaction_and_label_per_event(
     assert (stats.interactions, stats.impressions, stats.labels) == (len(log),) * 3
     assert stats.bytes > 0
 
-    interactions = read_topic(bootstrap, topics.interactions)
+    interactions = read_all(bootstrap, topics.interactions)
     partitions: dict[str, set[int]] = defaultdict(set)
     per_user: dict[str, list[str]] = defaultdict(list)
     for record in sorted(interactions, key=lambda r: (r.partition, r.offset)):
@@ -97,7 +81,7 @@ def test_replay_sends_impression_interaction_and_label_per_event(
         assert ids == [e.event_id for e in log.interactions if e.user_id == user]
 
     by_request = {f"req-{e.event_id}": (i, e) for i, e in enumerate(log.interactions)}
-    impressions = [decode(Impression, r.value) for r in read_topic(bootstrap, topics.impressions)]
+    impressions = [decode(Impression, r.value) for r in read_all(bootstrap, topics.impressions)]
     assert sorted(imp.request_id for imp in impressions) == sorted(by_request)
     for impression in impressions:
         i, event = by_request[impression.request_id]
@@ -110,7 +94,7 @@ def test_replay_sends_impression_interaction_and_label_per_event(
         assert len(items) - 1 == min(negatives, len(earlier))
         assert set(items) - {event.item_id} <= earlier
 
-    labels = [decode(Label, r.value) for r in read_topic(bootstrap, topics.labels)]
+    labels = [decode(Label, r.value) for r in read_all(bootstrap, topics.labels)]
     assert len(labels) == len(log)
     for label in labels:
         i, event = by_request[label.request_id]
