@@ -40,7 +40,17 @@ class Source(IntEnum):
 
 
 class EmbeddingTable(nn.Embedding):
-    """The shared table (row 0 = padding, a zero embedding) with bag lookups."""
+    """The shared table (row 0 = padding, a zero embedding) with bag lookups.
+
+    Its gradient is sparse (the rows looked up, ``sparse=True``): a forward reads the table
+    about ten times (history items, actions, bags, candidates, ...), and a dense gradient
+    would allocate, zero and add a whole [rows, d] tensor for each read (a sixth of an online
+    step at 35k rows, d 32; more as the table grows). A training step turns it into one dense
+    gradient before clipping (``model.training.dense_gradients``), so the optimizer and its
+    results are those of a dense table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=0, sparse=True)
 
     def bag(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [..., L] (0 = empty slot) -> [..., d], the mean of each bag's non-empty rows
@@ -48,7 +58,8 @@ class EmbeddingTable(nn.Embedding):
         materializes the [..., L, d] lookups (the history's bags were a tenth of a training
         step at the default size)."""
         flat = rows.reshape(-1, rows.shape[-1])
-        pooled = F.embedding_bag(flat, self.weight, mode="mean", padding_idx=0)
+        pooled = F.embedding_bag(flat, self.weight, mode="mean", padding_idx=0,
+                                 sparse=self.sparse)
         return pooled.unflatten(0, rows.shape[:-1])
 
 
@@ -59,7 +70,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.cfg, self.spec = cfg, spec
-        self.table = EmbeddingTable(spec.n_embeddings, d, padding_idx=0)
+        self.table = EmbeddingTable(spec.n_embeddings, d)
         nn.init.normal_(self.table.weight, std=0.05)
         with torch.no_grad():
             self.table.weight[0].zero_()
