@@ -9,8 +9,9 @@ runs on its own thread as in the worker (student included unless ``--no-student`
 publishes a version every ``--checkpoint-every`` steps; the feeding loop plays the consumer
 loop and swaps announced versions in (``HotSwap``) between its batches.
 
-- ``examples_per_s``: joined examples trained on per second of the learner's wall time, with
-  a backlog (all labels offered before it starts).
+- ``examples_per_s``: joined examples the live model trained on per second of the learner's
+  wall time, with a backlog (all labels offered before it starts). The student takes one step
+  per round after the live model's (``stream.learner``); ``student`` says how far it got.
 - ``label_to_live_s``: for each label of the rate-limited run, the seconds from its ``offer``
   to the swap of the first version published after the learner had trained on it (p50, p95,
   max). A label is trained on once the learner has taken it and it left the fresh queue.
@@ -137,7 +138,15 @@ def throughput(pipeline: Pipeline, data: list, batch: int) -> dict:
     seconds = time.perf_counter() - start
     trainer = pipeline.learner.trainer
     return {"examples": offered, "seconds": round(seconds, 3), "steps": trainer.steps,
-            "examples_per_s": round(offered / seconds, 1)}
+            "examples_per_s": round(offered / seconds, 1), "student": student(pipeline)}
+
+
+def student(pipeline: Pipeline) -> dict | None:
+    """The student's steps, and its examples waiting and dropped."""
+    if pipeline.learner.student is None:
+        return None
+    trainer = pipeline.learner.student.trainer
+    return {"steps": trainer.steps, "pending": trainer.pending, "dropped": trainer.dropped}
 
 
 def delay(pipeline: Pipeline, data: list, batch: int, rate: float) -> dict:
@@ -168,7 +177,7 @@ def delay(pipeline: Pipeline, data: list, batch: int, rate: float) -> dict:
             delays.append(min(live) - t)
     d = np.asarray(delays)
     return {"labels": len(offered), "rate": rate, "versions": len(pipeline.live),
-            "labels_measured": len(delays),
+            "labels_measured": len(delays), "student": student(pipeline),
             "label_to_live_s": {"p50": round(float(np.percentile(d, 50)), 3),
                                 "p95": round(float(np.percentile(d, 95)), 3),
                                 "max": round(float(d.max()), 3)} if len(d) else None}

@@ -199,12 +199,22 @@ class OnlineTrainer:
                 self._fresh.popleft()
             self.dropped += max(overflow, 0)
 
+    @property
+    def ready(self) -> bool:
+        """Whether enough fresh examples wait for a step."""
+        with self._lock:
+            return len(self._fresh) >= self._batch_split()[0]
+
+    def _batch_split(self) -> tuple[int, int]:
+        """(fresh, replayed) counts of the next batch; call with the lock held."""
+        cfg = self.cfg
+        n_replay = min(round(cfg.replay_fraction * cfg.batch_size), len(self._replay))
+        return cfg.batch_size - n_replay, n_replay
+
     def _take_batch(self) -> tuple[list[OnlineExample], list[OnlineExample]] | None:
         """(fresh, replayed) for one batch, or None while too few fresh examples wait."""
-        cfg = self.cfg
         with self._lock:
-            n_replay = min(round(cfg.replay_fraction * cfg.batch_size), len(self._replay))
-            n_fresh = cfg.batch_size - n_replay
+            n_fresh, n_replay = self._batch_split()
             if len(self._fresh) < n_fresh:
                 return None
             fresh = [self._fresh.popleft() for _ in range(n_fresh)]

@@ -22,7 +22,11 @@ from model.online import OnlineConfig, OnlineExample, OnlineTrainer, StepReport,
 class StaticStudent:
     """Distils ``model`` (copied at construction) into a stateless imitator.
 
-    ``update(examples)``: each example's ``target`` is the dynamic model's probability for it.
+    ``observe(examples)``: each example's ``target`` is the dynamic model's probability for
+    it; the student predicts it first (the imitation gap is recorded), then buffers it.
+    ``step()``: one training step on the buffered examples (None while too few wait); the
+    buffer is bounded (``OnlineConfig.fresh_capacity``: past it the oldest are dropped and
+    counted in ``trainer.dropped``), so a student left behind skips the oldest.
     ``imitation``: a ``DriftMonitor`` of (p_dyn, p_student) whose D_T is the imitation loss.
     Call from one thread (the trainer's).
     """
@@ -39,16 +43,15 @@ class StaticStudent:
                     task=self.trainer.cfg.task)
         return p.tolist()
 
-    def update(self, examples: Sequence[OnlineExample]) -> list[StepReport]:
-        """Score ``examples`` with the student, record the imitation gap, then buffer them and
-        take every step that is ready. Returns the steps' reports."""
+    def observe(self, examples: Sequence[OnlineExample]) -> None:
+        """Score ``examples`` with the student, record the imitation gap, buffer them."""
         if examples:
             self.imitation.update([e.target for e in examples], self.predict(examples))
             self.trainer.add(examples)
-        reports = []
-        while (report := self.trainer.step()) is not None:
-            reports.append(report)
-        return reports
+
+    def step(self) -> StepReport | None:
+        """One distillation step, or None while too few examples are buffered."""
+        return self.trainer.step()
 
     def imitation_loss(self, window: int) -> float | None:
         """D_T(dynamic, student) over the last ``window`` predictions (None while empty)."""

@@ -4,7 +4,12 @@ model versions.
 ``OnlineLearner`` runs on a thread of its own. Each round it takes up to ``take_max`` joined
 examples from the ``LabelBuffer``, adds them to its ``OnlineTrainer`` (``model.online``: replay,
 clipping, the guard that refuses NaN/inf/exploding updates) and takes every step that is
-ready; the static student (``model.student``) distils the live scores of the same examples.
+ready; the static student (``model.student``) distils the live scores of the same examples,
+one step per round after the live model's. The live model comes first because a label's
+delay to a live version is what the stream feels: when labels come faster than both can
+train, the live model keeps up and the student falls behind (its buffer keeps the newest
+``fresh_capacity`` examples; the oldest are dropped and counted, ``StaticStudent``). The student's
+imitation is recorded when the examples arrive, so it stays a prediction made before training.
 Every ``checkpoint_every`` accepted steps the trained copy is published as the next version
 (``VersionStore.publish``: write, fsync, rename) and announced through ``announce`` (the
 worker sends it to ``model-updates``; scorers swap it in,
@@ -43,6 +48,10 @@ from stream.serving import JoinedExample, LabelBuffer
 from stream.trainer_claim import RivalWatch, TrainerConflict, TrainerIdentity
 
 log = logging.getLogger(__name__)
+
+
+def _is_set(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
 def online_example(joined: JoinedExample) -> OnlineExample:
@@ -107,7 +116,8 @@ class OnlineLearner:
         self.refused: str | None = None
 
     def round(self, stop: threading.Event | None = None) -> int:
-        """Take waiting examples, train on them, publish when due; returns examples taken.
+        """Take waiting examples, take every live step that is ready (publishing when due),
+        then one step of the student if it has one; returns examples taken.
         Once ``refused`` is set, takes nothing (the labels are left to the buffer's bound).
         Once ``stop`` is set, takes no further step: a stopping process is not held by a
         backlog, and its thread is not mid-step when the interpreter exits (what is left
@@ -118,9 +128,8 @@ class OnlineLearner:
         if joined:
             self.examples += len(joined)
             self.trainer.add(online_example(j) for j in joined)
-            self._distil(joined)
-        while not (stop is not None and stop.is_set()) \
-                and (report := self.trainer.step()) is not None:
+            self._observe(joined)
+        while not _is_set(stop) and (report := self.trainer.step()) is not None:
             if report.accepted:
                 self.metrics.observe_train_step(report.loss)
             else:
@@ -132,13 +141,20 @@ class OnlineLearner:
                     self.refused = str(exc)
                     self.metrics.count_trainer_refused("rival_trainer")
                     log.error("not publishing: %s; online learning stops here", exc)
-                    break
+                    return len(joined)
+        if self.student is not None and not _is_set(stop):
+            self.student.step()
         return len(joined)
 
-    def _distil(self, joined: Sequence[JoinedExample]) -> None:
+    @property
+    def student_ready(self) -> bool:
+        """Whether the student has a step to take."""
+        return self.student is not None and self.student.trainer.ready
+
+    def _observe(self, joined: Sequence[JoinedExample]) -> None:
         if self.student is None or self.drift is None:
             return
-        self.student.update([student_example(j) for j in joined])
+        self.student.observe([student_example(j) for j in joined])
         self.drift.set_imitation({t: self.student.imitation_loss(t)
                                   for t in self.drift.cfg.windows})
 
@@ -158,9 +174,9 @@ class OnlineLearner:
 
     def run(self, stop: threading.Event) -> None:
         """Rounds until ``stop`` is set or ``refused``; waits ``idle_s`` when nothing was
-        waiting."""
+        waiting and the student has no step to take."""
         while not stop.is_set() and self.refused is None:
-            if not self.round(stop):
+            if not self.round(stop) and not self.student_ready:
                 stop.wait(self.cfg.idle_s)
 
     def start(self, stop: threading.Event,

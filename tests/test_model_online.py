@@ -217,8 +217,10 @@ def test_the_student_learns_to_imitate_a_stateless_teacher():
     for chunk in range(30):
         examples = preference_stream(100 + chunk, 32, "action")
         p_dyn = predict(teacher, FEATURIZER, examples)
-        student.update([OnlineExample(e.impression, e.candidate, e.history, e.profile, p)
-                        for e, p in zip(examples, p_dyn.tolist(), strict=True)])
+        student.observe([OnlineExample(e.impression, e.candidate, e.history, e.profile, p)
+                         for e, p in zip(examples, p_dyn.tolist(), strict=True)])
+        while student.step() is not None:
+            pass
         if chunk == 4:
             first = student.imitation_loss(160)
     last = student.imitation_loss(160)

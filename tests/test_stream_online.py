@@ -196,6 +196,26 @@ def test_a_stopped_learner_takes_no_step_so_a_backlog_does_not_hold_a_stopping_w
     assert worker.learner.trainer.steps == 4 and len(worker.updates) == 4
 
 
+def test_the_live_model_trains_a_backlog_before_the_student_which_still_predicts_it_all(
+        tmp_path: Path) -> None:
+    """A backlog of 64 examples (4 batches): one round takes all 4 live steps and publishes
+    4 versions, then one student step; the student has predicted all 64 (its imitation is
+    recorded before it trains), and rounds with no new label train it on the rest."""
+    online = OnlineConfig(batch_size=16, replay_fraction=0.0, checkpoint_every=1)
+    worker = InProcessWorker(tmp_path, tiny_model(), online)
+    worker.join(preference_stream(5, 64, "comedy"))
+    learner = worker.learner
+    assert learner.student is not None
+    student = learner.student.trainer
+    assert learner.round() == 64
+    assert learner.trainer.steps == 4 and len(worker.updates) == 4
+    assert student.steps == 1 and student.pending == 48 and learner.student_ready
+    assert learner.student.imitation.n == 64
+    while learner.student_ready:
+        assert learner.round() == 0
+    assert student.steps == 4 and student.pending == 0 and learner.trainer.steps == 4
+
+
 def test_a_nan_batch_is_refused_and_the_old_weights_keep_serving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Examples whose targets are NaN make a NaN loss: the step is refused and counted by
