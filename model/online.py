@@ -116,7 +116,7 @@ class OnlineConfig:
 
     lr: float = 3e-4
     weight_decay: float = 0.0
-    batch_size: int = 128  # 245 examples/s at d = 64 vs 167 at 64 (bench/train.py)
+    batch_size: int = 128  # 245 examples/s at d = 64 vs 167 with batches of 64 (bench/train.py)
     replay_capacity: int = 10_000
     replay_fraction: float = 0.5
     fresh_capacity: int = 10_000  # fresh examples waiting; past it the oldest are dropped

@@ -24,8 +24,9 @@ announces, the learner publishes nothing more: it logs the conflict, counts it
 rounds and calls ``on_refused`` (``start``).
 
 Metrics: steps and last loss (``unirec_train_steps_total``, ``unirec_train_loss``), refusals
-by reason (``unirec_train_refused_total``); the student's imitation loss goes to the
-``DriftTracker``.
+by reason (``unirec_train_refused_total``), examples waiting and dropped by model
+(``unirec_train_backlog``, ``unirec_train_examples_dropped_total``; live, student); the
+student's imitation loss goes to the ``DriftTracker``.
 """
 
 from __future__ import annotations
@@ -144,7 +145,15 @@ class OnlineLearner:
                     return len(joined)
         if self.student is not None and not _is_set(stop):
             self.student.step()
+        self._observe_backlog()
         return len(joined)
+
+    def _observe_backlog(self) -> None:
+        trainers = [("live", self.trainer)]
+        if self.student is not None:
+            trainers.append(("student", self.student.trainer))
+        for name, trainer in trainers:
+            self.metrics.observe_backlog(name, trainer.pending, trainer.dropped)
 
     @property
     def student_ready(self) -> bool:

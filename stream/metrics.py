@@ -86,6 +86,7 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._dropped: dict[str, int] = {}  # trainer drops counted so far, by model
 
         # Consuming and applying.
         self.events_consumed = Counter(
@@ -169,6 +170,17 @@ class WorkerMetrics:
         )
         self.train_loss = Gauge(
             "unirec_train_loss", "Loss of the online trainer's last step.", registry=r
+        )
+        self.train_backlog = Gauge(
+            "unirec_train_backlog",
+            "Joined examples waiting for a training step, by model (live: the model being "
+            "fine-tuned; student: the static student, which trains after it).", ["model"],
+            registry=r,
+        )
+        self.train_dropped = Counter(
+            "unirec_train_examples_dropped",
+            "Joined examples dropped untrained (past the trainer's buffer, or in a refused "
+            "step), by model (live, student).", ["model"], registry=r,
         )
         self.online_auc = Gauge(
             "unirec_online_auc", "Online AUC over labelled impressions.", ["model"],
@@ -322,6 +334,13 @@ class WorkerMetrics:
         """``steps`` optimizer steps taken, the last one's loss ``loss``."""
         self.train_steps.inc(steps)
         self.train_loss.set(loss)
+
+    def observe_backlog(self, model: str, waiting: int, dropped: int) -> None:
+        """A trainer of ``model`` (live, student) has ``waiting`` examples buffered and has
+        dropped ``dropped`` in all (the counter rises by what is new)."""
+        self.train_backlog.labels(model).set(waiting)
+        self.train_dropped.labels(model).inc(max(dropped - self._dropped.get(model, 0), 0))
+        self._dropped[model] = max(dropped, self._dropped.get(model, 0))
 
     def count_refused(self, reason: str) -> None:
         """One refused training step (``reason`` as the trainer gave it)."""

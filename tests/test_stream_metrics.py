@@ -183,6 +183,16 @@ def test_learning_and_label_metrics() -> None:
     metrics.set_users(42)
     metrics.count_consumed("labels", 8)
     metrics.count_rejected("labels", "invalid Label: label must be 0 or 1")
+    metrics.observe_backlog("student", 40, 3)
+    metrics.observe_backlog("student", 12, 10)  # the trainer's running total: +7
+    metrics.observe_backlog("student", 0, 10)
+    metrics.observe_backlog("live", 5, 0)
+    assert samples(metrics, "unirec_train_backlog") == {
+        (("model", "live"),): 5.0, (("model", "student"),): 0.0,
+    }
+    assert samples(metrics, "unirec_train_examples_dropped_total") == {
+        (("model", "live"),): 0.0, (("model", "student"),): 10.0,
+    }
     assert samples(metrics, "unirec_model_version") == {(): 7.0}
     assert samples(metrics, "unirec_train_steps_total") == {(): 4.0}
     assert samples(metrics, "unirec_train_loss") == {(): 0.25}

@@ -211,9 +211,13 @@ def test_the_live_model_trains_a_backlog_before_the_student_which_still_predicts
     assert learner.trainer.steps == 4 and len(worker.updates) == 4
     assert student.steps == 1 and student.pending == 48 and learner.student_ready
     assert learner.student.imitation.n == 64
+    assert worker.sample("unirec_train_backlog", model="student") == 48
+    assert worker.sample("unirec_train_backlog", model="live") == 0
     while learner.student_ready:
         assert learner.round() == 0
     assert student.steps == 4 and student.pending == 0 and learner.trainer.steps == 4
+    assert worker.sample("unirec_train_backlog", model="student") == 0
+    assert worker.sample("unirec_train_examples_dropped_total", model="student") == 0
 
 
 def test_a_nan_batch_is_refused_and_the_old_weights_keep_serving(
