@@ -57,6 +57,18 @@ def test_training_benchmark_reports_every_kind_at_both_sizes():
     assert default["flops_per_example"] > suite["flops_per_example"]
 
 
+def test_rebuild_benchmark_rebuilds_every_stale_state_and_none_of_the_current():
+    """bench/rebuild.py --quick applies one event per user with current states (nothing
+    rebuilt) and with stale ones (every user rebuilt from its history), and prints both
+    rates."""
+    report = _run("rebuild.py", "--quick")
+    users = report["config"]["users"]
+    assert users == 200
+    assert report["current"]["rebuilt"] == 0 and report["stale"]["rebuilt"] == users
+    assert report["current"]["events_per_s"] > 0 and report["stale"]["events_per_s"] > 0
+    assert report["stale_cost_ratio"] > 0
+
+
 def test_gpu_check_compares_device_scores_with_cpu_fp32_on_the_cpu():
     """bench/gpu_check.py (the first step of bench/gpu.sh) runs here with --device cpu: W8A16
     and plain scores, cached and reference, against CPU fp32, within the bf16 tolerance."""
