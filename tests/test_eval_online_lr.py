@@ -1,0 +1,38 @@
+"""The online learning-rate sweep on the validation slice: one row per (seed, lr), every row
+of a seed fine-tunes the same trained model, and at lr 0 fine-tuning is the frozen model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evaluation.online_lr import OfflineRun, offline_run, sweep
+from eventlog.loaders import load_events
+from model.config import ModelConfig
+from tests.test_cli import _write_events
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = OfflineRun(ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, n_layers=2,
+                              layer_widths=(1.0, 0.5)), 8, 1e-3, 3)
+
+
+def test_rows_per_seed_and_lr_share_the_frozen_model_and_lr_zero_changes_nothing(
+        tmp_path: Path) -> None:
+    log = load_events(_write_events(tmp_path / "tiny.parquet", n_users=16, per_user=15))
+    rows = list(sweep(log, TINY, seeds=[0, 1], lrs=[0.0, 1e-2], chunks=3))
+    assert [(r["seed"], r["lr"]) for r in rows] == [(0, 0.0), (0, 1e-2), (1, 0.0), (1, 1e-2)]
+    for zero, high in (rows[0:2], rows[2:4]):
+        assert zero["frozen"] == high["frozen"]
+        assert zero["fine_tuned"] == pytest.approx(zero["frozen"], abs=1e-12)
+        assert zero["online_steps"] == high["online_steps"] > 0
+        assert high["fine_tuned"] != high["frozen"]
+
+
+def test_the_sizes_are_the_suites_unirec_and_the_demos_model() -> None:
+    suite, default = offline_run("suite"), offline_run("default")
+    assert (suite.config.n_layers, suite.config.d_model, suite.history_len) == (2, 48, 20)
+    assert default.config == ModelConfig() and default.steps == 250
+    with pytest.raises(ValueError, match="unknown size"):
+        offline_run("huge")
