@@ -18,12 +18,13 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from evaluation.experiment import MODELS, Budget, make_splits
-from evaluation.prequential import prequential
+from evaluation.prequential import online_train_config, prequential
+from evaluation.results_report import chunk_means
 from eventlog.loaders import EventLog, load_dataset
 from model.config import ModelConfig
 from model.kinds import build_model
@@ -58,7 +59,6 @@ def sweep(log: EventLog, run: OfflineRun, seeds: Sequence[int], lrs: Sequence[fl
     """One result per (seed, lr), in that order (see the module docstring)."""
     device = device or torch.device("cpu")
     splits = make_splits(log, Budget(history_len=run.history_len))
-    online = OnlineConfig()
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model("unirec", run.config, splits.featurizer.spec).to(device)
@@ -66,16 +66,14 @@ def sweep(log: EventLog, run: OfflineRun, seeds: Sequence[int], lrs: Sequence[fl
             TrainConfig(lr=run.lr, batch_size=256, max_steps=run.steps, seed=seed), device)
         frozen = predict(model, splits.featurizer, splits.val, device)
         for lr in lrs:
-            result = prequential(
+            record = asdict(prequential(
                 model, splits.featurizer, splits.val, frozen,
-                TrainConfig(lr=lr, weight_decay=online.weight_decay,
-                            batch_size=online.batch_size, seed=seed), chunks, device)
-            yield {"seed": seed, "lr": lr, "frozen": result.frozen,
-                   "fine_tuned": result.fine_tuned,
-                   "mean_chunk_auc_frozen": sum(result.frozen_auc) / len(result.frozen_auc),
-                   "mean_chunk_auc_fine_tuned":
-                       sum(result.fine_tuned_auc) / len(result.fine_tuned_auc),
-                   "online_steps": result.online_steps}
+                online_train_config(replace(OnlineConfig(), lr=lr), seed), chunks, device))
+            yield {"seed": seed, "lr": lr, "frozen": record["frozen"],
+                   "fine_tuned": record["fine_tuned"],
+                   "mean_chunk_auc_frozen": chunk_means([record], "frozen")[0],
+                   "mean_chunk_auc_fine_tuned": chunk_means([record], "fine_tuned")[0],
+                   "online_steps": record["online_steps"]}
 
 
 def main(argv: list[str] | None = None) -> None:

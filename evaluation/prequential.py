@@ -21,6 +21,7 @@ from torch import nn
 
 from model.dataset import ExampleSet, gather_batch
 from model.features import Featurizer
+from model.online import OnlineConfig
 from model.prediction_metrics import auc, report
 from model.training import TrainConfig, example_states, make_optimizer, predict, train_step
 
@@ -36,6 +37,13 @@ class PrequentialResult:
     frozen_auc: list[float]
     fine_tuned_auc: list[float]
     online_steps: int
+
+
+def online_train_config(online: OnlineConfig, seed: int) -> TrainConfig:
+    """The fine-tuning arm's ``train_step`` settings: the online learner's learning rate,
+    weight decay, batch size and task."""
+    return TrainConfig(lr=online.lr, weight_decay=online.weight_decay,
+                       batch_size=online.batch_size, seed=seed, task=online.task)
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:

@@ -34,14 +34,13 @@ from evaluation.experiment import (
     matched_width,
     run_one,
 )
-from evaluation.prequential import prequential
+from evaluation.prequential import online_train_config, prequential
 from evaluation.results_report import write_report
 from evaluation.river_peers import peers_record
 from evaluation.tuning import RUNS_PER_MODEL, load_tuning, save_tuning, tune
 from eventlog.log import EventLog
 from model.kinds import build_model, parameter_count
 from model.online import OnlineConfig
-from model.training import TrainConfig
 
 ONLINE = OnlineConfig()
 """The prequential fine-tuning: the settings the worker's online learner runs with."""
@@ -88,12 +87,10 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
         for seed in range(budget.seeds):
             result = run_one(variant, hyper, seed, splits, budget, widths[variant.kind], device)
             if variant in MODELS:
-                train_cfg = TrainConfig(lr=ONLINE.lr, weight_decay=ONLINE.weight_decay,
-                                        batch_size=ONLINE.batch_size, seed=seed,
-                                        task=ONLINE.task)
                 preq.append(asdict(prequential(result.model, splits.featurizer, splits.test,
-                                               result.probabilities, train_cfg, budget.chunks,
-                                               device)))
+                                               result.probabilities,
+                                               online_train_config(ONLINE, seed),
+                                               budget.chunks, device)))
             runs.append({"seed": seed, **result.metrics, "seconds": result.seconds,
                          "train_seconds": result.train_seconds, "steps": result.steps,
                          "curve": result.curve})
