@@ -42,7 +42,8 @@ class PrequentialResult:
 def online_train_config(online: OnlineConfig, seed: int) -> TrainConfig:
     """The fine-tuning arm's ``train_step`` settings: the online learner's learning rate,
     weight decay, batch size and task."""
-    return TrainConfig(lr=online.lr, weight_decay=online.weight_decay,
+    return TrainConfig(lr=online.lr, embedding_lr=online.embedding_lr,
+                       weight_decay=online.weight_decay,
                        batch_size=online.batch_size, seed=seed, task=online.task)
 
 

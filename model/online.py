@@ -115,6 +115,7 @@ class OnlineConfig:
     """Hyperparameters of the online trainer (see the module docstring)."""
 
     lr: float = 1e-5  # by validation: docs/model.md, "The online learning rate"
+    embedding_lr: float | None = None  # of the embedding table's rows; None: ``lr``
     weight_decay: float = 0.0
     batch_size: int = 128  # 245 examples/s at d = 64 vs 167 with batches of 64 (bench/train.py)
     replay_capacity: int = 10_000
@@ -172,7 +173,8 @@ class OnlineTrainer:
         self.served = served
         self.featurizer = Featurizer(model.spec)
         self.optimizer = make_optimizer(
-            model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
+            model, TrainConfig(lr=cfg.lr, embedding_lr=cfg.embedding_lr,
+                               weight_decay=cfg.weight_decay)
         )
         self.steps = 0
         self.refused = 0

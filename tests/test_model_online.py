@@ -142,6 +142,27 @@ def test_a_nan_batch_is_refused_and_the_old_weights_stay(caplog):
     assert all(bool(torch.isfinite(p).all()) for p in parameters(trainer.model).values())
 
 
+def test_the_embedding_rows_learn_at_their_own_rate_and_the_rest_at_lr():
+    """With ``embedding_lr`` = 0 a step moves every parameter but the embedding table; with
+    ``lr`` = 0 it moves the table alone; unset, both learn at ``lr`` as one group."""
+    examples = preference_stream(5, 8, "action")
+
+    def moved(cfg: OnlineConfig) -> set[str]:
+        trainer = OnlineTrainer(tiny_model(), cfg)
+        before = parameters(trainer.model)
+        trainer.add(examples)
+        assert trainer.step().accepted
+        after = parameters(trainer.model)
+        return {name for name in before if not torch.equal(before[name], after[name])}
+
+    table = "tokenizer.table.weight"
+    base = OnlineConfig(batch_size=8, replay_fraction=0.0, lr=1e-3)
+    frozen_table = moved(replace(base, embedding_lr=0.0))
+    assert table not in frozen_table and len(frozen_table) > 10
+    assert moved(replace(base, lr=0.0, embedding_lr=1e-3)) == {table}
+    assert moved(base) == frozen_table | {table}
+
+
 def test_a_non_finite_gradient_is_refused():
     """A finite loss whose gradient is infinite (a hook on the head) is refused by
     guarded_step with the weights unchanged."""
