@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -467,6 +468,9 @@ def _add_learning_flags(parser: argparse.ArgumentParser) -> None:
                         help="accepted online steps between two published model versions")
     parser.add_argument("--train-batch-size", type=int, default=online.batch_size)
     parser.add_argument("--train-lr", type=float, default=online.lr)
+    parser.add_argument("--train-embedding-lr", type=float, default=online.embedding_lr,
+                        help="learning rate of the embedding table's rows "
+                             "(default: %(default)s; unset: --train-lr)")
     parser.add_argument("--no-student", action="store_true",
                         help="do not train the static student (no imitation loss)")
     parser.add_argument("--static-checkpoint", type=Path,
@@ -480,10 +484,13 @@ def _learning_config(args: argparse.Namespace) -> dict:
     from stream.drift_tracker import DriftConfig
     from stream.learner import LearnerConfig
 
-    if args.checkpoint_every < 1 or args.train_batch_size < 1 or args.train_lr <= 0:
-        raise CliError("--checkpoint-every, --train-batch-size and --train-lr must be positive")
-    online = OnlineConfig(lr=args.train_lr, batch_size=args.train_batch_size,
-                          checkpoint_every=args.checkpoint_every)
+    rates = [args.train_lr] + ([] if args.train_embedding_lr is None else [args.train_embedding_lr])
+    if (args.checkpoint_every < 1 or args.train_batch_size < 1
+            or not all(0 < rate < math.inf for rate in rates)):
+        raise CliError("--checkpoint-every, --train-batch-size, --train-lr and "
+                       "--train-embedding-lr must be positive")
+    online = OnlineConfig(lr=args.train_lr, embedding_lr=args.train_embedding_lr,
+                          batch_size=args.train_batch_size, checkpoint_every=args.checkpoint_every)
     return {
         "versions_dir": args.versions_dir,
         "static_checkpoint": args.static_checkpoint,

@@ -80,6 +80,19 @@ def test_an_unknown_device_is_refused(tmp_path, capsys):
     assert "device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["worker", "trainer"])
+@pytest.mark.parametrize("flag", ["--train-lr", "--train-embedding-lr"])
+@pytest.mark.parametrize("rate", ["0", "-1e-3", "nan", "inf"])
+def test_a_learning_rate_that_is_not_positive_and_finite_is_refused(tmp_path, capsys, command,
+                                                                     flag, rate):
+    """The online learner's rates must be positive and finite: exit status 2 naming the
+    flag, before any broker is contacted (127.0.0.1:9 has none)."""
+    argv = [command, "--bootstrap-servers", "127.0.0.1:9", "--store", str(tmp_path / "s"),
+            f"{flag}={rate}"]
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
 @pytest.mark.broker
 def test_the_console_script_runs_train_and_eval_on_movielens(tmp_path):
     """`unirec train --dataset movielens-100k` then `unirec eval ... --json`, as a user runs
