@@ -98,6 +98,17 @@ def chunk_means(runs: list[dict[str, Any]], arm: str) -> list[float]:
     return [_finite_mean(tuple(r[f"{arm}_auc"])) for r in runs]
 
 
+def _online_settings(online: dict[str, Any] | None) -> str:
+    """``OnlineConfig``'s training settings as a phrase (a record made before they were kept
+    names them only)."""
+    if online is None:
+        return "its learning rate, batch size and weight decay"
+    rows = online.get("embedding_lr")
+    return (f"lr {online['lr']:g}"
+            + ("" if rows is None else f", the embedding table's rows {rows:g}")
+            + f", batches of {online['batch_size']}, weight decay {online['weight_decay']:g}")
+
+
 def _steps(row: dict[str, Any]) -> str:
     """The runs' best steps (mean over seeds; an older record has one ``steps`` per row)."""
     steps = [r["steps"] for r in row["runs"] if "steps" in r]
@@ -146,7 +157,7 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
     lines += ["", "## Prequential (test-then-train) over the test period", "",
               f"{budget['chunks']} chunks in time order; each is scored, then learned from "
               "with `train_step` at the worker's online learner settings (`OnlineConfig`: "
-              "its learning rate, batch size and weight decay, the same for every model). "
+              f"{_online_settings(record.get('online_config'))}, the same for every model). "
               "Both arms see the same histories and GRU states; only the "
               "weights differ. AUC/GAUC pool the whole period, whose fine-tuned scores come "
               "from successive model versions; the mean chunk AUC compares versions only "

@@ -119,6 +119,7 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
         "hyperparameters": "tuned: " + tuning_path.name if tuned else "untuned defaults",
         "variants": rows,
         "prequential": online,
+        "online_config": asdict(ONLINE),
         "peers": peer_section,
         "changes": changes.read_text() if (changes := out_dir / f"{log.name}.changes.md"
                                             ).is_file() else None,

@@ -22,6 +22,7 @@ from evaluation.prequential import chunk_bounds, prequential
 from evaluation.results_report import verdict
 from evaluation.tuning import _bracket
 from eventlog.loaders import load_events
+from model.online import OnlineConfig
 from model.training import TrainConfig
 from tests.test_cli import _write_events
 
@@ -99,6 +100,10 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     assert set(record["prequential"]) == {v.name for v in MODELS}
     report = (out / "tiny.md").read_text()
     assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
+    online = OnlineConfig()
+    assert record["online_config"]["embedding_lr"] == online.embedding_lr
+    assert (f"lr {online.lr:g}, the embedding table's rows {online.embedding_lr:g}, "
+            f"batches of {online.batch_size}") in report
     assert "## Online peers (River)" in report
     assert record["peers"]["status"] == ("ran" if importlib.util.find_spec("river") else
                                          "skipped")
