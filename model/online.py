@@ -115,7 +115,7 @@ class OnlineConfig:
     """Hyperparameters of the online trainer (see the module docstring)."""
 
     lr: float = 1e-5  # by validation: docs/model.md, "The online learning rate"
-    embedding_lr: float | None = 1e-3  # the embedding rows' (None: ``lr``); by validation
+    embedding_lr: float | None = None  # the embedding rows' (None: ``lr``); docs/model.md
     weight_decay: float = 0.0
     batch_size: int = 128  # 245 examples/s at d = 64 vs 167 with batches of 64 (bench/train.py)
     replay_capacity: int = 10_000

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from app.cli import main
 from evaluation.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
 from evaluation.prequential import chunk_bounds, prequential
-from evaluation.results_report import verdict
+from evaluation.results_report import _online_settings, verdict
 from evaluation.tuning import _bracket
 from eventlog.loaders import load_events
 from model.online import OnlineConfig
@@ -101,9 +101,8 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     report = (out / "tiny.md").read_text()
     assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
     online = OnlineConfig()
-    assert record["online_config"]["embedding_lr"] == online.embedding_lr
-    assert (f"lr {online.lr:g}, the embedding table's rows {online.embedding_lr:g}, "
-            f"batches of {online.batch_size}") in report
+    assert record["online_config"] == asdict(online)
+    assert _online_settings(record["online_config"]) in report
     assert "## Online peers (River)" in report
     assert record["peers"]["status"] == ("ran" if importlib.util.find_spec("river") else
                                          "skipped")
@@ -116,6 +115,14 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     for row in record["variants"]:
         assert (row["lr"], row["dropout"]) == (tuning[row["kind"]]["lr"],
                                                tuning[row["kind"]]["dropout"])
+
+
+def test_the_report_names_the_online_rates_it_ran_with():
+    assert _online_settings(asdict(OnlineConfig(lr=1e-5, batch_size=128, weight_decay=0.0))) \
+        == "lr 1e-05, batches of 128, weight decay 0"
+    assert _online_settings(asdict(OnlineConfig(lr=1e-5, embedding_lr=1e-3))) == (
+        "lr 1e-05, the embedding table's rows 0.001, batches of 128, weight decay 0")
+    assert _online_settings(None) == "its learning rate, batch size and weight decay"
 
 
 def test_a_run_keeps_its_best_validation_weights_and_stops_after_its_patience(events_file):
