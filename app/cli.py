@@ -484,11 +484,11 @@ def _learning_config(args: argparse.Namespace) -> dict:
     from stream.drift_tracker import DriftConfig
     from stream.learner import LearnerConfig
 
-    rates = [args.train_lr] + ([] if args.train_embedding_lr is None else [args.train_embedding_lr])
-    if (args.checkpoint_every < 1 or args.train_batch_size < 1
-            or not all(0 < rate < math.inf for rate in rates)):
-        raise CliError("--checkpoint-every, --train-batch-size, --train-lr and "
-                       "--train-embedding-lr must be positive")
+    if args.checkpoint_every < 1 or args.train_batch_size < 1:
+        raise CliError("--checkpoint-every and --train-batch-size must be positive")
+    rates = (args.train_lr, args.train_embedding_lr)
+    if not all(0 < rate < math.inf for rate in rates if rate is not None):
+        raise CliError("--train-lr and --train-embedding-lr must be positive and finite")
     online = OnlineConfig(lr=args.train_lr, embedding_lr=args.train_embedding_lr,
                           batch_size=args.train_batch_size, checkpoint_every=args.checkpoint_every)
     return {
