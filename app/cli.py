@@ -1,12 +1,13 @@
 """The ``unirec`` command line: each command parses flags, builds objects, calls one function.
 
-    unirec train (--dataset movielens-100k | --events FILE) [--epochs N] [--max-steps N] ...
+    unirec train (--dataset movielens-100k | --events FILE) [--size default|suite] [--epochs N]
+                 [--max-steps N] ...
     unirec eval  (--dataset movielens-100k | --events FILE) [--checkpoint PATH] [--json]
     unirec eval-suite [--dataset NAME | --events FILE] [--json] [--tune] [--seeds N] [--steps N]
                  [--no-peers]
                  the baselines, ablations, prequential and River peers -> reports/<data set>.md
-    unirec demo [--events N] [--no-train] [--retrain]   the whole loop on one machine: embedded
-                 broker, worker, monitor, MovieLens replay, a closing summary
+    unirec demo [--events N] [--no-train] [--retrain] [--size suite|default]   the whole loop
+                 on one machine: embedded broker, worker, monitor, MovieLens replay, a summary
     unirec produce (--dataset NAME | --events FILE | --synthetic N) [--bootstrap-servers HOST:PORT]
                  [--rate R] [--limit N] [--negatives K] [--label-delay S] [--partitions P]
     unirec worker [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--store DIR]
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from evaluation.experiment import Budget
 from evaluation.quickstart import evaluate_on_log, train_on_log
+from evaluation.sizes import SIZE_NAMES, model_size
 from eventlog.generic import GenericFormatError
 from eventlog.loaders import DATASETS, EventLog, load_dataset, load_events
 from eventlog.movielens import DatasetUnavailable
@@ -79,10 +81,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--size", choices=SIZE_NAMES, default="default",
+                        help="the model's config and learning rate (evaluation.sizes)")
+    parser.add_argument("--lr", type=float, help="default: the size's")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--d-model", type=int, default=ModelConfig.d_model)
-    parser.add_argument("--history-len", type=int, default=ModelConfig.history_len)
+    parser.add_argument("--d-model", type=int, help="default: the size's")
+    parser.add_argument("--history-len", type=int, help="default: the size's")
     parser.add_argument("--model", choices=list(MODEL_KINDS), default="unirec")
 
 
@@ -105,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, help="held-out events to replay (default: all)")
     demo.add_argument("--rate", type=float, help="events/s of the replay (default: max)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    demo.add_argument("--train-steps", type=int, default=250,
-                      help="steps of the training run when there is no model yet")
+    demo.add_argument("--size", choices=SIZE_NAMES, default="suite",
+                      help="the model trained when there is none yet (evaluation.sizes)")
+    demo.add_argument("--train-steps", type=int,
+                      help="steps of that training run (default: the size's)")
     demo.add_argument("--retrain", action="store_true", help="train even if a model exists")
     demo.add_argument("--no-train", action="store_true",
                       help="learning off: the worker serves the checkpoint frozen, and the "
@@ -152,15 +158,39 @@ def _progress(total_hint: str) -> tuple[tqdm, object]:
     return bar, on_step
 
 
+def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of ``_add_train_flags``: the size's, with the flags
+    given on top; CliError for a count that is not positive or a rate that is not positive
+    and finite."""
+    counts = {"--epochs": args.epochs, "--max-steps": args.max_steps,
+              "--batch-size": args.batch_size, "--d-model": args.d_model,
+              "--history-len": args.history_len}
+    bad = [flag for flag, value in counts.items() if value is not None and value < 1]
+    if bad:
+        raise CliError(f"{', '.join(bad)} must be positive")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise CliError(f"--lr must be positive and finite, not {args.lr}")
+    size = model_size(args.size)
+    try:
+        model_cfg = replace(size.config, **{
+            name: value for name, value in (("d_model", args.d_model),
+                                            ("history_len", args.history_len))
+            if value is not None
+        })
+    except ValueError as exc:
+        raise CliError(f"--d-model / --history-len: {exc}") from exc
+    train_cfg = TrainConfig(
+        lr=size.lr if args.lr is None else args.lr, batch_size=args.batch_size,
+        epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+    )
+    return model_cfg, train_cfg
+
+
 def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog,
            stop: threading.Event | None = None) -> dict | None:
     """Train and save the checkpoint; returns its summary, or None (nothing saved) when
     ``stop`` was set during training."""
-    model_cfg = ModelConfig(d_model=args.d_model, history_len=args.history_len)
-    train_cfg = TrainConfig(
-        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-        seed=args.seed,
-    )
+    model_cfg, train_cfg = _train_configs(args)
     bar, show = _progress("training")
 
     def on_step(step: int, total: int, loss: float) -> bool:
@@ -216,9 +246,12 @@ def run_demo(args: argparse.Namespace) -> None:
     from app.demo import run_demo as run
     from stream.broker import BrokerStartError
 
-    if (args.events is not None and args.events < 1) or (args.rate is not None and args.rate <= 0):
-        raise CliError("--events and --rate must be positive")
-    argv = ["train", "--dataset", "movielens-100k", "--max-steps", str(args.train_steps)]
+    if any(value is not None and value <= 0
+           for value in (args.events, args.rate, args.train_steps)):
+        raise CliError("--events, --rate and --train-steps must be positive")
+    steps = model_size(args.size).steps if args.train_steps is None else args.train_steps
+    argv = ["train", "--dataset", "movielens-100k", "--size", args.size,
+            "--max-steps", str(steps)]
     for flag in ("data_dir", "device"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -229,7 +262,7 @@ def run_demo(args: argparse.Namespace) -> None:
     train = None
     if args.retrain or not checkpoint.is_file():
         print(f"unirec demo: no model at {checkpoint}; training on the first 80% of "
-              f"{event_log.name} ({args.train_steps} steps) while the history streams into "
+              f"{event_log.name} ({args.size} size, {steps} steps) while the history streams into "
               "the broker", file=sys.stderr)
 
         def train(stop: threading.Event) -> bool:

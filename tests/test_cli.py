@@ -13,9 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from app.cli import main
+from evaluation.sizes import model_size
 from eventlog.movielens import DatasetUnavailable, default_data_dir, load_movielens_100k
+from model.baselines import MODEL_KINDS
+from model.checkpoint import load
+from model.config import ModelConfig
 
 TINY = ["--d-model", "16", "--history-len", "8", "--batch-size", "64"]
 
@@ -78,6 +83,42 @@ def test_an_unknown_device_is_refused(tmp_path, capsys):
     events = _write_events(tmp_path / "events.parquet")
     assert main(["train", "--events", str(events), "--device", "tpu", "--max-steps", "1"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--max-steps", "0"], ["--max-steps", "-3"], ["--epochs", "0"], ["--batch-size", "0"],
+    ["--d-model", "0"], ["--history-len", "0"], ["--lr", "nan"], ["--lr", "-1"],
+    ["--lr", "inf"], ["--d-model", "10"],
+])
+def test_a_training_flag_out_of_range_is_refused_naming_it(tmp_path, capsys, monkeypatch,
+                                                           flags):
+    """Counts must be positive, the rate positive and finite, the width a multiple of the
+    heads: exit status 2 naming the flag, no traceback and no checkpoint."""
+    monkeypatch.setenv("UNIREC_RUN_DIR", str(tmp_path / "runs"))
+    events = _write_events(tmp_path / "events.parquet")
+    assert main(["train", "--events", str(events), *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_size_sets_the_config_and_the_flags_given_override_it(tmp_path, capsys, monkeypatch):
+    """`--size suite` trains the eval suite's UniRec (two layers, d 48, history 20, its tuned
+    learning rate); `--d-model` and `--history-len` given on top replace only themselves."""
+    monkeypatch.setenv("UNIREC_RUN_DIR", str(tmp_path / "runs"))
+    events = _write_events(tmp_path / "events.parquet")
+    suite = model_size("suite")
+    for extra, expected in (
+        ([], suite.config),
+        (["--d-model", "16", "--history-len", "8"],
+         ModelConfig(**{**vars(suite.config), "d_model": 16, "history_len": 8})),
+    ):
+        argv = ["train", "--events", str(events), "--size", "suite", "--max-steps", "1", *extra]
+        assert main(argv) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["train_config"]["lr"] == suite.lr
+        model, _ = load(Path(summary["checkpoint"]), torch.device("cpu"), kind=None,
+                        kinds=MODEL_KINDS)
+        assert model.cfg == expected
 
 
 @pytest.mark.parametrize("command", ["worker", "trainer"])

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.online_lr import OfflineRun, offline_run, sweep
+from evaluation.online_lr import sweep
+from evaluation.sizes import ModelSize
 from eventlog.loaders import load_events
 from model.config import ModelConfig
 from tests.test_cli import _write_events
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = OfflineRun(ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, n_layers=2,
-                              layer_widths=(1.0, 0.5)), 8, 1e-3, 3)
+TINY = ModelSize(ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, n_layers=2,
+                             layer_widths=(1.0, 0.5)), 1e-3, 3)
 
 
 def test_rows_per_seed_and_lr_share_the_frozen_model_and_lr_zero_changes_nothing(
@@ -37,11 +38,3 @@ def test_an_embedding_rate_alone_fine_tunes_and_rows_cover_every_pair(tmp_path: 
     assert [(r["lr"], r["embedding_lr"]) for r in rows] == [(0.0, 0.0), (0.0, 1e-2)]
     assert rows[0]["fine_tuned"] == pytest.approx(rows[0]["frozen"], abs=1e-12)
     assert rows[1]["fine_tuned"] != rows[1]["frozen"]
-
-
-def test_the_sizes_are_the_suites_unirec_and_the_demos_model() -> None:
-    suite, default = offline_run("suite"), offline_run("default")
-    assert (suite.config.n_layers, suite.config.d_model, suite.history_len) == (2, 48, 20)
-    assert default.config == ModelConfig() and default.steps == 250
-    with pytest.raises(ValueError, match="unknown size"):
-        offline_run("huge")
