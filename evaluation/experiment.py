@@ -54,6 +54,7 @@ class Budget:
     test_fraction: float = 0.2
     chunks: int = 10  # prequential chunks over the test period
     tune_steps: int | None = None  # steps of a tuning run (None: ``steps``)
+    weight_average: float | None = None  # ``TrainConfig.weight_average`` of every run
 
     def model_config(self, dropout: float, **overrides: Any) -> ModelConfig:
         base = ModelConfig(d_model=self.d_model, n_heads=self.n_heads,
@@ -240,7 +241,7 @@ def run_one(variant: Variant, hyper: Hyper, seed: int, splits: Splits, budget: B
     model = build_model(variant.kind, cfg, splits.featurizer.spec, MODEL_KINDS).to(device)
     train_cfg = TrainConfig(lr=hyper.lr, weight_decay=hyper.weight_decay,
                             batch_size=budget.batch_size, max_steps=steps or budget.steps,
-                            seed=seed)
+                            seed=seed, weight_average=budget.weight_average)
     curve = ValidationCurve(model, splits.featurizer, splits.val, device, budget.eval_every,
                             budget.patience)
     fit(model, splits.featurizer, splits.train, train_cfg, device, curve)

@@ -33,6 +33,7 @@ from model.dataset import ExampleSet, gather_batch
 from model.features import CandidateInputs, Featurizer, UserInputs
 from model.tokens import EmbeddingTable
 from model.user_state import carried_states, served_state
+from model.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     task: str = "click"
     state_refresh_steps: int = 25  # steps between two passes of carried states (``fit``)
+    weight_average: float | None = None  # decay of the weights' average ``fit`` returns
 
 
 FUSED_ADAM_DEVICES = frozenset({"cpu", "cuda"})
@@ -174,10 +176,29 @@ def fit(
 
     ``on_step(step, total_steps, loss)`` is called after every step; training stops early
     when it returns True (e.g. ``evaluation.experiment.ValidationCurve``). Returns the losses.
+
+    With ``cfg.weight_average`` set, the model ends with an exponential average of its
+    weights over the steps (``model.weight_average``), and ``on_step`` sees that average
+    (so early stopping judges and keeps the weights that will be returned); the steps
+    themselves, and so the trained weights, are the same as without it.
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
+    average = None if cfg.weight_average is None else WeightAverage(model, cfg.weight_average)
+    try:
+        return _train_steps(model, featurizer, examples, cfg, device, optimizer, rng, on_step,
+                            average)
+    finally:
+        if average is not None:
+            average.apply()
+
+
+def _train_steps(
+    model: UniRecModel, featurizer: Featurizer, examples: ExampleSet, cfg: TrainConfig,
+    device: torch.device, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+    on_step: Callable[[int, int, float], bool | None] | None, average: WeightAverage | None,
+) -> list[float]:
     per_epoch = -(-len(examples) // cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
     losses: list[float] = []
@@ -194,11 +215,24 @@ def fit(
                 model, optimizer, user.to(device), cands.to(device), labels.to(device), cfg.task
             )
             losses.append(loss)
-            if on_step is not None and on_step(len(losses), total, loss):
+            if average is not None:
+                average.update()
+            if on_step is not None and _call_averaged(on_step, average, len(losses), total,
+                                                      loss):
                 return losses
             if len(losses) >= total:
                 break
     return losses
+
+
+def _call_averaged(on_step: Callable[[int, int, float], bool | None],
+                   average: WeightAverage | None, step: int, total: int, loss: float
+                   ) -> bool | None:
+    """``on_step`` with the weights' average in the model, when there is one."""
+    if average is None:
+        return on_step(step, total, loss)
+    with average.swapped_in():
+        return on_step(step, total, loss)
 
 
 def example_states(model: UniRecModel, examples: ExampleSet) -> np.ndarray | None:

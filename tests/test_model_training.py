@@ -1,5 +1,6 @@
 """Training learns: a few dozen ``train_step`` calls on a small learnable task bring the loss
-down clearly, and the loss's gradient reaches the GRU user state when the state token is on."""
+down clearly, and the loss's gradient reaches the GRU user state when the state token is on.
+``fit`` with a weight average trains the same steps and returns their average."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from model.backbone import UniRecModel
 from model.dataset import build_examples, gather_batch
 from model.features import FeatureSpec, Featurizer
 from model.prediction_metrics import logloss
-from model.training import TrainConfig, make_optimizer, predict, train_step
+from model.training import TrainConfig, fit, make_optimizer, predict, train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -99,3 +100,41 @@ def test_gradients_reach_the_gru_only_when_the_state_token_is_on(use_state):
             assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0, name
         else:
             assert parameter.grad is None or float(parameter.grad.abs().sum()) == 0, name
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fit_with_a_weight_average_trains_the_same_steps_and_returns_their_average():
+    """The average does not change the trajectory: the weights ``on_step`` sees under
+    ``weight_average`` are the exponential average (``d_t = min(d, (1 + t) / (10 + t))``)
+    of the weights the same run without it takes step by step, and ``fit`` ends with the
+    last of those averages in the model."""
+    decay, steps = 0.8, 12
+    plain, featurizer, examples = setup(seed=3)
+    trajectory: list[list[torch.Tensor]] = []
+    fit(plain, featurizer, examples, TrainConfig(lr=3e-3, batch_size=32, max_steps=steps),
+        torch.device("cpu"), lambda *_: trajectory.append(_weights(plain)))
+    averaged, _, _ = setup(seed=3)
+    expected = _weights(averaged)
+    seen: list[list[torch.Tensor]] = []
+    fit(averaged, featurizer, examples,
+        TrainConfig(lr=3e-3, batch_size=32, max_steps=steps, weight_average=decay),
+        torch.device("cpu"), lambda *_: seen.append(_weights(averaged)))
+    for t, weights in enumerate(trajectory, start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = [e * d + w * (1 - d) for e, w in zip(expected, weights, strict=True)]
+        for got, want in zip(seen[t - 1], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(_weights(averaged), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, trajectory[-1], strict=True))
+
+
+def test_a_weight_average_decay_outside_zero_to_one_is_refused():
+    model, featurizer, examples = setup()
+    for decay in (1.0, -0.1):
+        with pytest.raises(ValueError, match="decay"):
+            fit(model, featurizer, examples, TrainConfig(max_steps=1, weight_average=decay),
+                torch.device("cpu"))
