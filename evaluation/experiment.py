@@ -54,7 +54,7 @@ class Budget:
     test_fraction: float = 0.2
     chunks: int = 10  # prequential chunks over the test period
     tune_steps: int | None = None  # steps of a tuning run (None: ``steps``)
-    weight_average: float | None = None  # ``TrainConfig.weight_average`` of every run
+    weight_average: float | None = TrainConfig.weight_average  # of every run
 
     def model_config(self, dropout: float, **overrides: Any) -> ModelConfig:
         base = ModelConfig(d_model=self.d_model, n_heads=self.n_heads,

@@ -98,6 +98,14 @@ def chunk_means(runs: list[dict[str, Any]], arm: str) -> list[float]:
     return [_finite_mean(tuple(r[f"{arm}_auc"])) for r in runs]
 
 
+def _averaging(budget: dict[str, Any]) -> str:
+    """How the budget's runs average their weights (``TrainConfig.weight_average``)."""
+    decay = budget.get("weight_average")
+    if decay is None:
+        return "the last weights (no average)"
+    return f"weights averaged over the steps (decay {decay:g})"
+
+
 def _online_settings(online: dict[str, Any] | None) -> str:
     """``OnlineConfig``'s training settings as a phrase (a record made before they were kept
     names them only)."""
@@ -133,7 +141,7 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         f"- budget per run: at most {budget['steps']} AdamW steps of batch "
         f"{budget['batch_size']}, stopped early on validation (AUC every "
         f"{budget.get('eval_every', '-')} steps, patience {budget.get('patience', '-')}; the "
-        f"best validation weights are scored), "
+        f"best validation weights are scored), {_averaging(budget)}, "
         f"history length {budget['history_len']}, UniRec d_model {budget['d_model']} "
         f"(baselines' d_model matched on parameter count), {budget['seeds']} seeds (0..)",
         f"- hyperparameters: {record['hyperparameters']}",

@@ -1,6 +1,8 @@
 """The online learning-rate sweep on the validation slice: one row per (seed, lr, embedding
 lr), every row of a seed fine-tunes the same trained model, at lr 0 fine-tuning is the frozen
-model, and the embedding rows alone move it when only their rate is above 0."""
+model (its metrics to 1e-9: chunked float32 scores of averaged weights can differ from the
+whole slice's in the last bit), and the embedding rows alone move it when only their rate is
+above 0."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def test_rows_per_seed_and_lr_share_the_frozen_model_and_lr_zero_changes_nothing
     assert [(r["seed"], r["lr"]) for r in rows] == [(0, 0.0), (0, 1e-2), (1, 0.0), (1, 1e-2)]
     for zero, high in (rows[0:2], rows[2:4]):
         assert zero["frozen"] == high["frozen"]
-        assert zero["fine_tuned"] == pytest.approx(zero["frozen"], abs=1e-12)
+        assert zero["fine_tuned"] == pytest.approx(zero["frozen"], abs=1e-9)
         assert zero["online_steps"] == high["online_steps"] > 0
         assert high["fine_tuned"] != high["frozen"]
 
@@ -36,5 +38,5 @@ def test_an_embedding_rate_alone_fine_tunes_and_rows_cover_every_pair(tmp_path: 
     log = load_events(_write_events(tmp_path / "tiny.parquet", n_users=16, per_user=15))
     rows = list(sweep(log, TINY, seeds=[0], lrs=[0.0], chunks=3, embedding_lrs=[0.0, 1e-2]))
     assert [(r["lr"], r["embedding_lr"]) for r in rows] == [(0.0, 0.0), (0.0, 1e-2)]
-    assert rows[0]["fine_tuned"] == pytest.approx(rows[0]["frozen"], abs=1e-12)
+    assert rows[0]["fine_tuned"] == pytest.approx(rows[0]["frozen"], abs=1e-9)
     assert rows[1]["fine_tuned"] != rows[1]["frozen"]

@@ -114,7 +114,8 @@ def test_fit_with_a_weight_average_trains_the_same_steps_and_returns_their_avera
     decay, steps = 0.8, 12
     plain, featurizer, examples = setup(seed=3)
     trajectory: list[list[torch.Tensor]] = []
-    fit(plain, featurizer, examples, TrainConfig(lr=3e-3, batch_size=32, max_steps=steps),
+    fit(plain, featurizer, examples,
+        TrainConfig(lr=3e-3, batch_size=32, max_steps=steps, weight_average=None),
         torch.device("cpu"), lambda *_: trajectory.append(_weights(plain)))
     averaged, _, _ = setup(seed=3)
     expected = _weights(averaged)
