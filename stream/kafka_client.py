@@ -182,7 +182,11 @@ def _with_security(config: dict[str, Any], security: KafkaSecurity | None) -> di
 def kafka_consumer(*topics: str, security: KafkaSecurity | None = None,
                    **config: Any) -> KafkaConsumer:
     """``KafkaConsumer(*topics, **config)`` with the security settings (``security``, or
-    ``KafkaSecurity.from_env()`` when None)."""
+    ``KafkaSecurity.from_env()`` when None). It asks the broker not to create the topics it
+    reads (``allow_auto_create_topics=False`` unless given): a topic made by a metadata request
+    gets the broker's default partition count, not the co-partitioned one ``ensure_topics``
+    gives. Kafka honours the flag; Tansu creates the topic anyway."""
+    config.setdefault("allow_auto_create_topics", False)
     return KafkaConsumer(*topics, **_with_security(config, security))
 
 

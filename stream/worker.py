@@ -41,7 +41,10 @@ partitions stalled, silently). ``check_copartitioned`` refuses differing counts 
 error naming each topic, its count and the command that fixes it: at start (a
 ``TopicError``, exit status 2 from the CLI) and on every assignment, before the log check
 (it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
-applied until it is assigned and checked again, and what the gate held of it is dropped.
+applied until it is assigned and checked again, and what the gate held of it is dropped. An
+assignment first creates the topics the broker lacks, as the start does (a restarted embedded
+broker has none but those the consumer's metadata request made); a broker that does not answer
+the checks ends the process with status 7, ``EXIT_ASSIGNMENT_UNCHECKED``.
 
 Partition ownership (issues #7, #13): each worker keeps, in its own store, the state of the
 ``interactions`` partitions it is assigned, and after each applied batch publishes the changed
@@ -99,6 +102,7 @@ from typing import Any
 
 import torch
 from kafka import AsyncConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
 
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from model.checkpoint import CheckpointError, load
@@ -140,7 +144,9 @@ from stream.publisher import KafkaPublisher
 from stream.records import ConsumedRecord
 from stream.serving import FeedbackWindow, ImpressionScorer, LabelBuffer
 from stream.topics import (
+    BrokerUnavailable,
     CopartitionError,
+    TopicError,
     TopicNames,
     check_copartitioned,
     end_offsets,
@@ -160,6 +166,7 @@ EXIT_LOG_CHANGED = 3
 EXIT_NOT_COPARTITIONED = 4
 EXIT_TRAINER_REFUSED = 5  # a `unirec trainer` that yielded to another trainer on the topic
 EXIT_CHANGELOG = 6  # an assigned partition cannot be restored exactly (stream.changelog)
+EXIT_ASSIGNMENT_UNCHECKED = 7  # the broker could not be read, or a topic made, on an assignment
 
 
 class WorkerError(RuntimeError):
@@ -346,11 +353,17 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     blocking call into the consumer from there (``commit``, anything that waits on the
     network) raises "Cannot block on net.run() from the IO thread" (kafka-python PR #2968);
     the methods are therefore coroutines, which the coordinator awaits on that thread, and
-    the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it). A
-    refusal on assignment is kept in ``fatal`` (kafka-python logs and swallows exceptions
-    raised here); the loop ends the process with it: ``EXIT_NOT_COPARTITIONED`` when the
-    input topics' partition counts differ (``check_copartitioned``, before anything else),
-    ``EXIT_LOG_CHANGED`` when ``plan_resume`` refuses."""
+    the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it).
+
+    An assignment first creates the topics missing on the broker, as the worker's start does
+    (``ensure_topics``: a restarted embedded broker has none, and it makes the subscribed ones
+    itself, with its own partition count, when the consumer's metadata request reaches it).
+    A refusal on assignment is kept in ``fatal``, never raised (kafka-python re-raises a
+    listener's exception from ``poll`` as a bare ``KafkaError``); the loop ends the process
+    with it: ``EXIT_NOT_COPARTITIONED`` when the input topics' partition counts differ
+    (``check_copartitioned``, before anything else), ``EXIT_LOG_CHANGED`` when
+    ``plan_resume`` refuses, ``EXIT_ASSIGNMENT_UNCHECKED`` when the broker does not answer
+    the checks or a topic cannot be created."""
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
@@ -373,15 +386,20 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         loop.forget(assigned)  # anything held of them predates this assignment
         config = loop.config
         try:
+            ensure_topics(config.bootstrap_servers, config.partitions, topics=loop.topics,
+                          timeout_s=config.timeout_s)
             check_copartitioned(config.bootstrap_servers, loop.topics.copartitioned(),
                                 config.timeout_s, topic)
+            plan = plan_resume(loop.services, config, [tp.partition for tp in interactions])
         except CopartitionError as exc:
             self.fatal = EXIT_NOT_COPARTITIONED, str(exc)
             return
-        try:
-            plan = plan_resume(loop.services, config, [tp.partition for tp in interactions])
         except WorkerError as exc:
             self.fatal = EXIT_LOG_CHANGED, str(exc)
+            return
+        except (TopicError, BrokerUnavailable, TimeoutError, KafkaError) as exc:
+            self.fatal = EXIT_ASSIGNMENT_UNCHECKED, (
+                f"cannot check the partitions assigned at {config.bootstrap_servers}: {exc}")
             return
         for tp in interactions:
             loop.consumer.seek(tp, plan[tp.partition])
@@ -451,7 +469,8 @@ class ConsumerLoop:
 
     def run(self, stop: threading.Event) -> int:
         """Poll and process until ``stop`` is set; returns the exit status (0, or the one of
-        an assignment's refusal: ``EXIT_LOG_CHANGED``, ``EXIT_NOT_COPARTITIONED``)."""
+        an assignment's refusal: ``EXIT_LOG_CHANGED``, ``EXIT_NOT_COPARTITIONED``,
+        ``EXIT_ASSIGNMENT_UNCHECKED``, ``EXIT_CHANGELOG``)."""
         next_lag = time.monotonic()
         timeout_ms = max(1, int(self.config.batch_within_s * 1000))
         while not stop.is_set():

@@ -42,6 +42,7 @@ from stream.topics import TopicNames, ensure_topics
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 2
 START_TIMEOUT_S = 60.0
+TANSU_AUTO_PARTITIONS = 4  # what Tansu gives a topic it creates on a metadata request
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -51,17 +52,19 @@ def topics_for(prefix: str) -> TopicNames:
     return TopicNames.with_prefix(prefix)
 
 
-def produce(bootstrap: str, topics: TopicNames, n: int, seed: int, negatives: int = 3) -> None:
-    ensure_topics(bootstrap, PARTITIONS, topics=topics)
+def produce(bootstrap: str, topics: TopicNames, n: int, seed: int, negatives: int = 3,
+            partitions: int = PARTITIONS) -> None:
+    ensure_topics(bootstrap, partitions, topics=topics)
     events = synthetic_events(n, seed=seed)
     replay_events(events, bootstrap, topics, negatives=negatives, seed=seed)
 
 
 def start_worker(bootstrap: str, checkpoint: Path, store: Path, prefix: str, log_path: Path,
-                 *extra: str, group: str | None = None) -> WorkerProcess:
+                 *extra: str, group: str | None = None,
+                 partitions: int = PARTITIONS) -> WorkerProcess:
     """A worker with ``--no-train`` (these tests are about applying events)."""
     return WorkerProcess(bootstrap, checkpoint, store, log_path, prefix=prefix,
-                         partitions=PARTITIONS, group=group, extra=("--no-train", *extra))
+                         partitions=partitions, group=group, extra=("--no-train", *extra))
 
 
 @pytest.fixture
@@ -400,17 +403,25 @@ def test_by_partition_keeps_offset_order_and_drops_repeats() -> None:
 def test_broker_restarted_under_a_running_worker_stops_it(
         checkpoint: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]) -> None:
     """The rejoin after the restart re-checks the log: the worker exits with status 3 and an
-    error naming the partition, having applied nothing of the new log."""
+    error naming the partition, having applied nothing of the new log.
+
+    The worker's metadata requests reach the new broker as soon as it listens, and Tansu
+    creates the subscribed topics then, with its own partition count, whatever the request's
+    ``allow_auto_topic_creation`` says; the test uses that count, so the topics are
+    co-partitioned whoever creates them first (with 2, a race decided between status 3 and
+    the co-partitioning refusal, status 4)."""
     store, topics = tmp_path / "store", topics_for("")
+    partitions = TANSU_AUTO_PARTITIONS
     first = EmbeddedBroker(log_dir=tmp_path / "b1").start()
     port, second = first.port, None
     try:
-        produce(first.bootstrap_servers, topics, 100, seed=6, negatives=1)
-        worker = workers(first.bootstrap_servers, checkpoint, store, "", tmp_path / "w.log")
+        produce(first.bootstrap_servers, topics, 100, seed=6, negatives=1, partitions=partitions)
+        worker = workers(first.bootstrap_servers, checkpoint, store, "", tmp_path / "w.log",
+                         partitions=partitions)
         wait_for(lambda: applied_total(store) == 100, START_TIMEOUT_S, worker, "first log")
         first.stop()
         second = EmbeddedBroker(port=port, log_dir=tmp_path / "b2").start()
-        produce(second.bootstrap_servers, topics, 30, seed=7, negatives=1)
+        produce(second.bootstrap_servers, topics, 30, seed=7, negatives=1, partitions=partitions)
         assert worker.wait(START_TIMEOUT_S) == 3
         assert "stored offsets belong to log" in worker.output()
         assert "partition interactions[" in worker.output()
