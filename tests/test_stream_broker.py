@@ -58,6 +58,25 @@ def test_broker_starts_answers_and_stops_leaving_no_process(tmp_path: Path) -> N
 
 
 @pytest.mark.broker
+def test_a_broker_with_a_client_connected_stops_by_itself_not_killed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``stop()`` with a client's connection still open: the broker exits by itself with
+    status 0 within ``stop_timeout_s`` (on SIGTERM Tansu waits for its clients' connections
+    to close, and was killed at the timeout)."""
+    broker = EmbeddedBroker(stop_timeout_s=3.0).start()
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        admin.list_topics()
+        with caplog.at_level(logging.INFO, logger="stream.broker"):
+            broker.stop()
+    finally:
+        admin.close()
+        broker.stop()
+    stopped = [r.getMessage() for r in caplog.records if "stopped (exit" in r.getMessage()]
+    assert len(stopped) == 1 and stopped[0].endswith("stopped (exit 0)"), caplog.text
+
+
+@pytest.mark.broker
 def test_start_failure_raises_with_the_broker_output(tmp_path: Path) -> None:
     """A broker binary that exits at start gives BrokerStartError quoting its output."""
     fake = tmp_path / "tansu"
