@@ -44,6 +44,7 @@ from eventlog.movielens import DatasetUnavailable
 from model.baselines import MODEL_KINDS
 from model.checkpoint import CheckpointError, load, save
 from model.config import ModelConfig
+from model.item_rates import DEFAULT_SMOOTHING
 from model.online import OnlineConfig
 from model.training import TrainConfig
 from stream.admission import RecordLimits
@@ -88,6 +89,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, help="default: the size's")
     parser.add_argument("--history-len", type=int, help="default: the size's")
     parser.add_argument("--model", choices=list(MODEL_KINDS), default="unirec")
+    parser.add_argument("--item-rate-smoothing", type=float, default=DEFAULT_SMOOTHING,
+                        help="give candidates their training label rate, smoothed by this many "
+                             "pseudo-events (model.item_rates; 0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +174,9 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         raise CliError(f"{', '.join(bad)} must be positive")
     if args.lr is not None and not 0 < args.lr < math.inf:
         raise CliError(f"--lr must be positive and finite, not {args.lr}")
+    if not 0 <= args.item_rate_smoothing < math.inf:
+        raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not "
+                       f"{args.item_rate_smoothing}")
     size = model_size(args.size)
     try:
         model_cfg = replace(size.config, **{
@@ -200,7 +207,7 @@ def _train(args: argparse.Namespace, settings: Settings, event_log: EventLog,
     with bar:
         model, meta = train_on_log(
             event_log, model_cfg, train_cfg, settings.torch_device(), args.train_fraction, on_step,
-            args.model,
+            args.model, args.item_rate_smoothing,
         )
     if stop is not None and stop.is_set():
         return None
@@ -299,6 +306,9 @@ def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
     suite.add_argument("--history-len", type=int, default=defaults.history_len)
     suite.add_argument("--batch-size", type=int, default=defaults.batch_size)
     suite.add_argument("--torch-threads", type=int, default=1)
+    suite.add_argument("--item-rate-smoothing", type=float,
+                       default=defaults.item_rate_smoothing,
+                       help="every model's item-rate features (model.item_rates; 0: off)")
     suite.add_argument("--no-peers", action="store_true",
                        help="skip the online River peers (the [peers] extra)")
 
@@ -308,11 +318,15 @@ def run_eval_suite(args: argparse.Namespace) -> None:
 
     if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
         raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
+    if not 0 <= args.item_rate_smoothing < math.inf:
+        raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not "
+                       f"{args.item_rate_smoothing}")
     settings = _settings(args)
     event_log = _open_log(args, settings)
     budget = Budget(d_model=args.d_model, history_len=args.history_len,
                     core_k=min(Budget.core_k, args.history_len), steps=args.steps,
-                    batch_size=args.batch_size, seeds=args.seeds, tune_steps=args.tune_steps)
+                    batch_size=args.batch_size, seeds=args.seeds, tune_steps=args.tune_steps,
+                    item_rate_smoothing=args.item_rate_smoothing)
     torch.set_num_threads(args.torch_threads)
     bar = tqdm(desc="eval-suite", unit="run", file=sys.stderr, dynamic_ncols=True)
 

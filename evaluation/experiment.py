@@ -30,6 +30,7 @@ from model.baselines import MODEL_KINDS
 from model.config import ModelConfig
 from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
+from model.item_rates import DEFAULT_SMOOTHING
 from model.kinds import build_model, parameter_count
 from model.prediction_metrics import auc, report
 from model.training import TrainConfig, fit, predict
@@ -55,6 +56,7 @@ class Budget:
     chunks: int = 10  # prequential chunks over the test period
     tune_steps: int | None = None  # steps of a tuning run (None: ``steps``)
     weight_average: float | None = TrainConfig.weight_average  # of every run
+    item_rate_smoothing: float = DEFAULT_SMOOTHING  # candidates' item rates (model.item_rates)
 
     def model_config(self, dropout: float, **overrides: Any) -> ModelConfig:
         base = ModelConfig(d_model=self.d_model, n_heads=self.n_heads,
@@ -123,10 +125,13 @@ def split_points(log: EventLog, budget: Budget) -> tuple[int, int]:
 
 
 def make_splits(log: EventLog, budget: Budget) -> Splits:
-    """Splits of ``log`` (spec fitted on the training part; histories from the whole log)."""
+    """Splits of ``log`` (spec fitted on the training part, with its labels' item rates when
+    ``budget.item_rate_smoothing``; histories from the whole log)."""
     val_start, test_start = split_points(log, budget)
     train_log = log.slice(0, val_start)
-    featurizer = Featurizer(FeatureSpec.fit(train_log.interactions, log.profiles.values()))
+    featurizer = Featurizer(FeatureSpec.fit(
+        train_log.interactions, log.profiles.values(), labels=train_log.labels,
+        item_rate_smoothing=budget.item_rate_smoothing))
     examples = build_examples(log, featurizer, budget.history_len)
     return Splits(
         log, featurizer,

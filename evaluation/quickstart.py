@@ -20,6 +20,7 @@ from model.baselines import MODEL_KINDS
 from model.config import ModelConfig
 from model.dataset import ExampleSet, build_examples
 from model.features import FeatureSpec, Featurizer
+from model.item_rates import DEFAULT_SMOOTHING
 from model.kinds import build_model, parameter_count
 from model.prediction_metrics import report
 from model.training import TrainConfig, fit, predict
@@ -33,15 +34,18 @@ def train_on_log(
     train_fraction: float = 0.8,
     on_step: Callable[[int, int, float], None] | None = None,
     kind: str = "unirec",
+    item_rate_smoothing: float = DEFAULT_SMOOTHING,
 ) -> tuple[UniRecModel, dict[str, Any]]:
     """A model of ``kind`` (``model.kinds``) trained on ``log``'s first ``train_fraction``, and
-    metadata for its checkpoint."""
+    metadata for its checkpoint; its spec keeps the item rates of that part when
+    ``item_rate_smoothing`` > 0 (``model.item_rates``)."""
     split = time_split(log, train_fraction)
     if split == 0:
         raise ValueError(f"the training part of {log.name!r} is empty")
     train_log = log.slice(0, split)
     torch.manual_seed(train_cfg.seed)
-    spec = FeatureSpec.fit(train_log.interactions, log.profiles.values())
+    spec = FeatureSpec.fit(train_log.interactions, log.profiles.values(),
+                           labels=train_log.labels, item_rate_smoothing=item_rate_smoothing)
     featurizer = Featurizer(spec)
     model = build_model(kind, model_cfg, spec, MODEL_KINDS).to(device)
     examples = build_examples(train_log, featurizer, model_cfg.history_len)

@@ -5,6 +5,9 @@ time: the candidate is the event's item (with its item features), the request co
 event's own context, the history is that user's previous events in log order (the newest
 ``history_len``, from the whole log, so a test example sees the train events before it), and
 the label is ``labels[i]``. Events are encoded once; batches are gathered from the arrays.
+The candidate's item-rate features (``model.item_rates``, when the spec has them) are read
+once per event: over the earlier events for the events the spec was fitted on, from the spec's
+table after them (``Featurizer.running_item_rates``).
 
 u_t is the state as served (docs/model.md, "The user state"): the GRU carried over all of the
 user's earlier events. An example records the last event before its history window
@@ -31,6 +34,7 @@ class ExampleSet:
     events: EventArrays
     contexts: ContextArrays  # [E] each event's own context, as a request context
     users: np.ndarray  # [E, 1 + Fp, L] user id and profile rows of each event's user
+    item_rates: np.ndarray  # [E, n_item_rates] each event's item-rate features, as its example
     timelines: UserTimelines  # the log's events by user, for ``carried_states``
     hist_index: np.ndarray  # [N, n] previous events of the example's user, -1 = padding
     carry_index: np.ndarray  # [N] the user's last event before the history window, -1 = none
@@ -48,6 +52,7 @@ class ExampleSet:
             events=self.events,
             contexts=self.contexts,
             users=self.users,
+            item_rates=self.item_rates,
             timelines=self.timelines,
             hist_index=self.hist_index[rows],
             carry_index=self.carry_index[rows],
@@ -85,6 +90,7 @@ def build_examples(
         events=encoded,
         contexts=contexts,
         users=users,
+        item_rates=featurizer.running_item_rates(encoded.item, log.labels),
         timelines=UserTimelines.of(user_ids),
         hist_index=hist_index,
         carry_index=carry_index,
@@ -122,4 +128,4 @@ def gather_batch(
     items = featurizer.event_items(
         examples.events, own[:, None], len(spec.item_cat), len(spec.item_num)
     )
-    return user, featurizer.assemble_candidates(items, user)
+    return user, featurizer.assemble_candidates(items, user, examples.item_rates[own][:, None])

@@ -28,6 +28,10 @@ candidate in one item field (its affinity: per item categorical field, one share
 and log(1 + matching events) / log(1 + n)). A spec saved before these fields existed loads
 with none of them, and keeps its dimensions and fingerprint.
 
+When fitted with labels and ``item_rate_smoothing`` > 0, the spec also keeps the training
+log's label counts per item row, and C_g carries the candidate's smoothed label rate and log
+count (``model.item_rates``; off by default, and then absent from the spec's dict).
+
 ``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
 ``CandidateInputs``). Training gathers from arrays encoded once; serving encodes a request's
@@ -48,6 +52,7 @@ import numpy as np
 import torch
 
 from eventlog.schema import Candidate, FeatureMap, Impression, Interaction, UserProfile
+from model import item_rates
 
 MISSING = "\x00missing"
 NUMERIC_CLIP = 10.0
@@ -73,6 +78,11 @@ class FeatureSpec:
     actions: tuple[str, ...] = ()  # whose history shares C_u carries, most frequent first
     action_prior: tuple[float, ...] = ()  # their frequencies in the training log
     action_smoothing: float = 10.0  # pseudo-events at the prior in each share
+    item_rate_smoothing: float = 0.0  # pseudo-events at the prior per item rate; 0: no rates
+    item_rate_prior: float = 0.5  # the training log's label rate
+    item_rate_rows: tuple[int, ...] = ()  # item rows with training events, ascending
+    item_rate_positives: tuple[int, ...] = ()  # per row: positive labels
+    item_rate_counts: tuple[int, ...] = ()  # per row: events
 
     def __post_init__(self) -> None:
         """Refuses action-share fields that would make every share fail or come out NaN (a
@@ -88,6 +98,26 @@ class FeatureSpec:
                 and 0.0 < self.action_smoothing < math.inf):
             raise ValueError(f"action_smoothing must be positive and finite, "
                              f"got {self.action_smoothing!r}")
+        self._check_item_rates()
+
+    def _check_item_rates(self) -> None:
+        """ValueError naming the field when the item-rate table cannot be read."""
+        smoothing = self.item_rate_smoothing
+        if not (isinstance(smoothing, float | int) and 0.0 <= smoothing < math.inf):
+            raise ValueError(f"item_rate_smoothing must be >= 0 and finite, got {smoothing!r}")
+        if not smoothing:
+            return
+        if not (isinstance(self.item_rate_prior, float | int) and 0.0 < self.item_rate_prior < 1.0):
+            raise ValueError(f"item_rate_prior must lie in (0, 1), got {self.item_rate_prior!r}")
+        rows, pos, counts = self.item_rate_rows, self.item_rate_positives, self.item_rate_counts
+        first, size = self.blocks["item_id"]
+        if not (len(rows) == len(pos) == len(counts)
+                and all(isinstance(v, int) for v in (*rows, *pos, *counts))
+                and all(first <= r < first + size for r in rows)
+                and all(0 <= p <= n for p, n in zip(pos, counts, strict=True))):
+            raise ValueError("item_rate_rows, item_rate_positives and item_rate_counts must be "
+                             "equally long integers: item rows of the item_id block, and "
+                             "0 <= positives <= count")
 
     @classmethod
     def fit(
@@ -95,9 +125,14 @@ class FeatureSpec:
         interactions: Iterable[Interaction],
         profiles: Iterable[UserProfile] = (),
         max_actions: int = 16,
+        labels: Sequence[int] | np.ndarray | None = None,
+        item_rate_smoothing: float = 0.0,
         **sizes: int,
     ) -> FeatureSpec:
-        """Find the fields, numeric statistics and frequent actions of a training log."""
+        """Find the fields, numeric statistics and frequent actions of a training log, and,
+        given its ``labels`` and ``item_rate_smoothing`` > 0, its label counts per item row
+        (``model.item_rates``). Raises ValueError when ``labels`` is not one per event."""
+        interactions = list(interactions)
         action_counts: dict[str, int] = {}
         item_cat: set[str] = set()
         ctx_cat: set[str] = set()
@@ -130,8 +165,24 @@ class FeatureSpec:
         )
         actions = spec.share_actions(action_counts, max_actions)
         total = sum(action_counts.values())
-        return replace(spec, actions=actions,
+        spec = replace(spec, actions=actions,
                        action_prior=tuple(action_counts[a] / total for a in actions))
+        if not item_rate_smoothing:
+            return spec
+        if labels is None or len(labels) != len(interactions):
+            raise ValueError("item rates need one label per interaction, got "
+                             f"{'none' if labels is None else len(labels)} for "
+                             f"{len(interactions)}")
+        block = spec.blocks["item_id"]
+        rows = np.asarray([hashed_row(block, e.item_id) for e in interactions], dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        table = sorted(item_rates.count_labels(rows, labels).items())
+        prior = float(labels.mean()) if len(labels) else 0.5
+        return replace(spec, item_rate_smoothing=float(item_rate_smoothing),
+                       item_rate_prior=min(max(prior, 1e-3), 1 - 1e-3),
+                       item_rate_rows=tuple(r for r, _ in table),
+                       item_rate_positives=tuple(p for _, (p, _) in table),
+                       item_rate_counts=tuple(n for _, (_, n) in table))
 
     def share_actions(self, counts: dict[str, int], limit: int) -> tuple[str, ...]:
         """Up to ``limit`` actions by descending count (ties by name), skipping any whose
@@ -195,15 +246,24 @@ class FeatureSpec:
         return len(self.item_cat) * (len(self.actions) + 1) if self.actions else 0
 
     @property
+    def n_item_rates(self) -> int:
+        """The candidate's item-rate features (``model.item_rates``; none when off)."""
+        return item_rates.ITEM_RATE_FEATURES if self.item_rate_smoothing else 0
+
+    @property
     def item_numeric_dim(self) -> int:
-        return 2 * len(self.item_num) + self.n_affinity
+        return 2 * len(self.item_num) + self.n_affinity + self.n_item_rates
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields; without the action-share ones when there are no actions, so a spec
-        saved before they existed has the same dict (and fingerprint) as when it was saved."""
+        """All fields; without the action-share ones when there are no actions, nor the
+        item-rate ones when they are off, so a spec saved before they existed has the same
+        dict (and fingerprint) as when it was saved."""
         data = asdict(self)
         if not self.actions:
             for name in _ACTION_SHARE_FIELDS:
+                del data[name]
+        if not self.item_rate_smoothing:
+            for name in _ITEM_RATE_FIELDS:
                 del data[name]
         return data
 
@@ -214,6 +274,8 @@ class FeatureSpec:
 
 
 _ACTION_SHARE_FIELDS = ("actions", "action_prior", "action_smoothing")
+_ITEM_RATE_FIELDS = ("item_rate_smoothing", "item_rate_prior", "item_rate_rows",
+                     "item_rate_positives", "item_rate_counts")
 
 
 def _as_long(a: np.ndarray) -> torch.Tensor:
@@ -316,6 +378,7 @@ class CandidateInputs:
     num: torch.Tensor  # [B, C, Fin] float
     num_present: torch.Tensor  # [B, C, Fin] bool
     affinity: torch.Tensor  # [B, C, n_affinity] float
+    rates: torch.Tensor  # [B, C, n_item_rates] float (``model.item_rates``)
 
     def to(self, device: torch.device | str) -> CandidateInputs:
         return CandidateInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -348,6 +411,12 @@ class Featurizer:
         self._missing_item_rows = torch.tensor(
             [self.row(f"item:{f}", MISSING) for f in spec.item_cat], dtype=torch.int64
         )
+        self._rate_positives = np.zeros(spec.n_embeddings)
+        self._rate_counts = np.zeros(spec.n_embeddings)
+        rows = np.asarray(spec.item_rate_rows, dtype=np.int64)
+        self._rate_positives[rows] = spec.item_rate_positives
+        self._rate_counts[rows] = spec.item_rate_counts
+        self._rates_fitted = int(sum(spec.item_rate_counts))
 
     def row(self, block: str, value: str) -> int:
         """The embedding row of ``value`` in field ``block`` (hashed, never out of range)."""
@@ -547,17 +616,46 @@ class Featurizer:
         share = (counts.double() + s * prior) / (n.double()[..., None] + s)
         return (_logit(share) - _logit(prior)).float()
 
-    def assemble_candidates(self, items: ItemArrays, history: EventInputs) -> CandidateInputs:
+    def assemble_candidates(self, items: ItemArrays, history: EventInputs,
+                            rates: np.ndarray | None = None) -> CandidateInputs:
         """Candidates [B, C] from item arrays shaped [B, C, ...], for requests whose event
-        histories are ``history`` (batch B)."""
+        histories are ``history`` (batch B). ``rates``: [B, C, n_item_rates] item-rate
+        features (training examples', ``running_item_rates``); None: the spec's table, as
+        served."""
         cat = torch.from_numpy(np.ascontiguousarray(items.cat, dtype=np.int64))
+        if rates is None:
+            rates = self.item_rates(items.item)
         return CandidateInputs(
             item=torch.from_numpy(np.ascontiguousarray(items.item, dtype=np.int64)),
             cat=cat,
             num=torch.from_numpy(np.ascontiguousarray(items.num)).float(),
             num_present=torch.from_numpy(np.ascontiguousarray(items.num_present)),
             affinity=self.affinity(history, cat),
+            rates=torch.from_numpy(np.ascontiguousarray(rates, dtype=np.float32)),
         )
+
+    def item_rates(self, rows: np.ndarray) -> np.ndarray:
+        """[..., n_item_rates]: the item-rate features of item rows ``rows`` (any shape) from
+        the spec's table, as every served request reads them."""
+        return self._rate_features(self._rate_positives[rows], self._rate_counts[rows])
+
+    def running_item_rates(self, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[E, n_item_rates]: the item-rate features of each event of a log (item rows [E],
+        labels [E]) as its example reads them: over the events before it for the training
+        log's own events, from the table after them (``model.item_rates.running``)."""
+        if not self.spec.n_item_rates:
+            return np.zeros((len(rows), 0), dtype=np.float32)
+        positives, counts = item_rates.running(rows, labels, self._rates_fitted,
+                                               self._rate_positives, self._rate_counts)
+        return self._rate_features(positives, counts)
+
+    def _rate_features(self, positives: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        if not spec.n_item_rates:
+            return np.zeros((*np.shape(positives), 0), dtype=np.float32)
+        return item_rates.rate_features(positives, counts, spec.item_rate_prior,
+                                        spec.item_rate_smoothing,
+                                        max(spec.item_rate_counts, default=0))
 
     def affinity(self, history: EventInputs, cat: torch.Tensor) -> torch.Tensor:
         """[B, C, n_affinity]: for each item categorical field f (in ``spec.item_cat`` order),

@@ -165,7 +165,8 @@ class Tokenizer(nn.Module):
         fields = torch.cat([self.table(cands.item)[..., None, :], self.bag(cands.cat)], dim=-2)
         tokens = [fields + source[Source.F_G]]
         if self.item_context is not None:
-            numeric = torch.cat([cands.num, cands.num_present.float(), cands.affinity], dim=-1)
+            numeric = torch.cat([cands.num, cands.num_present.float(), cands.affinity,
+                                 cands.rates], dim=-1)
             tokens.append((F.silu(self.item_context(numeric)) + source[Source.C_G])[..., None, :])
         if interest is not None:
             tokens.append((self.interest(interest) + source[Source.INTEREST])[..., None, :])

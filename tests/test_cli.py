@@ -88,7 +88,8 @@ def test_an_unknown_device_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("flags", [
     ["--max-steps", "0"], ["--max-steps", "-3"], ["--epochs", "0"], ["--batch-size", "0"],
     ["--d-model", "0"], ["--history-len", "0"], ["--lr", "nan"], ["--lr", "-1"],
-    ["--lr", "inf"], ["--d-model", "10"],
+    ["--lr", "inf"], ["--d-model", "10"], ["--item-rate-smoothing", "-1"],
+    ["--item-rate-smoothing", "nan"],
 ])
 def test_a_training_flag_out_of_range_is_refused_naming_it(tmp_path, capsys, monkeypatch,
                                                            flags):
@@ -119,6 +120,26 @@ def test_a_size_sets_the_config_and_the_flags_given_override_it(tmp_path, capsys
         model, _ = load(Path(summary["checkpoint"]), torch.device("cpu"), kind=None,
                         kinds=MODEL_KINDS)
         assert model.cfg == expected
+
+
+def test_a_model_trained_with_item_rates_keeps_its_table_and_evaluates(tmp_path, capsys,
+                                                                      monkeypatch):
+    """`unirec train --item-rate-smoothing 10` saves a spec with the training part's item
+    rates (model.item_rates), and `unirec eval` scores the later events with them."""
+    monkeypatch.setenv("UNIREC_RUN_DIR", str(tmp_path / "runs"))
+    events = _write_events(tmp_path / "events.parquet")
+    argv = ["train", "--events", str(events), "--size", "suite", "--max-steps", "2",
+            "--item-rate-smoothing", "10"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model, _ = load(Path(summary["checkpoint"]), torch.device("cpu"), kind=None,
+                    kinds=MODEL_KINDS)
+    spec = model.spec
+    assert spec.item_rate_smoothing == 10.0 and spec.n_item_rates == 2
+    assert sum(spec.item_rate_counts) == summary["train_examples"]
+    assert main(["eval", "--events", str(events), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] > 0 and 0.0 <= metrics["auc"] <= 1.0
 
 
 @pytest.mark.parametrize("command", ["worker", "trainer"])

@@ -106,7 +106,8 @@ def test_shares_are_finite_for_an_extreme_prior():
 def test_a_spec_saved_before_the_shares_loads_with_its_dimensions_and_fingerprint():
     fitted = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
     old = {k: v for k, v in asdict(fitted).items()
-           if k not in ("actions", "action_prior", "action_smoothing")}
+           if k not in ("actions", "action_prior", "action_smoothing")
+           and not k.startswith("item_rate_")}  # item rates came later still
     old = json.loads(json.dumps(old))
     loaded = FeatureSpec.from_dict(old)
     assert loaded == replace(fitted, actions=(), action_prior=())

@@ -53,7 +53,8 @@ def test_reordering_candidates_reorders_their_scores(kind):
     user, cands = inputs(model, make_request(1, n_hist=12, n_cands=5))
     order = torch.tensor([3, 0, 4, 1, 2])
     shuffled = type(cands)(cands.item[:, order], cands.cat[:, order], cands.num[:, order],
-                           cands.num_present[:, order], cands.affinity[:, order])
+                           cands.num_present[:, order], cands.affinity[:, order],
+                           cands.rates[:, order])
     with torch.no_grad():
         torch.testing.assert_close(model(user, shuffled)["click"],
                                    model(user, cands)["click"][:, order])
