@@ -106,6 +106,15 @@ def _averaging(budget: dict[str, Any]) -> str:
     return f"weights averaged over the steps (decay {decay:g})"
 
 
+def _item_rates(budget: dict[str, Any]) -> str:
+    """Whether the budget's candidates read their training label rate (``model.item_rates``;
+    a record made before it existed had none)."""
+    smoothing = budget.get("item_rate_smoothing") or 0
+    if not smoothing:
+        return "no item rates"
+    return f"candidates' training label rates (smoothing {smoothing:g})"
+
+
 def _online_settings(online: dict[str, Any] | None) -> str:
     """``OnlineConfig``'s training settings as a phrase (a record made before they were kept
     names them only)."""
@@ -141,7 +150,7 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         f"- budget per run: at most {budget['steps']} AdamW steps of batch "
         f"{budget['batch_size']}, stopped early on validation (AUC every "
         f"{budget.get('eval_every', '-')} steps, patience {budget.get('patience', '-')}; the "
-        f"best validation weights are scored), {_averaging(budget)}, "
+        f"best validation weights are scored), {_averaging(budget)}, {_item_rates(budget)}, "
         f"history length {budget['history_len']}, UniRec d_model {budget['d_model']} "
         f"(baselines' d_model matched on parameter count), {budget['seeds']} seeds (0..)",
         f"- hyperparameters: {record['hyperparameters']}",

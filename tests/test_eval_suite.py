@@ -103,6 +103,7 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     online = OnlineConfig()
     assert record["online_config"] == asdict(online)
     assert _online_settings(record["online_config"]) in report
+    assert "candidates' training label rates (smoothing 10)" in report
     assert "## Online peers (River)" in report
     assert record["peers"]["status"] == ("ran" if importlib.util.find_spec("river") else
                                          "skipped")
