@@ -162,6 +162,12 @@ def _progress(total_hint: str) -> tuple[tqdm, object]:
     return bar, on_step
 
 
+def _check_item_rate_smoothing(smoothing: float) -> None:
+    """CliError unless ``--item-rate-smoothing`` is >= 0 and finite."""
+    if not 0 <= smoothing < math.inf:
+        raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not {smoothing}")
+
+
 def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs of ``_add_train_flags``: the size's, with the flags
     given on top; CliError for a count that is not positive or a rate that is not positive
@@ -174,9 +180,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         raise CliError(f"{', '.join(bad)} must be positive")
     if args.lr is not None and not 0 < args.lr < math.inf:
         raise CliError(f"--lr must be positive and finite, not {args.lr}")
-    if not 0 <= args.item_rate_smoothing < math.inf:
-        raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not "
-                       f"{args.item_rate_smoothing}")
+    _check_item_rate_smoothing(args.item_rate_smoothing)
     size = model_size(args.size)
     try:
         model_cfg = replace(size.config, **{
@@ -318,9 +322,7 @@ def run_eval_suite(args: argparse.Namespace) -> None:
 
     if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
         raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
-    if not 0 <= args.item_rate_smoothing < math.inf:
-        raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not "
-                       f"{args.item_rate_smoothing}")
+    _check_item_rate_smoothing(args.item_rate_smoothing)
     settings = _settings(args)
     event_log = _open_log(args, settings)
     budget = Budget(d_model=args.d_model, history_len=args.history_len,

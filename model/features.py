@@ -417,6 +417,7 @@ class Featurizer:
         self._rate_positives[rows] = spec.item_rate_positives
         self._rate_counts[rows] = spec.item_rate_counts
         self._rates_fitted = int(sum(spec.item_rate_counts))
+        self._rates_max_count = max(spec.item_rate_counts, default=0)
 
     def row(self, block: str, value: str) -> int:
         """The embedding row of ``value`` in field ``block`` (hashed, never out of range)."""
@@ -654,8 +655,7 @@ class Featurizer:
         if not spec.n_item_rates:
             return np.zeros((*np.shape(positives), 0), dtype=np.float32)
         return item_rates.rate_features(positives, counts, spec.item_rate_prior,
-                                        spec.item_rate_smoothing,
-                                        max(spec.item_rate_counts, default=0))
+                                        spec.item_rate_smoothing, self._rates_max_count)
 
     def affinity(self, history: EventInputs, cat: torch.Tensor) -> torch.Tensor:
         """[B, C, n_affinity]: for each item categorical field f (in ``spec.item_cat`` order),
