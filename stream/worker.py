@@ -543,9 +543,10 @@ class ConsumerLoop:
         """From the loop's thread, between polls: restore each partition marked restoring
         (``stream.changelog.restore_partition``), seek ``interactions`` to the offset it
         reflects, resume it, and announce this worker's partitions (``stream.ownership``). A
-        partition that cannot be restored exactly sets ``rebalance.fatal``
-        (``EXIT_LOG_CHANGED`` or ``EXIT_CHANGELOG``). A restore blocks the loop: it must end
-        within ``rebalance_timeout_s`` (kafka-python's max_poll_interval)."""
+        partition that cannot be restored exactly, or whose broker stops answering, sets
+        ``rebalance.fatal`` (``EXIT_LOG_CHANGED`` or ``EXIT_CHANGELOG``) and raises nothing. A
+        restore blocks the loop: it must end within ``rebalance_timeout_s`` (kafka-python's
+        max_poll_interval)."""
         services, config, topic = self.services, self.config, self.topics.interactions
         self.announce_due = False
         for p in sorted(self.restoring):
@@ -572,6 +573,11 @@ class ConsumerLoop:
                 return
             except (ChangelogError, TimeoutError) as exc:
                 self.rebalance.fatal = EXIT_CHANGELOG, str(exc)
+                return
+            except (TopicError, BrokerUnavailable, KafkaError) as exc:
+                self.rebalance.fatal = EXIT_CHANGELOG, (
+                    f"cannot restore {services.changelog.topic}[{p}] from "
+                    f"{config.bootstrap_servers}: {exc}")
                 return
             self.consumer.seek(TopicPartition(topic, p), report.next_offset)
             services.log_ids[p] = log_id

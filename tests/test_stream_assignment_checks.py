@@ -9,6 +9,9 @@ embedded broker produces:
   made): the assignment creates it as the worker's start does, and the loop goes on;
 - the broker does not answer the checks: the loop ends with ``EXIT_ASSIGNMENT_UNCHECKED`` and
   a message naming the broker, never an exception.
+
+and the restore that follows a checked assignment: a broker gone while a partition is restored
+from the changelog ends the loop with ``EXIT_CHANGELOG``, not a traceback.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from kafka.admin import NewTopic
 from stream_fixtures import tiny_checkpoint
 
 from stream.broker import EmbeddedBroker, free_port
-from stream.topics import TopicNames, admin_client
+from stream.topics import TopicNames, admin_client, ensure_topics
 from stream.worker import (
     EXIT_ASSIGNMENT_UNCHECKED,
+    EXIT_CHANGELOG,
     ConsumerLoop,
     WorkerConfig,
     WorkerServices,
     build_services,
+    plan_resume,
 )
 
 pytestmark = pytest.mark.broker  # every test here starts a broker
@@ -113,3 +118,30 @@ def test_an_assignment_the_broker_cannot_answer_sets_its_exit_status_and_raises_
     code, message = loop.rebalance.fatal
     assert code == EXIT_ASSIGNMENT_UNCHECKED
     assert f"cannot check the partitions assigned at {config.bootstrap_servers}" in message
+
+
+def test_a_restore_the_broker_cannot_answer_sets_its_exit_status_and_raises_nothing(
+        tmp_path: Path) -> None:
+    """Property: when the broker is gone by the time an assigned partition is restored from the
+    changelog, ``restore_pending`` keeps ``EXIT_CHANGELOG`` with a message naming the partition
+    and raises nothing (the loop then ends with that status, not a traceback)."""
+    broker = EmbeddedBroker().start()
+    services: WorkerServices | None = None
+    loop: ConsumerLoop | None = None
+    try:
+        config = loop_config(broker.bootstrap_servers, tmp_path, "gonerestore-")
+        services = build_services(config)
+        loop = ConsumerLoop(services, config)
+        ensure_topics(config.bootstrap_servers, config.partitions, topics=config.topics)
+        plan_resume(services, config, [0])  # the assignment's checks passed
+        loop.restoring, loop.pending_log_ids = {0}, {0: services.log_ids[0]}
+        broker.stop()
+        loop.restore_pending()
+    finally:
+        broker.stop()
+        if services is not None:
+            close(loop, services)
+    assert loop.rebalance.fatal is not None
+    code, message = loop.rebalance.fatal
+    assert code == EXIT_CHANGELOG
+    assert f"{config.topics.user_states}[0]" in message
