@@ -1,8 +1,8 @@
 """The topics, their creation, and what a partition's offsets belong to.
 
 ``TopicNames`` holds the topic names (docs/system.md, "Topics"), optionally with a prefix.
-``ensure_topics`` creates the missing ones; ``check_copartitioned`` refuses input topics
-whose partition counts differ. ``log_identity`` names the log that a topic's
+``ensure_topics`` creates the missing ones; ``ensure_copartitioned`` does too, then refuses
+input topics whose partition counts differ. ``log_identity`` names the log that a topic's
 offsets belong to, and ``end_offsets`` gives each partition's end offset; together they let the
 worker refuse offsets stored for another log (docs/system.md, "Exactly once").
 
@@ -57,7 +57,7 @@ class TopicError(RuntimeError):
 
 
 class CopartitionError(TopicError):
-    """Topics read together whose partition counts differ (``check_copartitioned``)."""
+    """Topics read together whose partition counts differ (``ensure_copartitioned``)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class TopicNames:
 
     def inputs(self) -> tuple[str, str, str]:
         """The topics a worker reads together, partition p of each in one worker: they must
-        be co-partitioned (``check_copartitioned``)."""
+        be co-partitioned (``ensure_copartitioned``)."""
         return self.interactions, self.impressions, self.labels
 
     def copartitioned(self) -> tuple[str, ...]:
@@ -217,23 +217,20 @@ def copartitioning_error(counts: Mapping[str, int], bootstrap: str,
             f"start them all with --partitions {target}")
 
 
-def check_copartitioned(bootstrap: str, names: tuple[str, ...] | list[str],
-                        timeout_s: float = DEFAULT_TIMEOUT_S,
-                        interactions: str = "interactions") -> dict[str, int]:
-    """The partition count of each topic of ``names``, as the broker describes them now.
+def ensure_copartitioned(bootstrap: str, partitions: int, topics: TopicNames,
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, int]:
+    """``ensure_topics`` (the missing topics made with ``partitions``), then the partition
+    count of each of ``topics.copartitioned()`` as the broker described them, in that order:
+    one admin connection.
 
     Raises ``CopartitionError`` (``copartitioning_error``'s message) when the counts differ,
-    ``TopicError`` if one of the topics does not exist, ``BrokerUnavailable``.
-    A Kafka Streams topology refuses such topics at start the same way: a worker assigned
-    partition p of each reads nothing of the partitions only one topic has, silently.
+    ``TopicError``, ``BrokerUnavailable``. A Kafka Streams topology refuses such topics at
+    start the same way: a worker assigned partition p of each reads nothing of the partitions
+    only one topic has, silently.
     """
-    with admin_client(bootstrap, timeout_s) as admin:
-        counts = _partition_counts(admin, list(names))
-    missing = [name for name in names if name not in counts]
-    if missing:
-        raise TopicError(f"topics {missing} do not exist at {bootstrap}")
-    ordered = {name: counts[name] for name in names}
-    message = copartitioning_error(ordered, bootstrap, interactions)
+    counts = ensure_topics(bootstrap, partitions, topics=topics, timeout_s=timeout_s)
+    ordered = {name: counts[name] for name in topics.copartitioned()}
+    message = copartitioning_error(ordered, bootstrap, topics.interactions)
     if message is not None:
         raise CopartitionError(message)
     return ordered

@@ -37,7 +37,7 @@ from the CLI) and again after every assignment (a refusal then ends the process 
 Co-partitioning (issue #16): the three input topics must have one partition count, or the
 partitions only some of them have are never read with their peers (an ``interactions``
 topic auto-created with more partitions by a producer that started first: its extra
-partitions stalled, silently). ``check_copartitioned`` refuses differing counts with an
+partitions stalled, silently). ``ensure_copartitioned`` refuses differing counts with an
 error naming each topic, its count and the command that fixes it: at start (a
 ``TopicError``, exit status 2 from the CLI) and on every assignment, before the log check
 (it then ends the process with status 4, ``EXIT_NOT_COPARTITIONED``). A revoked partition is not
@@ -148,9 +148,8 @@ from stream.topics import (
     CopartitionError,
     TopicError,
     TopicNames,
-    check_copartitioned,
     end_offsets,
-    ensure_topics,
+    ensure_copartitioned,
     log_identity,
 )
 from stream.trainer_claim import RivalWatch, TrainerClaimError, TrainerIdentity, VersionsLock
@@ -356,12 +355,13 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     the revocation awaits ``commit_async`` (the coordinator sends JoinGroup after it).
 
     An assignment first creates the topics missing on the broker, as the worker's start does
-    (``ensure_topics``: a restarted embedded broker has none, and it makes the subscribed ones
-    itself, with its own partition count, when the consumer's metadata request reaches it).
+    (``ensure_copartitioned``: a restarted embedded broker has none, and it makes the
+    subscribed ones itself, with its own partition count, when the consumer's metadata
+    request reaches it).
     A refusal on assignment is kept in ``fatal``, never raised (kafka-python re-raises a
     listener's exception from ``poll`` as a bare ``KafkaError``); the loop ends the process
     with it: ``EXIT_NOT_COPARTITIONED`` when the input topics' partition counts differ
-    (``check_copartitioned``, before anything else), ``EXIT_LOG_CHANGED`` when
+    (``ensure_copartitioned``, before anything else), ``EXIT_LOG_CHANGED`` when
     ``plan_resume`` refuses, ``EXIT_ASSIGNMENT_UNCHECKED`` when the broker does not answer
     the checks or a topic cannot be created."""
 
@@ -386,10 +386,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         loop.forget(assigned)  # anything held of them predates this assignment
         config = loop.config
         try:
-            ensure_topics(config.bootstrap_servers, config.partitions, topics=loop.topics,
-                          timeout_s=config.timeout_s)
-            check_copartitioned(config.bootstrap_servers, loop.topics.copartitioned(),
-                                config.timeout_s, topic)
+            ensure_copartitioned(config.bootstrap_servers, config.partitions, loop.topics,
+                                 config.timeout_s)
             plan = plan_resume(loop.services, config, [tp.partition for tp in interactions])
         except CopartitionError as exc:
             self.fatal = EXIT_NOT_COPARTITIONED, str(exc)
@@ -719,10 +717,8 @@ def run_worker(config: WorkerConfig, metrics: WorkerMetrics | None = None,
                           "`unirec train`, or pass --checkpoint)")
     log.info("unirec worker config: %s", {k: str(v) for k, v in asdict(config).items()})
     topics = config.topics
-    ensure_topics(config.bootstrap_servers, config.partitions, topics=topics,
-                  timeout_s=config.timeout_s)
-    counts = check_copartitioned(config.bootstrap_servers, topics.copartitioned(),
-                                 config.timeout_s, topics.interactions)
+    counts = ensure_copartitioned(config.bootstrap_servers, config.partitions, topics,
+                                  config.timeout_s)
     identity = TrainerIdentity.new()
     lock, claimed = _claim_versions(config, identity)
     try:

@@ -7,7 +7,8 @@ partition count and the fix:
 
 - at start: ``unirec worker`` exits with status 2 and prints the error;
 - on every assignment: ``ConsumerLoop.run`` ends with ``EXIT_NOT_COPARTITIONED``;
-- ``check_copartitioned`` (what both call) reads the counts from the broker's metadata.
+- ``ensure_copartitioned`` (what both call) makes the missing topics and judges the counts the
+  broker's metadata gives.
 
 The topics are made as a producer that started first would leave them: ``interactions``
 created with 4 partitions, the others with 2.
@@ -16,6 +17,7 @@ created with 4 partitions, the others with 2.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,9 @@ from stream_fixtures import WorkerProcess, tiny_checkpoint
 from stream.broker import EmbeddedBroker, free_port
 from stream.topics import (
     CopartitionError,
-    TopicError,
     TopicNames,
     admin_client,
-    check_copartitioned,
+    ensure_copartitioned,
     ensure_topics,
 )
 from stream.worker import EXIT_NOT_COPARTITIONED, ConsumerLoop, WorkerConfig, build_services
@@ -61,23 +62,34 @@ def assert_names_topics_counts_and_fix(message: str, topics: TopicNames, bootstr
     assert "embedded broker" in message and "--partitions 4" in message, message
 
 
-def test_check_copartitioned_reads_the_counts_from_the_broker(broker: EmbeddedBroker) -> None:
+def test_ensure_copartitioned_makes_missing_topics_and_refuses_differing_counts(
+        broker: EmbeddedBroker) -> None:
     """Property: differing partition counts of the input topics raise ``CopartitionError``
-    with the topics, counts and fix; equal counts return them; a missing topic is a
-    ``TopicError``."""
+    with the topics, counts and fix; equal counts return them, in ``copartitioned()`` order;
+    topics that do not exist yet are made with the count asked for, and then pass."""
     bootstrap = broker.bootstrap_servers
     uneven = uneven_topics(bootstrap, "uneven-")
     with pytest.raises(CopartitionError) as refused:
-        check_copartitioned(bootstrap, uneven.inputs(), interactions=uneven.interactions)
+        ensure_copartitioned(bootstrap, 2, uneven)
     assert "\n" not in str(refused.value), "one line: the CLI prints the first line only"
     assert_names_topics_counts_and_fix(str(refused.value), uneven, bootstrap)
 
     even = TopicNames.with_prefix("even-")
     ensure_topics(bootstrap, 3, topics=even)
-    assert check_copartitioned(bootstrap, even.inputs()) == dict.fromkeys(even.inputs(), 3)
+    counts = ensure_copartitioned(bootstrap, 3, even)
+    assert list(counts.items()) == [(name, 3) for name in even.copartitioned()]
 
-    with pytest.raises(TopicError, match="do not exist"):
-        check_copartitioned(bootstrap, ("missing-interactions", even.impressions))
+    fresh = TopicNames.with_prefix("fresh-")
+    with admin_client(bootstrap) as admin:
+        admin.create_topics([NewTopic(fresh.interactions, 3, 1)])
+        admin.wait_for_topics([fresh.interactions], timeout_ms=10_000)
+    assert ensure_copartitioned(bootstrap, 3, fresh) == dict.fromkeys(fresh.copartitioned(), 3)
+    other_states = replace(fresh, user_states="fresh-other-states")
+    with admin_client(bootstrap) as admin:
+        admin.create_topics([NewTopic(other_states.user_states, 5, 1)])
+        admin.wait_for_topics([other_states.user_states], timeout_ms=10_000)
+    with pytest.raises(CopartitionError, match="'fresh-other-states' has 5"):
+        ensure_copartitioned(bootstrap, 3, other_states)
 
 
 def test_worker_exits_with_status_2_naming_the_topics_counts_and_fix(
