@@ -176,7 +176,9 @@ class Demo:
         self.out = out
         self.stop = stop if stop is not None else threading.Event()
         self.topics = TopicNames()
-        self.home = config.run_dir / "demo"
+        # The worker and the monitor run in the repository root: every path they get is
+        # absolute, or the caller's working directory would be read as the repository's.
+        self.home = (config.run_dir / "demo").resolve()
         split = time_split(event_log, 0.8)
         end = len(event_log) if config.events is None else min(len(event_log),
                                                                split + config.events)
@@ -205,7 +207,12 @@ class Demo:
             self._say(f"streaming the history ({len(self.history):,} interactions) into the "
                       f"broker at {bootstrap}")
             if self.train is None or self.train(self.stop):
-                self._serve(bootstrap, producer)
+                try:
+                    self._serve(bootstrap, producer)
+                except BaseException:
+                    self.stop.set()  # the producer ends its sends while the broker is up
+                    producer.join(timeout=30)
+                    raise
             else:  # interrupted while training: no model, nothing to serve
                 self.stop.set()
                 self.serving.set()
@@ -252,7 +259,7 @@ class Demo:
         c = self.config
         argv = [
             sys.executable, "-m", "app.cli", "worker", "--bootstrap-servers", bootstrap,
-            "--checkpoint", str(c.checkpoint), "--store", str(self.home / "state"),
+            "--checkpoint", str(c.checkpoint.resolve()), "--store", str(self.home / "state"),
             "--partitions", str(c.partitions), "--web-port", str(port),
             "--batch-size", str(c.batch_size), "--device", c.device,
             "--group-id", "unirec-demo",
@@ -265,7 +272,7 @@ class Demo:
         if self.log.profiles and self.log.name in DATASETS:
             argv += ["--profiles", self.log.name]
         if c.data_dir is not None:
-            argv += ["--data-dir", str(c.data_dir)]
+            argv += ["--data-dir", str(c.data_dir.resolve())]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         self.worker_log = (self.home / "worker.log").open("ab")

@@ -40,13 +40,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-runs")
 
 
-def demo(run_dir: Path, *args: str, train_steps: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_RUN_DIR": str(run_dir),
-           "UNIREC_DEVICE": "cpu"}
+def demo(run_dir: Path, *args: str, train_steps: int = 2, relative: bool = False
+         ) -> subprocess.Popen:
+    """``unirec demo`` in the repository root on ``run_dir``; ``relative``: from the run
+    directory's parent instead, given as a relative ``UNIREC_RUN_DIR`` (as a user running it
+    in a directory of their own)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UNIREC_DEVICE": "cpu",
+           "UNIREC_RUN_DIR": run_dir.name if relative else str(run_dir)}
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli", "demo", "--train-steps", str(train_steps), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        cwd=run_dir.parent if relative else REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 
 
@@ -97,8 +101,10 @@ def test_a_frozen_demo_streams_the_scores_unirec_eval_computes(movielens: EventL
     checkpoint (the worker's carried GRU state is the offline u_t), so the streamed AUC and
     GAUC match the offline ones. At full speed: the worker's event-time gate scores every
     impression after its user's previous interaction and before its own, however far the
-    consumer reads ahead, and joins every label."""
-    run = demo(run_dir, "--events", str(FROZEN_EVENTS), "--no-train", "--json")
+    consumer reads ahead, and joins every label. Run from outside the repository with a
+    relative run directory, it is the demo's checkpoint and store that the worker (started
+    in the repository root) uses."""
+    run = demo(run_dir, "--events", str(FROZEN_EVENTS), "--no-train", "--json", relative=True)
     out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out)
@@ -145,4 +151,21 @@ def test_ctrl_c_while_the_model_trains_stops_the_demo_and_saves_no_model(
     assert run.returncode == 130, err[-3000:]
     assert "(interrupted)" in out
     assert not (tmp_path / "movielens-100k" / "model.pt").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_worker_that_cannot_start_ends_the_demo_with_its_error_and_nothing_left_running(
+        movielens: EventLog, tmp_path: Path) -> None:
+    """A checkpoint the worker refuses: the demo exits with status 2 and the worker's one-line
+    error, no traceback (the producer's sends end before the broker stops, so no client is
+    left flushing into a stopped broker), and no process of the run is left."""
+    checkpoint = tmp_path / "movielens-100k" / "model.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    run = demo(tmp_path, "--no-train")
+    out, err = run.communicate(timeout=300)
+    assert out == "", out[-3000:]  # no summary: the demo did not run
+    assert run.returncode == 2, err[-3000:]
+    assert "unirec demo: error: the worker exited with status 2" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     assert leftovers(tmp_path) == []
