@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,27 +96,43 @@ def test_an_assignment_creates_a_missing_changelog_topic_and_the_loop_goes_on(
     assert described[0]["error_code"] == 0 and len(described[0]["partitions"]) == 2
 
 
+def fatal_once_the_broker_is_gone(
+        tmp_path: Path, prefix: str, act: Callable[[ConsumerLoop, WorkerConfig], None],
+        prepare: Callable[[ConsumerLoop, WorkerConfig], None] | None = None,
+) -> tuple[WorkerConfig, tuple[int, str] | None]:
+    """A loop on a broker of its own: ``prepare`` it, stop the broker, ``act`` on it (which must
+    raise nothing); returns the config and the loop's ``rebalance.fatal``."""
+    broker = EmbeddedBroker().start()
+    services: WorkerServices | None = None
+    loop: ConsumerLoop | None = None
+    try:
+        config = loop_config(broker.bootstrap_servers, tmp_path, prefix)
+        services = build_services(config)
+        loop = ConsumerLoop(services, config)
+        if prepare is not None:
+            prepare(loop, config)
+        broker.stop()
+        act(loop, config)
+    finally:
+        broker.stop()
+        if services is not None:
+            close(loop, services)
+    return config, loop.rebalance.fatal
+
+
 def test_an_assignment_the_broker_cannot_answer_sets_its_exit_status_and_raises_nothing(
         tmp_path: Path) -> None:
     """Property: when the broker is gone by the time an assignment is checked, the listener
     keeps ``EXIT_ASSIGNMENT_UNCHECKED`` with a message naming the broker and raises nothing
     (a listener's exception would end the worker with a traceback)."""
-    broker = EmbeddedBroker().start()
-    services: WorkerServices | None = None
-    loop: ConsumerLoop | None = None
-    try:
-        config = loop_config(broker.bootstrap_servers, tmp_path, "gone-")
-        services = build_services(config)
-        loop = ConsumerLoop(services, config)
-        broker.stop()
+
+    def assign(loop: ConsumerLoop, config: WorkerConfig) -> None:
         assigned = {TopicPartition(config.topics.interactions, 0)}
         asyncio.run(loop.rebalance.on_partitions_assigned(assigned))
-    finally:
-        broker.stop()
-        if services is not None:
-            close(loop, services)
-    assert loop.rebalance.fatal is not None
-    code, message = loop.rebalance.fatal
+
+    config, fatal = fatal_once_the_broker_is_gone(tmp_path, "gone-", assign)
+    assert fatal is not None
+    code, message = fatal
     assert code == EXIT_ASSIGNMENT_UNCHECKED
     assert f"cannot check the partitions assigned at {config.bootstrap_servers}" in message
 
@@ -125,23 +142,15 @@ def test_a_restore_the_broker_cannot_answer_sets_its_exit_status_and_raises_noth
     """Property: when the broker is gone by the time an assigned partition is restored from the
     changelog, ``restore_pending`` keeps ``EXIT_CHANGELOG`` with a message naming the partition
     and raises nothing (the loop then ends with that status, not a traceback)."""
-    broker = EmbeddedBroker().start()
-    services: WorkerServices | None = None
-    loop: ConsumerLoop | None = None
-    try:
-        config = loop_config(broker.bootstrap_servers, tmp_path, "gonerestore-")
-        services = build_services(config)
-        loop = ConsumerLoop(services, config)
+
+    def checked_assignment(loop: ConsumerLoop, config: WorkerConfig) -> None:
         ensure_topics(config.bootstrap_servers, config.partitions, topics=config.topics)
-        plan_resume(services, config, [0])  # the assignment's checks passed
-        loop.restoring, loop.pending_log_ids = {0}, {0: services.log_ids[0]}
-        broker.stop()
-        loop.restore_pending()
-    finally:
-        broker.stop()
-        if services is not None:
-            close(loop, services)
-    assert loop.rebalance.fatal is not None
-    code, message = loop.rebalance.fatal
+        plan_resume(loop.services, config, [0])  # the assignment's checks passed
+        loop.restoring, loop.pending_log_ids = {0}, {0: loop.services.log_ids[0]}
+
+    config, fatal = fatal_once_the_broker_is_gone(
+        tmp_path, "gonerestore-", lambda loop, _: loop.restore_pending(), checked_assignment)
+    assert fatal is not None
+    code, message = fatal
     assert code == EXIT_CHANGELOG
     assert f"{config.topics.user_states}[0]" in message
