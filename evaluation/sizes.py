@@ -4,8 +4,9 @@ them here.
 
 - ``suite``: the eval suite's UniRec on MovieLens-100K (``Budget``: d 48, history 20, core k
   8; the capacity split ``UNIREC_CAPACITY``: two layers, the second at half the S width),
-  at its tuned learning rate 3e-3 and dropout 0.15 (``reports/movielens-100k.tuning.json``)
-  and its best step count on validation, 200. About 55 s of training on 2 AVX2 cores.
+  at its tuned learning rate 3e-4 and dropout 0 (``reports/movielens-100k.tuning.json``,
+  the grid of 2026-12-02, with the item rates) and its best step count on validation in
+  that grid, 225. About 70 s of training on 2 quiet AVX2 cores (200 steps took 63 s).
 - ``default``: ``ModelConfig()`` (d 64, history 50, eight layers) at lr 1e-3 for 250 steps.
   About 4.4 min on 2 AVX2 cores, and no better on the test period (docs/model.md).
 """
@@ -32,7 +33,7 @@ class ModelSize:
 def model_size(name: str) -> ModelSize:
     """The size called ``name`` (``SIZE_NAMES``); ValueError for any other name."""
     if name == "suite":
-        return ModelSize(Budget().model_config(0.15, **UNIREC_CAPACITY), 3e-3, 200)
+        return ModelSize(Budget().model_config(0.0, **UNIREC_CAPACITY), 3e-4, 225)
     if name == "default":
         return ModelSize(ModelConfig(), 1e-3, 250)
     raise ValueError(f"unknown size {name!r}: one of {', '.join(SIZE_NAMES)}")
