@@ -479,7 +479,8 @@ def test_worker_learns_swaps_under_load_and_serves_drift(tmp_path: Path) -> None
                 status, reply = http_get(worker.url + "/healthz")
                 return json.loads(reply)["model_version"] if status == 200 else -1
 
-            wait_for(lambda: version() >= start + 2, 120, worker, "two hot swaps")
+            wait_for(lambda: version() >= start + 2 and len(codes) > 20, 120, worker,
+                     "two hot swaps and more than 20 answers")
             stop.set()
             for thread in threads:
                 thread.join()
