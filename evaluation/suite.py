@@ -90,7 +90,8 @@ def run_suite(log: EventLog, budget: Budget, out_dir: Path, device: torch.device
                 preq.append(asdict(prequential(result.model, splits.featurizer, splits.test,
                                                result.probabilities,
                                                online_train_config(ONLINE, seed),
-                                               budget.chunks, device)))
+                                               budget.chunks, device,
+                                               ONLINE.count_item_labels)))
             runs.append({"seed": seed, **result.metrics, "seconds": result.seconds,
                          "train_seconds": result.train_seconds, "steps": result.steps,
                          "curve": result.curve})

@@ -30,7 +30,12 @@ with none of them, and keeps its dimensions and fingerprint.
 
 When fitted with labels and ``item_rate_smoothing`` > 0, the spec also keeps the training
 log's label counts per item row, and C_g carries the candidate's smoothed label rate and log
-count (``model.item_rates``; off by default, and then absent from the spec's dict).
+count (``model.item_rates``; off by default, and then absent from the spec's dict). The
+online learner keeps counting the labels it joins into a second table of the same form
+(``item_rate_online_*``, ``with_online_counts``): served requests read the sum of both tables,
+the log count keeps the training table's scale, and the spec's fingerprint
+(``model.signature``) leaves the online table out, so each published version is the same model
+with more labels counted.
 
 ``Featurizer`` turns schema objects into numpy arrays (``EventArrays``, ``ItemArrays``,
 ``ContextArrays``) and assembles them into the tensors the model reads (``UserInputs``,
@@ -83,6 +88,9 @@ class FeatureSpec:
     item_rate_rows: tuple[int, ...] = ()  # item rows with training events, ascending
     item_rate_positives: tuple[int, ...] = ()  # per row: positive labels
     item_rate_counts: tuple[int, ...] = ()  # per row: events
+    item_rate_online_rows: tuple[int, ...] = ()  # item rows with labels counted online
+    item_rate_online_positives: tuple[int, ...] = ()  # per row: positive labels
+    item_rate_online_counts: tuple[int, ...] = ()  # per row: labels
 
     def __post_init__(self) -> None:
         """Refuses action-share fields that would make every share fail or come out NaN (a
@@ -106,18 +114,26 @@ class FeatureSpec:
         if not (isinstance(smoothing, float | int) and 0.0 <= smoothing < math.inf):
             raise ValueError(f"item_rate_smoothing must be >= 0 and finite, got {smoothing!r}")
         if not smoothing:
+            if self.item_rate_online_rows:
+                raise ValueError("item_rate_online_rows given without item rates")
             return
         if not (isinstance(self.item_rate_prior, float | int) and 0.0 < self.item_rate_prior < 1.0):
             raise ValueError(f"item_rate_prior must lie in (0, 1), got {self.item_rate_prior!r}")
-        rows, pos, counts = self.item_rate_rows, self.item_rate_positives, self.item_rate_counts
+        for prefix in ("item_rate", "item_rate_online"):
+            self._check_rate_table(prefix)
+
+    def _check_rate_table(self, prefix: str) -> None:
+        rows, pos, counts = (getattr(self, f"{prefix}_{part}")
+                             for part in ("rows", "positives", "counts"))
         first, size = self.blocks["item_id"]
         if not (len(rows) == len(pos) == len(counts)
                 and all(isinstance(v, int) for v in (*rows, *pos, *counts))
                 and all(first <= r < first + size for r in rows)
+                and len(set(rows)) == len(rows)
                 and all(0 <= p <= n for p, n in zip(pos, counts, strict=True))):
-            raise ValueError("item_rate_rows, item_rate_positives and item_rate_counts must be "
-                             "equally long integers: item rows of the item_id block, and "
-                             "0 <= positives <= count")
+            raise ValueError(f"{prefix}_rows, {prefix}_positives and {prefix}_counts must be "
+                             "equally long integers: distinct item rows of the item_id block, "
+                             "and 0 <= positives <= count")
 
     @classmethod
     def fit(
@@ -183,6 +199,22 @@ class FeatureSpec:
                        item_rate_rows=tuple(r for r, _ in table),
                        item_rate_positives=tuple(p for _, (p, _) in table),
                        item_rate_counts=tuple(n for _, (_, n) in table))
+
+    def with_online_counts(self, positives: np.ndarray, counts: np.ndarray) -> FeatureSpec:
+        """This spec with the online table set to ``positives`` and ``counts`` [n_embeddings]
+        (labels counted online per item row; rows with no count are left out)."""
+        rows = np.flatnonzero(counts)
+        return replace(self, item_rate_online_rows=tuple(int(r) for r in rows),
+                       item_rate_online_positives=tuple(int(positives[r]) for r in rows),
+                       item_rate_online_counts=tuple(int(counts[r]) for r in rows))
+
+    def online_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positives, counts) [n_embeddings] float64 of the online table."""
+        positives, counts = np.zeros(self.n_embeddings), np.zeros(self.n_embeddings)
+        rows = np.asarray(self.item_rate_online_rows, dtype=np.int64)
+        positives[rows] = self.item_rate_online_positives
+        counts[rows] = self.item_rate_online_counts
+        return positives, counts
 
     def share_actions(self, counts: dict[str, int], limit: int) -> tuple[str, ...]:
         """Up to ``limit`` actions by descending count (ties by name), skipping any whose
@@ -256,15 +288,18 @@ class FeatureSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """All fields; without the action-share ones when there are no actions, nor the
-        item-rate ones when they are off, so a spec saved before they existed has the same
-        dict (and fingerprint) as when it was saved."""
+        item-rate ones when they are off, nor the online table when it is empty, so a spec
+        saved before they existed has the same dict (and fingerprint) as when it was saved."""
         data = asdict(self)
+        if not self.item_rate_online_rows:
+            for name in ONLINE_RATE_FIELDS:
+                del data[name]
         if not self.actions:
             for name in _ACTION_SHARE_FIELDS:
                 del data[name]
         if not self.item_rate_smoothing:
             for name in _ITEM_RATE_FIELDS:
-                del data[name]
+                data.pop(name, None)
         return data
 
     @classmethod
@@ -274,8 +309,11 @@ class FeatureSpec:
 
 
 _ACTION_SHARE_FIELDS = ("actions", "action_prior", "action_smoothing")
+ONLINE_RATE_FIELDS = ("item_rate_online_rows", "item_rate_online_positives",
+                      "item_rate_online_counts")
+"""The online table's fields: left out of the spec's fingerprint (``model.signature``)."""
 _ITEM_RATE_FIELDS = ("item_rate_smoothing", "item_rate_prior", "item_rate_rows",
-                     "item_rate_positives", "item_rate_counts")
+                     "item_rate_positives", "item_rate_counts", *ONLINE_RATE_FIELDS)
 
 
 def _as_long(a: np.ndarray) -> torch.Tensor:
@@ -411,11 +449,10 @@ class Featurizer:
         self._missing_item_rows = torch.tensor(
             [self.row(f"item:{f}", MISSING) for f in spec.item_cat], dtype=torch.int64
         )
-        self._rate_positives = np.zeros(spec.n_embeddings)
-        self._rate_counts = np.zeros(spec.n_embeddings)
+        self._rate_positives, self._rate_counts = spec.online_counts()
         rows = np.asarray(spec.item_rate_rows, dtype=np.int64)
-        self._rate_positives[rows] = spec.item_rate_positives
-        self._rate_counts[rows] = spec.item_rate_counts
+        self._rate_positives[rows] += spec.item_rate_positives
+        self._rate_counts[rows] += spec.item_rate_counts
         self._rates_fitted = int(sum(spec.item_rate_counts))
         self._rates_max_count = max(spec.item_rate_counts, default=0)
 
@@ -635,10 +672,13 @@ class Featurizer:
             rates=torch.from_numpy(np.ascontiguousarray(rates, dtype=np.float32)),
         )
 
-    def item_rates(self, rows: np.ndarray) -> np.ndarray:
+    def item_rates(self, rows: np.ndarray, more_positives: np.ndarray | float = 0.0,
+                   more_counts: np.ndarray | float = 0.0) -> np.ndarray:
         """[..., n_item_rates]: the item-rate features of item rows ``rows`` (any shape) from
-        the spec's table, as every served request reads them."""
-        return self._rate_features(self._rate_positives[rows], self._rate_counts[rows])
+        the spec's tables (training and online), as every served request reads them, with
+        ``more_*`` labels (``rows``' shape) counted on top."""
+        return self._rate_features(self._rate_positives[rows] + more_positives,
+                                   self._rate_counts[rows] + more_counts)
 
     def running_item_rates(self, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[E, n_item_rates]: the item-rate features of each event of a log (item rows [E],

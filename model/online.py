@@ -18,6 +18,13 @@ fewer while it is smaller), the rest the oldest fresh examples. The fresh exampl
 accepted step then enter the replay buffer; those of a refused step are dropped (a poisoned
 example must not come back). The trainer trains ``model`` in place: give it a copy that no
 scorer reads, and publish versions from the thread that calls ``step()``.
+
+The live model's trainer also keeps counting the labels it is given into the candidate
+items' label counts (``ItemLabelCounter``; when the spec has item rates): each example keeps
+the item-rate features its item had before its own label was counted, as the request was
+served, and trains on them (replayed or not); ``counted_spec()`` is the spec with every label
+counted so far, for the next published version, whose scorers then read the moved table
+(``model.features``, the online item-rate table).
 """
 
 from __future__ import annotations
@@ -26,14 +33,14 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
-from model.features import CandidateInputs, Featurizer, ItemArrays, UserInputs
+from model.features import CandidateInputs, FeatureSpec, Featurizer, ItemArrays, UserInputs
 from model.training import TrainConfig, guarded_step, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,9 @@ class OnlineExample:
     history: the user's events before the impression, oldest first (the newest
         ``history_len`` are used). target: the label in {0, 1}, or for a student the
         teacher's probability in [0, 1]. state: [d] float32, u_t as the worker served it
-        (None: a user with no state yet, zeros).
+        (None: a user with no state yet, zeros). item_rates: [n_item_rates] the candidate's
+        item-rate features as served, before this example's label was counted
+        (``ItemLabelCounter``); None: the featurizer's table.
     """
 
     impression: Impression
@@ -56,6 +65,41 @@ class OnlineExample:
     profile: UserProfile | None
     target: float
     state: np.ndarray | None = None
+    item_rates: np.ndarray | None = None
+
+
+class ItemLabelCounter:
+    """The candidate items' label counts as the online learner keeps them: the featurizer's
+    tables (the spec's training and online ones) plus every label counted here since.
+
+    ``read_then_count`` gives each example, in order, the item-rate features of its item
+    before its own label (what a request served then read), then counts that label;
+    ``spec()`` is the featurizer's spec with all of them in its online table. Not
+    thread-safe: the caller serializes the two."""
+
+    def __init__(self, featurizer: Featurizer) -> None:
+        self.featurizer = featurizer
+        n = featurizer.spec.n_embeddings
+        self.positives = np.zeros(n)  # [n_embeddings] labels counted here, per item row
+        self.counts = np.zeros(n)
+
+    def read_then_count(self, examples: Sequence[OnlineExample]) -> list[OnlineExample]:
+        """``examples`` with ``item_rates`` set; their targets (labels in {0, 1}) counted."""
+        rows = self.featurizer.items([e.candidate for e in examples]).item.tolist()
+        read = []
+        for example, row in zip(examples, rows, strict=True):
+            rates = self.featurizer.item_rates(np.asarray(row), self.positives[row],
+                                               self.counts[row])
+            read.append(replace(example, item_rates=rates))
+            self.positives[row] += example.target
+            self.counts[row] += 1
+        return read
+
+    def spec(self) -> FeatureSpec:
+        """The featurizer's spec with every label counted here added to its online table."""
+        spec = self.featurizer.spec
+        positives, counts = spec.online_counts()
+        return spec.with_online_counts(positives + self.positives, counts + self.counts)
 
 
 def collate(
@@ -83,10 +127,15 @@ def collate(
         if examples else np.zeros((0, state_dim), dtype=np.float32),
     )
     items = featurizer.items([e.candidate for e in examples])
+    rates = featurizer.item_rates(items.item)
+    for b, example in enumerate(examples):
+        if example.item_rates is not None:
+            rates[b] = example.item_rates
     cands = featurizer.assemble_candidates(
         ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
                    items.num_present[:, None]),
         user,
+        rates[:, None],
     )
     targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
     return user, cands, targets
@@ -128,6 +177,7 @@ class OnlineConfig:
     checkpoint_every: int = 100  # accepted steps between two model versions
     seed: int = 0  # of the replay sampling
     task: str = "click"
+    count_item_labels: bool = True  # count each label into the item-rate table (module docstring)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.replay_capacity < 0 or self.fresh_capacity < 1:
@@ -160,7 +210,9 @@ class StepReport:
 class OnlineTrainer:
     """Fine-tunes ``model`` in place on streamed examples (module docstring).
 
-    ``served=False`` trains with the zero state (the static student). Thread-safe for one
+    ``served=False`` trains with the zero state (the static student). With
+    ``cfg.count_item_labels`` and a spec with item rates, the examples' labels are counted into
+    the item-rate table (``ItemLabelCounter``). Thread-safe for one
     thread calling ``add`` and another calling ``step``. Readable state: ``steps`` (accepted),
     ``refused``, ``refusals`` (count by reason), ``mean_loss``, ``pending`` (fresh examples
     waiting), ``dropped`` (fresh examples pushed out before training or in a refused batch).
@@ -172,6 +224,8 @@ class OnlineTrainer:
         self.cfg = cfg = cfg or OnlineConfig()
         self.served = served
         self.featurizer = Featurizer(model.spec)
+        self._counter = ItemLabelCounter(self.featurizer) \
+            if cfg.count_item_labels and model.spec.n_item_rates else None
         self.optimizer = make_optimizer(
             model, TrainConfig(lr=cfg.lr, embedding_lr=cfg.embedding_lr,
                                weight_decay=cfg.weight_decay)
@@ -193,13 +247,21 @@ class OnlineTrainer:
         return len(self._fresh)
 
     def add(self, examples: Iterable[OnlineExample]) -> None:
-        """Buffer fresh examples, oldest first; past ``fresh_capacity`` the oldest are dropped."""
+        """Buffer fresh examples, oldest first, counting their labels (class docstring); past
+        ``fresh_capacity`` the oldest are dropped."""
         with self._lock:
+            if self._counter is not None:
+                examples = self._counter.read_then_count(list(examples))
             self._fresh.extend(examples)
             overflow = len(self._fresh) - self.cfg.fresh_capacity
             for _ in range(max(overflow, 0)):
                 self._fresh.popleft()
             self.dropped += max(overflow, 0)
+
+    def counted_spec(self) -> FeatureSpec:
+        """The model's spec with every label counted so far (the spec itself when none are)."""
+        with self._lock:
+            return self.model.spec if self._counter is None else self._counter.spec()
 
     @property
     def ready(self) -> bool:

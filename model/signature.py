@@ -7,7 +7,9 @@ the serving model without breaking something outside the weights:
 - ``config``: the ``ModelConfig`` fields that change parameter shapes or what the model
   computes (every field but ``dropout``, which is off when serving);
 - ``spec``: a fingerprint (SHA-256 of the canonical JSON) of the ``FeatureSpec``: another
-  spec hashes ids and fields into other rows and standardises numbers differently;
+  spec hashes ids and fields into other rows and standardises numbers differently. The
+  labels the online learner counts into the spec's online item-rate table are left out:
+  they change as the model learns, like its weights (``model.features``);
 - ``state_width``: the length of the GRU user state (``d_model``), which the state store's
   ``state_dim`` must equal.
 
@@ -25,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from model.config import ModelConfig
-from model.features import FeatureSpec
+from model.features import ONLINE_RATE_FIELDS, FeatureSpec
 from model.kinds import kind_of
 
 # Fields of ModelConfig that change neither a shape nor the served function.
@@ -44,8 +46,10 @@ class IncompatibleVersion(ValueError):
 
 
 def spec_fingerprint(spec: FeatureSpec) -> str:
-    """SHA-256 (hex) of the spec's canonical JSON: equal specs, equal fingerprints."""
-    text = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 (hex) of the spec's canonical JSON without its online item-rate table: specs
+    equal but for that table, equal fingerprints."""
+    data = {k: v for k, v in spec.to_dict().items() if k not in ONLINE_RATE_FIELDS}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 
 from model.backbone import UniRecModel
 from model.drift import DriftMonitor
@@ -34,6 +35,7 @@ class StaticStudent:
     def __init__(self, model: UniRecModel, cfg: OnlineConfig | None = None,
                  windows: Sequence[int] = (1000, 10_000)) -> None:
         self.model = copy.deepcopy(model)
+        cfg = replace(cfg or OnlineConfig(), count_item_labels=False)  # its targets: scores
         self.trainer = OnlineTrainer(self.model, cfg, served=False)
         self.imitation = DriftMonitor(windows)
 

@@ -172,6 +172,7 @@ class OnlineLearner:
         (nothing written) if the watch saw an outranking trainer."""
         at_least = self.watch.check() if self.watch is not None else 1
         steps = self.trainer.steps
+        self.model.spec = self.trainer.counted_spec()
         version = self.versions.publish(self.model, {"online_steps": steps}, at_least)
         update = ModelUpdate(version, str(self.versions.path(version)), steps, time.time(),
                              self.identity.trainer_id, self.identity.started)

@@ -1,8 +1,9 @@
 """The online learning-rate sweep on the validation slice: one row per (seed, lr, embedding
-lr), every row of a seed fine-tunes the same trained model, at lr 0 fine-tuning is the frozen
-model (its metrics to FLOAT32_METRIC: the fine-tuned arm scores chunk by chunk, the frozen one
-the whole slice at once, and float32 products over other batch shapes differ in the last bits),
-and the embedding rows alone move it when only their rate is above 0."""
+lr), every row of a seed fine-tunes the same trained model, at lr 0 and with no labels counted
+into the item-rate table fine-tuning is the frozen model (its metrics to FLOAT32_METRIC: the
+fine-tuned arm scores chunk by chunk, the frozen one the whole slice at once, and float32
+products over other batch shapes differ in the last bits), and the embedding rows alone move
+it when only their rate is above 0."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from evaluation.online_lr import sweep
 from evaluation.sizes import ModelSize
 from eventlog.loaders import load_events
 from model.config import ModelConfig
+from model.online import OnlineConfig
 from tests.test_cli import _write_events
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,7 +28,8 @@ TINY = ModelSize(ModelConfig(d_model=16, n_heads=2, history_len=8, core_k=4, n_l
 def test_rows_per_seed_and_lr_share_the_frozen_model_and_lr_zero_changes_nothing(
         tmp_path: Path) -> None:
     log = load_events(_write_events(tmp_path / "tiny.parquet", n_users=16, per_user=15))
-    rows = list(sweep(log, TINY, seeds=[0, 1], lrs=[0.0, 1e-2], chunks=3))
+    rows = list(sweep(log, TINY, seeds=[0, 1], lrs=[0.0, 1e-2], chunks=3,
+                      online=OnlineConfig(count_item_labels=False)))
     assert [(r["seed"], r["lr"]) for r in rows] == [(0, 0.0), (0, 1e-2), (1, 0.0), (1, 1e-2)]
     for zero, high in (rows[0:2], rows[2:4]):
         assert zero["frozen"] == high["frozen"]
@@ -37,7 +40,8 @@ def test_rows_per_seed_and_lr_share_the_frozen_model_and_lr_zero_changes_nothing
 
 def test_an_embedding_rate_alone_fine_tunes_and_rows_cover_every_pair(tmp_path: Path) -> None:
     log = load_events(_write_events(tmp_path / "tiny.parquet", n_users=16, per_user=15))
-    rows = list(sweep(log, TINY, seeds=[0], lrs=[0.0], chunks=3, embedding_lrs=[0.0, 1e-2]))
+    rows = list(sweep(log, TINY, seeds=[0], lrs=[0.0], chunks=3, embedding_lrs=[0.0, 1e-2],
+                      online=OnlineConfig(count_item_labels=False)))
     assert [(r["lr"], r["embedding_lr"]) for r in rows] == [(0.0, 0.0), (0.0, 1e-2)]
     assert rows[0]["fine_tuned"] == pytest.approx(rows[0]["frozen"], abs=FLOAT32_METRIC)
     assert rows[1]["fine_tuned"] != pytest.approx(rows[1]["frozen"], abs=FLOAT32_METRIC)

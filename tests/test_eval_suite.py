@@ -22,10 +22,14 @@ from evaluation.prequential import chunk_bounds, prequential
 from evaluation.results_report import _online_settings, verdict
 from evaluation.tuning import _bracket
 from eventlog.loaders import load_events
+from model.dataset import build_examples
+from model.features import Featurizer
 from model.online import OnlineConfig
-from model.training import TrainConfig
+from model.prediction_metrics import report
+from model.training import TrainConfig, predict
 from tests.test_cli import _write_events
 
+FLOAT32_METRIC = 1e-6  # the same weights' scores in other batch shapes differ in the last bits
 TINY_BUDGET = Budget(d_model=16, history_len=8, core_k=4, steps=3, batch_size=32, seeds=2,
                      chunks=3)
 TINY_FLAGS = ["--seeds", "2", "--steps", "2", "--d-model", "16", "--history-len", "8",
@@ -76,6 +80,38 @@ def test_prequential_scores_a_chunk_before_learning_from_it(events_file):
     assert out.online_steps == sum(-(-(e - b) // 8) for b, e in chunk_bounds(len(splits.test), 3))
     for name, value in result.model.state_dict().items():
         torch.testing.assert_close(value, before[name])
+
+
+def test_the_fine_tuned_arm_reads_the_labels_of_earlier_chunks_and_never_its_own(events_file):
+    """At lr 0 the weights do not move, so the arms differ only in the item-rate table: each
+    chunk of the fine-tuned arm scores exactly as a served version whose spec has the labels
+    of every earlier chunk in its online table (none for the first chunk, so it equals the
+    frozen arm there), and without counting it is the frozen arm throughout."""
+    log = load_events(events_file)
+    splits = make_splits(log, TINY_BUDGET)
+    result = run_one(MODELS[0], Hyper(lr=1e-2), 0, splits, TINY_BUDGET, 16, torch.device("cpu"))
+    spec, test = splits.featurizer.spec, splits.test
+    assert spec.n_item_rates
+    cpu, bounds = torch.device("cpu"), chunk_bounds(len(test), 3)
+    out = prequential(result.model, splits.featurizer, test, result.probabilities,
+                      TrainConfig(lr=0.0, batch_size=8), 3, cpu)
+    rows = test.events.item[test.event_index]
+    expected = []
+    for begin, end in bounds:
+        positives, counts = np.zeros(spec.n_embeddings), np.zeros(spec.n_embeddings)
+        np.add.at(positives, rows[:begin], test.labels[:begin])
+        np.add.at(counts, rows[:begin], 1)
+        served = Featurizer(spec.with_online_counts(positives, counts))
+        examples = build_examples(log, served, TINY_BUDGET.history_len).subset(
+            test.event_index[begin:end])
+        expected.append(predict(result.model, served, examples, cpu))
+    assert out.fine_tuned == pytest.approx(
+        report(test.user_ids, test.labels, np.concatenate(expected)), abs=FLOAT32_METRIC)
+    assert out.fine_tuned_auc[0] == out.frozen_auc[0]
+    assert abs(out.fine_tuned["logloss"] - out.frozen["logloss"]) > 10 * FLOAT32_METRIC
+    off = prequential(result.model, splits.featurizer, test, result.probabilities,
+                      TrainConfig(lr=0.0, batch_size=8), 3, cpu, count_labels=False)
+    assert off.fine_tuned == pytest.approx(off.frozen, abs=FLOAT32_METRIC)
 
 
 def test_verdicts_need_two_standard_errors():

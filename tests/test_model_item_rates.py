@@ -1,6 +1,6 @@
 """The candidate's item-rate features (``model.item_rates``): the training log's label counts
 per item row, read causally by the training log's own examples and from the spec's table by
-every later example and every served request."""
+every later example and every served request, plus the labels counted online."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from eventlog.log import EventLog
 from eventlog.schema import Candidate, Impression, Interaction
 from model.dataset import build_examples
 from model.features import FeatureSpec, Featurizer, hashed_row
+from model.signature import spec_fingerprint
 
 T0 = 1_700_000_000.0
 SMOOTHING = 10.0
@@ -120,3 +121,50 @@ def test_a_hostile_item_rate_table_is_refused_naming_the_field(field: str, value
         replace(spec, **{field: value})
     with pytest.raises(ValueError):
         FeatureSpec.from_dict(json.loads(json.dumps(data, default=list)))
+
+
+def test_served_rates_add_the_online_table_at_the_training_scale_and_keep_the_fingerprint(
+) -> None:
+    """Labels counted online (``with_online_counts``) add to the training counts of what a
+    served request reads, the log count keeps the training table's largest count as its scale,
+    the fingerprint does not change (a version with more labels counted is the same model),
+    the dict round-trips, and a spec with none has the dict it had before the online table."""
+    log = event_log(40, seed=7)
+    spec = fitted(log, 40).spec
+    row = hashed_row(spec.blocks["item_id"], "i4")
+    positives, counts = np.zeros(spec.n_embeddings), np.zeros(spec.n_embeddings)
+    positives[row], counts[row] = 500, 600
+    online = spec.with_online_counts(positives, counts)
+    prior, scale = spec.item_rate_prior, max(spec.item_rate_counts)
+    trained = dict(zip(spec.item_rate_rows, zip(spec.item_rate_positives, spec.item_rate_counts,
+                                                strict=True), strict=True))[row]
+    rate = (trained[0] + 500 + SMOOTHING * prior) / (trained[1] + 600 + SMOOTHING)
+    expected = [math.log(rate / (1 - rate)) - math.log(prior / (1 - prior)),
+                math.log1p(trained[1] + 600) / math.log1p(scale)]
+    np.testing.assert_allclose(Featurizer(online).item_rates(np.asarray([row]))[0], expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(Featurizer(online).item_rates(np.asarray([row + 1])),
+                               Featurizer(spec).item_rates(np.asarray([row + 1])))
+    assert online.item_rate_online_rows == (row,)
+    assert spec_fingerprint(online) == spec_fingerprint(spec)
+    assert FeatureSpec.from_dict(json.loads(json.dumps(online.to_dict()))) == online
+    assert not any(k.startswith("item_rate_online") for k in spec.to_dict())
+    np.testing.assert_array_equal(online.online_counts()[1], counts)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("item_rate_online_rows", (-1,)), ("item_rate_online_positives", (7,)),
+    ("item_rate_online_counts", (1, 2)),
+])
+def test_a_hostile_online_table_is_refused_naming_the_field(field: str, value: object) -> None:
+    """An online table outside the item block, with more positives than labels, or of
+    unequal lengths is a ValueError naming the table, never a wrong score."""
+    spec = fitted(event_log(40, seed=6), 40).spec
+    row = spec.blocks["item_id"][0]
+    good = {"item_rate_online_rows": (row,), "item_rate_online_positives": (3,),
+            "item_rate_online_counts": (5,)}
+    replace(spec, **good)
+    with pytest.raises(ValueError, match="item_rate_online"):
+        replace(spec, **{**good, field: value})
+    with pytest.raises(ValueError, match="without item rates"):
+        replace(FeatureSpec.fit(event_log(40, seed=6).interactions), **good)

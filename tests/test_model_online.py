@@ -1,7 +1,9 @@
 """The online trainer and the static student: batches mix fresh and replayed examples, the
 trainer sees the scorer's inputs, refused steps leave the weights and optimizer bit-identical,
 add/step run from two threads, the student learns to imitate without the state, and after a
-planted preference shift the fine-tuned model beats its frozen copy while D_T rises."""
+planted preference shift the fine-tuned model beats its frozen copy while D_T rises; the live
+trainer counts its labels into the item-rate table, and each example reads its item's rate
+from before its own label."""
 
 from __future__ import annotations
 
@@ -23,12 +25,21 @@ from model_fixtures import (
     context,
     fresh_model,
     make_history,
+    training_log,
 )
 
 from eventlog.schema import Candidate, Impression
 from model.backbone import UniRecModel
 from model.drift import DriftMonitor
-from model.online import OnlineConfig, OnlineExample, OnlineTrainer, collate, predict
+from model.features import FeatureSpec, Featurizer
+from model.online import (
+    ItemLabelCounter,
+    OnlineConfig,
+    OnlineExample,
+    OnlineTrainer,
+    collate,
+    predict,
+)
 from model.prediction_metrics import auc
 from model.student import StaticStudent
 from model.training import guarded_step
@@ -284,3 +295,51 @@ def test_after_a_preference_shift_fine_tuning_beats_the_frozen_copy_and_distance
     assert monitor.distance(320) > 4 * pre_shift, (pre_shift, monitor.distance(320))
     window = monitor.report()["windows"][320]
     assert window["auc_dynamic"] > window["auc_static"]
+
+
+def rated_model() -> UniRecModel:
+    """``tiny_model`` on a spec with item rates (random labels on the fixtures' training log)."""
+    log = training_log()
+    labels = np.random.default_rng(11).integers(0, 2, len(log))
+    spec = FeatureSpec.fit(log, PROFILES.values(), id_buckets=512, field_buckets=64,
+                           action_buckets=16, labels=labels, item_rate_smoothing=10.0)
+    torch.manual_seed(0)
+    return UniRecModel(tiny_model().cfg, spec).eval()
+
+
+def test_each_example_reads_its_items_rate_before_its_own_label_and_the_spec_counts_them():
+    """Counting in order: every example keeps the item-rate features of its item over the
+    labels counted before its own (never its own label), ``collate`` trains on those, the
+    trainer's ``counted_spec()`` holds every label it was given in its online table, so a
+    served request of that spec reads what one more example would; the student counts none."""
+    model = rated_model()
+    featurizer = Featurizer(model.spec)
+    examples = preference_stream(5, 60, "action")
+    read = ItemLabelCounter(featurizer).read_then_count(examples)
+    rows = featurizer.items([e.candidate for e in examples]).item
+    positives, counts = np.zeros(model.spec.n_embeddings), np.zeros(model.spec.n_embeddings)
+    for example, row in zip(read, rows.tolist(), strict=True):
+        np.testing.assert_allclose(
+            example.item_rates,
+            featurizer.item_rates(np.asarray(row), positives[row], counts[row]), rtol=1e-6)
+        positives[row] += example.target
+        counts[row] += 1
+    assert len(set(rows.tolist())) < len(examples)  # items recur: later examples read more
+    _, cands, _ = collate(featurizer, read, model.cfg.history_len, model.cfg.d_model)
+    np.testing.assert_allclose(cands.rates[:, 0].numpy(), np.stack([e.item_rates for e in read]))
+
+    trainer = OnlineTrainer(model, OnlineConfig(batch_size=8))
+    trainer.add(examples[:25])
+    trainer.add(examples[25:])
+    counted = trainer.counted_spec()
+    assert counted.online_counts()[1].sum() == len(examples)
+    np.testing.assert_array_equal(counted.online_counts()[0], positives)
+    np.testing.assert_allclose(Featurizer(counted).item_rates(rows),
+                               featurizer.item_rates(rows, positives[rows], counts[rows]),
+                               rtol=1e-6)
+    student = StaticStudent(model, OnlineConfig(batch_size=8))
+    student.observe(examples)
+    assert student.trainer.counted_spec() == model.spec
+    off = OnlineTrainer(rated_model(), OnlineConfig(batch_size=8, count_item_labels=False))
+    off.add(examples)
+    assert off.counted_spec() == model.spec

@@ -21,16 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import PROFILES, SPEC, T0, USERS, config, context
+from model_fixtures import PROFILES, SPEC, T0, USERS, config, context, training_log
 from stream_fixtures import WorkerProcess, http_get, read_all, tiny_checkpoint, wait_for
 
 from eventlog.schema import Candidate, Impression, Label
 from model.backbone import UniRecModel
 from model.baselines import MODEL_KINDS
 from model.checkpoint import save
+from model.features import FeatureSpec
 from model.kinds import build_model
 from model.online import OnlineConfig, OnlineExample, OnlineTrainer
 from model.scorer import Scorer
+from model.signature import signature_of
 from model.versions import VersionStore
 from state_store import StateStore, StoreConfig
 from stream import learner as learner_module
@@ -177,6 +179,39 @@ def test_preference_shift_fine_tuned_beats_the_twin_versions_rise_and_distance_r
     assert worker.sample("unirec_surrogate_distance", window="256") == report["distance"]
     assert worker.sample("unirec_student_imitation_loss", window="256") is not None
     assert worker.sample("unirec_score_psi", window="256") == report["psi"]
+
+
+def test_a_published_version_carries_the_labels_counted_and_its_scorer_reads_them(
+        tmp_path: Path) -> None:
+    """With item rates in the spec, the learner counts every joined label into the item-rate
+    table: the version it publishes holds them in its spec's online table, swaps in under the
+    serving signature, and the live scorer then reads the moved rates, while the static twin
+    keeps the deployed table."""
+    log = training_log()
+    spec = FeatureSpec.fit(log, PROFILES.values(), id_buckets=512, field_buckets=64,
+                           action_buckets=16, item_rate_smoothing=10.0,
+                           labels=np.random.default_rng(2).integers(0, 2, len(log)))
+    torch.manual_seed(3)
+    model = UniRecModel(tiny_config(), spec).eval()
+    online = OnlineConfig(batch_size=16, replay_fraction=0.25, checkpoint_every=2)
+    worker = InProcessWorker(tmp_path, model, online)
+    stream = preference_stream(9, 96, "comedy")
+    for begin in range(0, len(stream), 32):
+        worker.feed(stream[begin : begin + 32])
+    scorer = worker.services.scorer
+    assert worker.learner.version is not None
+    assert scorer.model_version == worker.learner.version
+    live = scorer.scorer
+    served = live.model.spec
+    counted_labels = worker.learner.examples
+    assert served.online_counts()[1].sum() == counted_labels > 0
+    assert served.online_counts()[0].sum() == sum(
+        label for _, label in stream[:counted_labels])
+    assert signature_of(live.model) == signature_of(model)
+    assert scorer.static.model.spec == spec
+    rows = live.featurizer.items([i.candidates[0] for i, _ in stream]).item
+    assert not np.allclose(live.featurizer.item_rates(rows),
+                           scorer.static.featurizer.item_rates(rows))
 
 
 def test_a_stopped_learner_takes_no_step_so_a_backlog_does_not_hold_a_stopping_worker(
