@@ -126,6 +126,15 @@ def _online_settings(online: dict[str, Any] | None) -> str:
             + f", batches of {online['batch_size']}, weight decay {online['weight_decay']:g}")
 
 
+def _arms_differ(record: dict[str, Any]) -> str:
+    """How the prequential arms differ (a record made before the learner counted labels
+    into the item-rate table has no ``count_item_labels``)."""
+    if (record.get("online_config") or {}).get("count_item_labels"):
+        return ("they differ in the weights and in the labels the fine-tuned arm counts into "
+                "its item-rate table after each chunk, as the worker's learner does")
+    return "only the weights differ"
+
+
 def _steps(row: dict[str, Any]) -> str:
     """The runs' best steps (mean over seeds; an older record has one ``steps`` per row)."""
     steps = [r["steps"] for r in row["runs"] if "steps" in r]
@@ -175,8 +184,8 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
               f"{budget['chunks']} chunks in time order; each is scored, then learned from "
               "with `train_step` at the worker's online learner settings (`OnlineConfig`: "
               f"{_online_settings(record.get('online_config'))}, the same for every model). "
-              "Both arms see the same histories and GRU states; only the "
-              "weights differ. AUC/GAUC pool the whole period, whose fine-tuned scores come "
+              f"Both arms see the same histories and GRU states; {_arms_differ(record)}. "
+              "AUC/GAUC pool the whole period, whose fine-tuned scores come "
               "from successive model versions; the mean chunk AUC compares versions only "
               "within a chunk.", "",
               "| model | mean chunk AUC frozen | mean chunk AUC fine-tuned | AUC frozen "

@@ -19,7 +19,7 @@ import torch
 from app.cli import main
 from evaluation.experiment import MODELS, VARIANTS, Budget, Hyper, make_splits, run_one
 from evaluation.prequential import chunk_bounds, prequential
-from evaluation.results_report import _online_settings, verdict
+from evaluation.results_report import _arms_differ, _online_settings, verdict
 from evaluation.tuning import _bracket
 from eventlog.loaders import load_events
 from model.dataset import build_examples
@@ -139,6 +139,7 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     online = OnlineConfig()
     assert record["online_config"] == asdict(online)
     assert _online_settings(record["online_config"]) in report
+    assert "the labels the fine-tuned arm counts into its item-rate table" in report
     assert "candidates' training label rates (smoothing 10)" in report
     assert "## Online peers (River)" in report
     assert record["peers"]["status"] == ("ran" if importlib.util.find_spec("river") else
@@ -160,6 +161,9 @@ def test_the_report_names_the_online_rates_it_ran_with():
     assert _online_settings(asdict(OnlineConfig(lr=1e-5, embedding_lr=1e-3))) == (
         "lr 1e-05, the embedding table's rows 0.001, batches of 128, weight decay 0")
     assert _online_settings(None) == "its learning rate, batch size and weight decay"
+    assert _arms_differ({"online_config": None}) == "only the weights differ"
+    assert _arms_differ({"online_config": asdict(OnlineConfig(count_item_labels=False))}) \
+        == "only the weights differ"
 
 
 def test_a_run_keeps_its_best_validation_weights_and_stops_after_its_patience(events_file):
