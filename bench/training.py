@@ -2,8 +2,9 @@
 
     python bench/training.py [--quick] [--steps N] [--batch B] [--threads T]
 
-For each kind (``model.baselines.MODEL_KINDS``) and each size (``suite``: the eval suite's
-budget, d_model 32, history 20; ``default``: ``ModelConfig()``, d_model 64, history 50), it
+For each kind (``model.baselines.MODEL_KINDS``) and each size (``evaluation.sizes``:
+``suite``, the eval suite's UniRec config, d_model 48, history 20; ``default``:
+``ModelConfig()``, d_model 64, history 50), it
 trains ``--steps`` AdamW steps of ``--batch`` examples on the same data, the way
 ``model.training.fit`` does (batch gathering from pre-built examples, the GRU state unrolled
 over each history, forward, backward, clipping, the update), after two warm-up steps, and
@@ -17,7 +18,9 @@ FLOP/s = FLOPs per step / seconds per step.
 
 Data: MovieLens-100K when it is cached (``UNIREC_DATA_DIR``, see README *Data*), else (and
 with ``--quick``) the synthetic log of ``stream.producer.synthetic_events``; ``data`` in the
-JSON says which. Every kind of one size trains on the same examples.
+JSON says which. Every kind of one size trains on the same examples, whose feature spec is
+fitted as ``unirec train`` fits it: with the log's labels and the default item-rate smoothing
+(``model.item_rates``), so the models have the candidate's item-rate inputs.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.experiment import UNIREC_CAPACITY, Budget
+from evaluation.sizes import SIZE_NAMES, model_size
 from eventlog.loaders import DatasetUnavailable, load_dataset
 from eventlog.log import EventLog
 from model.baselines import MODEL_KINDS
 from model.config import ModelConfig
 from model.dataset import ExampleSet, build_examples, gather_batch
 from model.features import FeatureSpec, Featurizer
+from model.item_rates import DEFAULT_SMOOTHING
 from model.kinds import build_model, parameter_count
 from model.training import TrainConfig, example_states, guarded_step, make_optimizer
 from stream.producer import synthetic_events
@@ -70,10 +74,9 @@ def _data_dir() -> Path | None:
 
 
 def sizes() -> dict[str, ModelConfig]:
-    """The two sizes: the eval suite's budget (with UniRec's capacity split there) and the
-    default ``ModelConfig``."""
-    return {"suite": Budget().model_config(dropout=0.1, **UNIREC_CAPACITY),
-            "default": ModelConfig()}
+    """The two sizes of ``evaluation.sizes``: the eval suite's UniRec config and the default
+    ``ModelConfig``."""
+    return {name: model_size(name).config for name in SIZE_NAMES}
 
 
 def measure(kind: str, cfg: ModelConfig, featurizer: Featurizer, examples: ExampleSet,
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     steps, batch = (3, 32) if args.quick else (args.steps, args.batch)
     torch.set_num_threads(args.threads)
     log = training_log(args.quick)
-    featurizer = Featurizer(FeatureSpec.fit(log.interactions, log.profiles.values()))
+    featurizer = Featurizer(FeatureSpec.fit(log.interactions, log.profiles.values(),
+                                            labels=log.labels,
+                                            item_rate_smoothing=DEFAULT_SMOOTHING))
     results = {}
     for size, cfg in sizes().items():
         examples = build_examples(log, featurizer, cfg.history_len)
