@@ -85,9 +85,9 @@ class ItemLabelCounter:
 
     def read_then_count(self, examples: Sequence[OnlineExample]) -> list[OnlineExample]:
         """``examples`` with ``item_rates`` set; their targets (labels in {0, 1}) counted."""
-        rows = self.featurizer.items([e.candidate for e in examples]).item.tolist()
         read = []
-        for example, row in zip(examples, rows, strict=True):
+        for example in examples:
+            row = self.featurizer.row("item_id", example.candidate.item_id)
             rates = self.featurizer.item_rates(np.asarray(row), self.positives[row],
                                                self.counts[row])
             read.append(replace(example, item_rates=rates))
