@@ -99,13 +99,13 @@ def prequential(model: nn.Module, featurizer: Featurizer, test: ExampleSet,
     ends, frozen_auc, tuned_auc, steps = [], [], [], 0
     counted = _CountedLabels(featurizer, test, count_labels)
     for begin, end in chunk_bounds(len(test), chunks):
-        test = counted.read(begin, end)
-        chunk = test.subset(slice(begin, end))
-        carried = example_states(online, test)
+        reading = counted.read(begin, end)  # the test set as this chunk reads the table
+        chunk = reading.subset(slice(begin, end))
+        carried = example_states(online, reading)
         tuned[begin:end] = predict(online, featurizer, chunk, device, carried=carried)
         for first in range(begin, end, train_cfg.batch_size):
             rows = np.arange(first, min(first + train_cfg.batch_size, end))
-            user, cands = gather_batch(test, featurizer, rows, online.cfg.d_model, carried)
+            user, cands = gather_batch(reading, featurizer, rows, online.cfg.d_model, carried)
             labels = torch.from_numpy(test.labels[rows].astype(np.float32))
             train_step(online, optimizer, user.to(device), cands.to(device), labels.to(device),
                        train_cfg.task)
