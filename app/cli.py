@@ -88,6 +88,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--d-model", type=int, help="default: the size's")
     parser.add_argument("--history-len", type=int, help="default: the size's")
+    parser.add_argument("--affinity-len", type=int,
+                        help="the newest events the candidates' affinity is counted over, at "
+                             "least --history-len (default: the size's)")
     parser.add_argument("--model", choices=list(MODEL_KINDS), default="unirec")
     parser.add_argument("--item-rate-smoothing", type=float, default=DEFAULT_SMOOTHING,
                         help="give candidates their training label rate, smoothed by this many "
@@ -174,7 +177,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     and finite."""
     counts = {"--epochs": args.epochs, "--max-steps": args.max_steps,
               "--batch-size": args.batch_size, "--d-model": args.d_model,
-              "--history-len": args.history_len}
+              "--history-len": args.history_len, "--affinity-len": args.affinity_len}
     bad = [flag for flag, value in counts.items() if value is not None and value < 1]
     if bad:
         raise CliError(f"{', '.join(bad)} must be positive")
@@ -185,11 +188,12 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     try:
         model_cfg = replace(size.config, **{
             name: value for name, value in (("d_model", args.d_model),
-                                            ("history_len", args.history_len))
+                                            ("history_len", args.history_len),
+                                            ("affinity_len", args.affinity_len))
             if value is not None
         })
     except ValueError as exc:
-        raise CliError(f"--d-model / --history-len: {exc}") from exc
+        raise CliError(f"--d-model / --history-len / --affinity-len: {exc}") from exc
     train_cfg = TrainConfig(
         lr=size.lr if args.lr is None else args.lr, batch_size=args.batch_size,
         epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
@@ -308,6 +312,9 @@ def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
     suite.add_argument("--tune-steps", type=int, help="steps of a tuning run (default --steps)")
     suite.add_argument("--d-model", type=int, default=defaults.d_model)
     suite.add_argument("--history-len", type=int, default=defaults.history_len)
+    suite.add_argument("--affinity-len", type=int, default=defaults.affinity_len,
+                       help="the candidates' affinity window, at least --history-len "
+                            "(default: the history window)")
     suite.add_argument("--batch-size", type=int, default=defaults.batch_size)
     suite.add_argument("--torch-threads", type=int, default=1)
     suite.add_argument("--item-rate-smoothing", type=float,
@@ -322,10 +329,14 @@ def run_eval_suite(args: argparse.Namespace) -> None:
 
     if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
         raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
+    if args.affinity_len is not None and args.affinity_len < args.history_len:
+        raise CliError(f"--affinity-len ({args.affinity_len}) must be at least --history-len "
+                       f"({args.history_len})")
     _check_item_rate_smoothing(args.item_rate_smoothing)
     settings = _settings(args)
     event_log = _open_log(args, settings)
     budget = Budget(d_model=args.d_model, history_len=args.history_len,
+                    affinity_len=args.affinity_len,
                     core_k=min(Budget.core_k, args.history_len), steps=args.steps,
                     batch_size=args.batch_size, seeds=args.seeds, tune_steps=args.tune_steps,
                     item_rate_smoothing=args.item_rate_smoothing)

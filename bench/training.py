@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                                             item_rate_smoothing=DEFAULT_SMOOTHING))
     results = {}
     for size, cfg in sizes().items():
-        examples = build_examples(log, featurizer, cfg.history_len)
+        examples = build_examples(log, featurizer, cfg.history_len,
+                                  affinity_len=cfg.affinity_len)
         results[size] = {kind: measure(kind, replace(cfg), featurizer, examples, steps, batch)
                          for kind in args.kinds}
     print(json.dumps({

@@ -45,6 +45,7 @@ class Budget:
     d_model: int = 48  # UniRec's; the baselines' are matched on parameter count
     n_heads: int = 4
     history_len: int = 20
+    affinity_len: int | None = None  # the candidates' affinity window (ModelConfig's)
     core_k: int = 8
     steps: int = 400  # the ceiling: runs stop early on validation (ValidationCurve)
     eval_every: int = 25  # steps between two validation measurements
@@ -60,7 +61,8 @@ class Budget:
 
     def model_config(self, dropout: float, **overrides: Any) -> ModelConfig:
         base = ModelConfig(d_model=self.d_model, n_heads=self.n_heads,
-                           history_len=self.history_len, core_k=self.core_k, dropout=dropout)
+                           history_len=self.history_len, affinity_len=self.affinity_len,
+                           core_k=self.core_k, dropout=dropout)
         return replace(base, **overrides)
 
 
@@ -132,7 +134,8 @@ def make_splits(log: EventLog, budget: Budget) -> Splits:
     featurizer = Featurizer(FeatureSpec.fit(
         train_log.interactions, log.profiles.values(), labels=train_log.labels,
         item_rate_smoothing=budget.item_rate_smoothing))
-    examples = build_examples(log, featurizer, budget.history_len)
+    examples = build_examples(log, featurizer, budget.history_len,
+                              affinity_len=budget.affinity_len)
     return Splits(
         log, featurizer,
         train=examples.subset(slice(0, val_start)),

@@ -44,7 +44,8 @@ def sweep(log: EventLog, size: ModelSize, seeds: Sequence[int], lrs: Sequence[fl
     an embedding lr of None is ``lr``. ``online``: the learner's other settings (default
     ``OnlineConfig()``)."""
     device = device or torch.device("cpu")
-    splits = make_splits(log, Budget(history_len=size.config.history_len))
+    splits = make_splits(log, Budget(history_len=size.config.history_len,
+                                     affinity_len=size.config.affinity_len))
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model("unirec", size.config, splits.featurizer.spec).to(device)

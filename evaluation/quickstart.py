@@ -48,7 +48,8 @@ def train_on_log(
                            labels=train_log.labels, item_rate_smoothing=item_rate_smoothing)
     featurizer = Featurizer(spec)
     model = build_model(kind, model_cfg, spec, MODEL_KINDS).to(device)
-    examples = build_examples(train_log, featurizer, model_cfg.history_len)
+    examples = build_examples(train_log, featurizer, model_cfg.history_len,
+                              affinity_len=model_cfg.affinity_len)
     started = time.perf_counter()
     losses = fit(model, featurizer, examples, train_cfg, device, on_step)
     meta = {
@@ -77,7 +78,8 @@ def predict_on_log(
         raise ValueError(f"the test part of {log.name!r} is empty")
     featurizer = Featurizer(model.spec)
     stop = len(log) if events is None else min(len(log), split + events)
-    examples = build_examples(log, featurizer, model.cfg.history_len, split, stop)
+    examples = build_examples(log, featurizer, model.cfg.history_len, split, stop,
+                              model.cfg.affinity_len)
     return examples, predict(model, featurizer, examples, device)
 
 

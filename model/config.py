@@ -27,6 +27,10 @@ class ModelConfig:
     - ``core_selection``: CDNet's top-``core_k`` core behaviours plus the interest-distribution
       token (``interest_bins`` bins) on or off.
     - ``compensation``: UG-Sep's information compensation term on or off.
+    - ``affinity_len``: the newest events of the user the candidate's affinity (C_g) is counted
+      over, at least ``history_len`` (None: the history window itself). The S tokens and the
+      user's action shares stay on the newest ``history_len``; a longer affinity window only
+      counts more events, and the state store keeps that many (``stored_events``).
     """
 
     d_model: int = 64
@@ -35,6 +39,7 @@ class ModelConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     history_len: int = 50
+    affinity_len: int | None = None
     layer_widths: tuple[float, ...] = DEFAULT_WIDTHS
     compression: Compression = "learned"
     seq_feature_mixing: bool = True
@@ -63,14 +68,33 @@ class ModelConfig:
             raise ValueError("history_len, core_k and interest_bins must be positive")
         if not self.tasks:
             raise ValueError("at least one task head is needed")
+        if self.affinity_len is not None and self.affinity_len < self.history_len:
+            raise ValueError(f"affinity_len={self.affinity_len} is shorter than "
+                             f"history_len={self.history_len}")
 
     @property
     def seq_widths(self) -> tuple[int, ...]:
         """The number of S tokens each layer outputs (at least one)."""
         return tuple(max(1, math.ceil(self.history_len * w)) for w in self.layer_widths)
 
+    @property
+    def affinity_window(self) -> int:
+        """The newest events the candidate's affinity is counted over."""
+        return self.history_len if self.affinity_len is None else self.affinity_len
+
+    @property
+    def stored_events(self) -> int:
+        """The newest events of a user that one request reads (the history window and the
+        affinity window): what the state store keeps per user."""
+        return max(self.history_len, self.affinity_window)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``affinity_len`` only when set, so a config without it has
+        the dict (and the serving signature, ``model.signature``) it had before the field."""
+        data = asdict(self)
+        if data["affinity_len"] is None:
+            del data["affinity_len"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

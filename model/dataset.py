@@ -21,10 +21,13 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from eventlog.log import EventLog
 from model.features import CandidateInputs, ContextArrays, EventArrays, Featurizer, UserInputs
 from model.user_state import UserTimelines
+
+AFFINITY_CHUNK = 2048  # examples whose affinity is counted in one pass: bounded memory
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ExampleSet:
     timelines: UserTimelines  # the log's events by user, for ``carried_states``
     hist_index: np.ndarray  # [N, n] previous events of the example's user, -1 = padding
     carry_index: np.ndarray  # [N] the user's last event before the history window, -1 = none
+    affinity: np.ndarray  # [N, n_affinity] the candidate's affinity over the affinity window
     event_index: np.ndarray  # [N] the example's own event
     labels: np.ndarray  # [N] int8
     user_ids: np.ndarray  # [N] str, for per-user metrics
@@ -56,6 +60,7 @@ class ExampleSet:
             timelines=self.timelines,
             hist_index=self.hist_index[rows],
             carry_index=self.carry_index[rows],
+            affinity=self.affinity[rows],
             event_index=self.event_index[rows],
             labels=self.labels[rows],
             user_ids=self.user_ids[rows],
@@ -64,9 +69,12 @@ class ExampleSet:
 
 
 def build_examples(
-    log: EventLog, featurizer: Featurizer, history_len: int, start: int = 0, stop: int | None = None
+    log: EventLog, featurizer: Featurizer, history_len: int, start: int = 0,
+    stop: int | None = None, affinity_len: int | None = None,
 ) -> ExampleSet:
-    """Examples for ``log.interactions[start:stop]`` (histories reach back before ``start``)."""
+    """Examples for ``log.interactions[start:stop]`` (histories reach back before ``start``).
+    Each candidate's affinity is counted over its user's newest ``affinity_len`` earlier events
+    (``ModelConfig.affinity_len``; None: the history window), as a served request counts it."""
     stop = len(log) if stop is None else stop
     events = log.interactions
     encoded = featurizer.events(events)
@@ -75,17 +83,25 @@ def build_examples(
     users = featurizer.users(user_ids, [log.profiles.get(u) for u in user_ids])
     hist_index = np.full((stop - start, history_len), -1, dtype=np.int64)
     carry_index = np.full(stop - start, -1, dtype=np.int64)
+    width = history_len if affinity_len is None else max(history_len, affinity_len)
+    affinity = _AffinityCounter(featurizer, encoded, stop - start, width)
     recent: dict[str, deque[int]] = {}
+    longer: dict[str, deque[int]] = {}  # the affinity windows, when longer than the history's
     carried: dict[str, int] = {}  # each user's last event that left the window
     for i in range(stop):
         past = recent.setdefault(user_ids[i], deque(maxlen=history_len))
+        window = past if width == history_len else longer.setdefault(user_ids[i],
+                                                                     deque(maxlen=width))
         if i >= start:
             if past:
                 hist_index[i - start, history_len - len(past) :] = past
             carry_index[i - start] = carried.get(user_ids[i], -1)
+            affinity.add(i, window)
         if len(past) == history_len:
             carried[user_ids[i]] = past[0]
         past.append(i)
+        if window is not past:
+            window.append(i)
     return ExampleSet(
         events=encoded,
         contexts=contexts,
@@ -94,11 +110,51 @@ def build_examples(
         timelines=UserTimelines.of(user_ids),
         hist_index=hist_index,
         carry_index=carry_index,
+        affinity=affinity.result(),
         event_index=np.arange(start, stop),
         labels=log.labels[start:stop],
         user_ids=np.asarray(user_ids[start:stop], dtype=object),
         timestamps=encoded.ts[start:stop],
     )
+
+
+class _AffinityCounter:
+    """The affinity features of N examples in order, each counted once over its window
+    (``Featurizer.candidate_affinity``), ``AFFINITY_CHUNK`` examples at a time."""
+
+    def __init__(self, featurizer: Featurizer, events: EventArrays, n: int, width: int) -> None:
+        self.featurizer, self.events = featurizer, events
+        self.out = np.zeros((n, featurizer.spec.n_affinity), dtype=np.float32)
+        self.own = np.zeros(AFFINITY_CHUNK, dtype=np.int64)
+        self.windows = np.full((AFFINITY_CHUNK, width), -1, dtype=np.int64)
+        self.pending = self.done = 0
+
+    def add(self, event: int, window: deque[int]) -> None:
+        """The next example: its own event (the candidate) and its window's events."""
+        if not self.out.shape[1]:
+            return
+        row, width = self.pending, self.windows.shape[1]
+        self.own[row] = event
+        self.windows[row, : width - len(window)] = -1
+        self.windows[row, width - len(window) :] = window
+        self.pending += 1
+        if self.pending == AFFINITY_CHUNK:
+            self._count()
+
+    def result(self) -> np.ndarray:
+        """[N, n_affinity] float32, once every example was added."""
+        if self.pending:
+            self._count()
+        return self.out
+
+    def _count(self) -> None:
+        spec, b = self.featurizer.spec, self.pending
+        items = Featurizer.event_items(self.events, self.own[:b, None], len(spec.item_cat),
+                                       len(spec.item_num))
+        history = Featurizer.assemble_events(self.events, self.windows[:b])
+        affinity = self.featurizer.candidate_affinity(items, history)[:, 0]
+        self.out[self.done : self.done + b] = affinity.numpy()
+        self.done, self.pending = self.done + b, 0
 
 
 def gather_batch(
@@ -128,4 +184,5 @@ def gather_batch(
     items = featurizer.event_items(
         examples.events, own[:, None], len(spec.item_cat), len(spec.item_num)
     )
-    return user, featurizer.assemble_candidates(items, user, examples.item_rates[own][:, None])
+    affinity = torch.from_numpy(examples.affinity[rows][:, None])
+    return user, featurizer.assemble_candidates(items, affinity, examples.item_rates[own][:, None])

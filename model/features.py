@@ -654,23 +654,27 @@ class Featurizer:
         share = (counts.double() + s * prior) / (n.double()[..., None] + s)
         return (_logit(share) - _logit(prior)).float()
 
-    def assemble_candidates(self, items: ItemArrays, history: EventInputs,
+    def assemble_candidates(self, items: ItemArrays, affinity: torch.Tensor,
                             rates: np.ndarray | None = None) -> CandidateInputs:
-        """Candidates [B, C] from item arrays shaped [B, C, ...], for requests whose event
-        histories are ``history`` (batch B). ``rates``: [B, C, n_item_rates] item-rate
-        features (training examples', ``running_item_rates``); None: the spec's table, as
-        served."""
-        cat = torch.from_numpy(np.ascontiguousarray(items.cat, dtype=np.int64))
+        """Candidates [B, C] from item arrays shaped [B, C, ...]. ``affinity``: [B, C,
+        n_affinity], each candidate's against its request's affinity window
+        (``candidate_affinity``). ``rates``: [B, C, n_item_rates] item-rate features (training
+        examples', ``running_item_rates``); None: the spec's table, as served."""
         if rates is None:
             rates = self.item_rates(items.item)
         return CandidateInputs(
             item=torch.from_numpy(np.ascontiguousarray(items.item, dtype=np.int64)),
-            cat=cat,
+            cat=_as_long(items.cat),
             num=torch.from_numpy(np.ascontiguousarray(items.num)).float(),
             num_present=torch.from_numpy(np.ascontiguousarray(items.num_present)),
-            affinity=self.affinity(history, cat),
+            affinity=affinity,
             rates=torch.from_numpy(np.ascontiguousarray(rates, dtype=np.float32)),
         )
+
+    def candidate_affinity(self, items: ItemArrays, history: EventInputs) -> torch.Tensor:
+        """[B, C, n_affinity]: ``affinity`` of the candidates ``items`` ([B, C, ...]) over each
+        request's affinity window ``history`` ([B, K] events)."""
+        return self.affinity(history, _as_long(items.cat))
 
     def item_rates(self, rows: np.ndarray, more_positives: np.ndarray | float = 0.0,
                    more_counts: np.ndarray | float = 0.0) -> np.ndarray:
@@ -727,22 +731,25 @@ class Featurizer:
         profiles: Sequence[UserProfile | None],
         states: np.ndarray,
         history_len: int,
+        affinity_len: int | None = None,
     ) -> tuple[UserInputs, CandidateInputs]:
         """B impressions with C candidates each to model inputs (B >= 1).
 
         ``histories[b]``, ``profiles[b]`` and ``states[b]`` ([B, d] float) belong to
         ``impressions[b]``; only the newest ``history_len`` events of each history are used
-        (left-padded to n = ``history_len``). Returns ``UserInputs`` of batch B and
-        ``CandidateInputs`` [B, C] in the order of each ``impression.candidates``; raises
-        ValueError unless every impression has the same candidate count C.
+        (left-padded to n = ``history_len``), and the candidates' affinity is counted over the
+        newest ``affinity_len`` (``ModelConfig.affinity_len``; None: the same n). Returns
+        ``UserInputs`` of batch B and ``CandidateInputs`` [B, C] in the order of each
+        ``impression.candidates``; raises ValueError unless every impression has the same
+        candidate count C.
         """
         counts = {len(i.candidates) for i in impressions}
         if len(counts) != 1:
             raise ValueError(f"impressions must share one candidate count, got {sorted(counts)}")
-        recent = [list(h)[-history_len:] if history_len else [] for h in histories]
+        events, index, wide = self.history_windows(histories, history_len, affinity_len)
         user = self.assemble_user(
-            self.events([e for events in recent for e in events]),
-            self.left_padded_index(list(map(len, recent)), history_len),
+            events,
+            index,
             np.asarray([i.ts for i in impressions], dtype=np.float64),
             self.users([i.user_id for i in impressions], profiles),
             self.contexts([i.context for i in impressions]),
@@ -752,7 +759,21 @@ class Featurizer:
         grid = (len(impressions), counts.pop())
         batched = ItemArrays(*(a.reshape(*grid, *a.shape[1:]) for a in
                                (items.item, items.cat, items.num, items.num_present)))
-        return user, self.assemble_candidates(batched, user)
+        window = user if wide is index else self.assemble_events(events, wide)
+        return user, self.assemble_candidates(batched, self.candidate_affinity(batched, window))
+
+    def history_windows(self, histories: Sequence[Sequence[Interaction]], history_len: int,
+                        affinity_len: int | None = None
+                        ) -> tuple[EventArrays, np.ndarray, np.ndarray]:
+        """B users' histories (each oldest first), encoded once: the events, the [B,
+        ``history_len``] index of each one's newest ``history_len`` (the S window) and the [B,
+        K] index of its newest K = ``affinity_len`` (the affinity window; None: the S window,
+        and the same array is returned twice). Left-padded with -1."""
+        width = history_len if affinity_len is None else max(history_len, affinity_len)
+        recent = [list(h)[-width:] if width else [] for h in histories]
+        events = self.events([e for events in recent for e in events])
+        wide = self.left_padded_index(list(map(len, recent)), width)
+        return events, wide if width == history_len else wide[:, width - history_len :], wide
 
     @staticmethod
     def left_padded_index(lengths: Sequence[int], width: int) -> np.ndarray:
@@ -772,8 +793,9 @@ class Featurizer:
         profile: UserProfile | None,
         state: np.ndarray,
         history_len: int,
+        affinity_len: int | None = None,
     ) -> tuple[UserInputs, CandidateInputs]:
         """One impression to model inputs: ``requests`` with B = 1 (``state`` is [d])."""
         return self.requests(
-            [impression], [history], [profile], np.asarray(state)[None], history_len
+            [impression], [history], [profile], np.asarray(state)[None], history_len, affinity_len
         )

@@ -40,6 +40,7 @@ import torch
 
 from eventlog.schema import Candidate, Impression, Interaction, UserProfile
 from model.backbone import UniRecModel
+from model.config import ModelConfig
 from model.features import CandidateInputs, FeatureSpec, Featurizer, ItemArrays, UserInputs
 from model.training import TrainConfig, guarded_step, make_optimizer
 
@@ -103,40 +104,36 @@ class ItemLabelCounter:
 
 
 def collate(
-    featurizer: Featurizer, examples: Sequence[OnlineExample], history_len: int, state_dim: int,
+    featurizer: Featurizer, examples: Sequence[OnlineExample], cfg: ModelConfig,
     served: bool = True,
 ) -> tuple[UserInputs, CandidateInputs, torch.Tensor]:
-    """Model inputs of B examples: user [B] (state: each example's served u_t if ``served``,
-    zeros otherwise or where it has none), candidates [B, C = 1], targets [B] float. Every
-    history is encoded in one ``featurizer.events``."""
-    histories = [list(e.history)[-history_len:] for e in examples]
-    index = np.full((len(examples), history_len), -1, dtype=np.int64)
-    offset = 0
-    for b, history in enumerate(histories):
-        index[b, history_len - len(history) :] = np.arange(offset, offset + len(history))
-        offset += len(history)
+    """Model inputs of B examples for a model of ``cfg``: user [B] (state: each example's
+    served u_t if ``served``, zeros otherwise or where it has none), candidates [B, C = 1]
+    (their affinity over ``cfg.affinity_len`` events, as served), targets [B] float. Every
+    history is encoded once (``Featurizer.history_windows``)."""
+    events, index, wide = featurizer.history_windows(
+        [e.history for e in examples], cfg.history_len, cfg.affinity_len)
     user = featurizer.assemble_user(
-        featurizer.events([event for history in histories for event in history]),
+        events,
         index,
         np.asarray([e.impression.ts for e in examples], dtype=np.float64),
         featurizer.users([e.impression.user_id for e in examples],
                          [e.profile for e in examples]),
         featurizer.contexts([e.impression.context for e in examples]),
         np.stack([e.state if served and e.state is not None
-                  else np.zeros(state_dim, dtype=np.float32) for e in examples])
-        if examples else np.zeros((0, state_dim), dtype=np.float32),
+                  else np.zeros(cfg.d_model, dtype=np.float32) for e in examples])
+        if examples else np.zeros((0, cfg.d_model), dtype=np.float32),
     )
     items = featurizer.items([e.candidate for e in examples])
     rates = featurizer.item_rates(items.item)
     for b, example in enumerate(examples):
         if example.item_rates is not None:
             rates[b] = example.item_rates
+    one_each = ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
+                          items.num_present[:, None])
+    window = user if wide is index else featurizer.assemble_events(events, wide)
     cands = featurizer.assemble_candidates(
-        ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
-                   items.num_present[:, None]),
-        user,
-        rates[:, None],
-    )
+        one_each, featurizer.candidate_affinity(one_each, window), rates[:, None])
     targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
     return user, cands, targets
 
@@ -153,8 +150,7 @@ def predict(
     (``served``) or zeros."""
     model.eval()
     device = next(model.parameters()).device
-    user, cands, _ = collate(featurizer, examples, model.cfg.history_len, model.cfg.d_model,
-                             served)
+    user, cands, _ = collate(featurizer, examples, model.cfg, served)
     user, cands = user.to(device), cands.to(device)
     return torch.sigmoid(model(user, cands)[task][:, 0]).double().cpu().numpy()
 
@@ -306,8 +302,7 @@ class OnlineTrainer:
             model, cfg = self.model, self.cfg
             device = next(model.parameters()).device
             user, cands, targets = collate(
-                self.featurizer, fresh + replayed, model.cfg.history_len, model.cfg.d_model,
-                self.served,
+                self.featurizer, fresh + replayed, model.cfg, self.served,
             )
             result = guarded_step(
                 model, self.optimizer, user.to(device), cands.to(device), targets.to(device),

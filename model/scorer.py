@@ -35,7 +35,8 @@ class Scorer:
     """Click probabilities for the candidates of impressions.
 
     ``state`` is the user's GRU state u_t ([d] float; zeros for a new user or None); ``history``
-    the user's recent events, oldest first (only the newest ``history_len`` are read).
+    the user's recent events, oldest first (the S tokens read the newest ``history_len``, the
+    candidates' affinity the newest ``affinity_len``: ``ModelConfig.stored_events`` in all).
     ``score_many`` runs impressions with the same candidate count together, at most
     ``max_batch`` per model call. ``quantize``: "none" (the model as given) or "w8a16" (an
     int8-weight copy, bf16 matmuls where native, scores the candidates).
@@ -75,8 +76,9 @@ class Scorer:
             if state.shape != (d,):
                 raise ValueError(f"state has shape {state.shape}, the model expects ({d},)")
             stacked[b] = state
+        cfg = self.model.cfg
         user, cands = self.featurizer.requests(
-            impressions, histories, profiles, stacked, self.model.cfg.history_len
+            impressions, histories, profiles, stacked, cfg.history_len, cfg.affinity_len
         )
         return user.to(self.device), cands.to(self.device)
 

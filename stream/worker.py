@@ -262,7 +262,7 @@ def build_services(config: WorkerConfig, metrics: WorkerMetrics | None = None
     except CheckpointError as exc:
         raise WorkerError(f"cannot load the static twin or the latest model version: {exc}"
                           ) from exc
-    store_config = StoreConfig(state_dim=model.cfg.d_model, history_len=model.cfg.history_len)
+    store_config = StoreConfig(state_dim=model.cfg.d_model, history_len=model.cfg.stored_events)
     try:
         store = StateStore.open(config.store_dir, store_config)
     except Exception as exc:

@@ -89,12 +89,14 @@ def test_an_unknown_device_is_refused(tmp_path, capsys):
     ["--max-steps", "0"], ["--max-steps", "-3"], ["--epochs", "0"], ["--batch-size", "0"],
     ["--d-model", "0"], ["--history-len", "0"], ["--lr", "nan"], ["--lr", "-1"],
     ["--lr", "inf"], ["--d-model", "10"], ["--item-rate-smoothing", "-1"],
-    ["--item-rate-smoothing", "nan"],
+    ["--item-rate-smoothing", "nan"], ["--affinity-len", "0"],
+    ["--affinity-len", "4", "--history-len", "8"],
 ])
 def test_a_training_flag_out_of_range_is_refused_naming_it(tmp_path, capsys, monkeypatch,
                                                            flags):
     """Counts must be positive, the rate positive and finite, the width a multiple of the
-    heads: exit status 2 naming the flag, no traceback and no checkpoint."""
+    heads, the affinity window no shorter than the history: exit status 2 naming the flag, no
+    traceback and no checkpoint."""
     monkeypatch.setenv("UNIREC_RUN_DIR", str(tmp_path / "runs"))
     events = _write_events(tmp_path / "events.parquet")
     assert main(["train", "--events", str(events), *flags]) == 2

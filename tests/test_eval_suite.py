@@ -122,6 +122,14 @@ def test_verdicts_need_two_standard_errors():
     assert verdict(-0.03, 0.01, keeps=True) == "did not hold"
 
 
+def test_an_affinity_window_shorter_than_the_history_is_refused(events_file, tmp_path, capsys):
+    argv = ["eval-suite", "--events", str(events_file), "--out", str(tmp_path / "reports"),
+            "--history-len", "20", "--affinity-len", "19"]
+    assert main(argv) == 2
+    assert "--affinity-len (19) must be at least --history-len (20)" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+
+
 def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path, capsys):
     out = tmp_path / "reports"
     argv = ["eval-suite", "--events", str(events_file), "--out", str(out), "--json"]

@@ -87,22 +87,26 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_collate_gives_the_scorers_inputs():
+@pytest.mark.parametrize("affinity_len", [None, 12])
+def test_collate_gives_the_scorers_inputs(affinity_len):
     """Each collated row equals Featurizer.request of that example alone with the state it was
-    served with (zeros for an example without one), so the trainer learns from exactly what
-    the scorer scored; the static student's collation (``served=False``) has zero states."""
-    model = tiny_model()
+    served with (zeros for an example without one), its affinity over the model's affinity
+    window included, so the trainer learns from exactly what the scorer scored; the static
+    student's collation (``served=False``) has zero states."""
+    model = tiny_model(affinity_len=affinity_len)
     rng = np.random.default_rng(4)
     examples = [replace(e, state=rng.standard_normal(16).astype(np.float32)) if b % 2 else e
                 for b, e in enumerate(preference_stream(0, 6, "action"))]
-    user, cands, targets = collate(FEATURIZER, examples, 8, 16)
+    assert max(len(e.history) for e in examples) > 8  # the two windows differ
+    user, cands, targets = collate(FEATURIZER, examples, model.cfg)
     assert cands.shape == (6, 1) and targets.tolist() == [e.target for e in examples]
-    assert not collate(FEATURIZER, examples, 8, 16, served=False)[0].state.any()
+    assert not collate(FEATURIZER, examples, model.cfg, served=False)[0].state.any()
     for b, e in enumerate(examples):
         alone = Impression(e.impression.request_id, e.impression.user_id, e.impression.ts,
                            [e.candidate], e.impression.context)
         served = np.zeros(16, np.float32) if e.state is None else e.state
-        ref_user, ref_cands = FEATURIZER.request(alone, e.history, e.profile, served, 8)
+        ref_user, ref_cands = FEATURIZER.request(alone, e.history, e.profile, served, 8,
+                                                 affinity_len)
         for name, value in vars(ref_user).items():
             assert torch.equal(getattr(user, name)[b : b + 1], value), name
         for name, value in vars(ref_cands).items():
@@ -179,7 +183,7 @@ def test_a_non_finite_gradient_is_refused():
     guarded_step with the weights unchanged."""
     model = tiny_model()
     trainer = OnlineTrainer(model)
-    user, cands, targets = collate(FEATURIZER, preference_stream(3, 8, "action"), 8, 16)
+    user, cands, targets = collate(FEATURIZER, preference_stream(3, 8, "action"), model.cfg)
     model.heads["click"].mlp[-1].weight.register_hook(lambda g: g * float("inf"))
     before = parameters(model)
     result = guarded_step(model, trainer.optimizer, user, cands, targets)
@@ -325,7 +329,7 @@ def test_each_example_reads_its_items_rate_before_its_own_label_and_the_spec_cou
         positives[row] += example.target
         counts[row] += 1
     assert len(set(rows.tolist())) < len(examples)  # items recur: later examples read more
-    _, cands, _ = collate(featurizer, read, model.cfg.history_len, model.cfg.d_model)
+    _, cands, _ = collate(featurizer, read, model.cfg)
     np.testing.assert_allclose(cands.rates[:, 0].numpy(), np.stack([e.item_rates for e in read]))
 
     trainer = OnlineTrainer(model, OnlineConfig(batch_size=8))
