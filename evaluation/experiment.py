@@ -45,7 +45,9 @@ class Budget:
     d_model: int = 48  # UniRec's; the baselines' are matched on parameter count
     n_heads: int = 4
     history_len: int = 20
-    affinity_len: int | None = None  # the candidates' affinity window (ModelConfig's)
+    # the candidates' affinity window (ModelConfig's), by validation: docs/model.md "The
+    # affinity window"
+    affinity_len: int | None = 300
     core_k: int = 8
     steps: int = 400  # the ceiling: runs stop early on validation (ValidationCurve)
     eval_every: int = 25  # steps between two validation measurements
