@@ -106,6 +106,13 @@ def _averaging(budget: dict[str, Any]) -> str:
     return f"weights averaged over the steps (decay {decay:g})"
 
 
+def _affinity(budget: dict[str, Any]) -> str:
+    """The candidates' affinity window when it is longer than the history (a record made
+    before ``Budget.affinity_len`` has none)."""
+    window = budget.get("affinity_len")
+    return f" (the candidates' affinity over the newest {window})" if window else ""
+
+
 def _item_rates(budget: dict[str, Any]) -> str:
     """Whether the budget's candidates read their training label rate (``model.item_rates``;
     a record made before it existed had none)."""
@@ -160,7 +167,8 @@ def markdown(record: dict[str, Any], png_name: str) -> str:
         f"{budget['batch_size']}, stopped early on validation (AUC every "
         f"{budget.get('eval_every', '-')} steps, patience {budget.get('patience', '-')}; the "
         f"best validation weights are scored), {_averaging(budget)}, {_item_rates(budget)}, "
-        f"history length {budget['history_len']}, UniRec d_model {budget['d_model']} "
+        f"history length {budget['history_len']}{_affinity(budget)}, UniRec d_model "
+        f"{budget['d_model']} "
         f"(baselines' d_model matched on parameter count), {budget['seeds']} seeds (0..)",
         f"- hyperparameters: {record['hyperparameters']}",
         "",

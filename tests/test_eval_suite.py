@@ -144,6 +144,8 @@ def test_eval_suite_writes_the_report_and_reads_its_tuning(events_file, tmp_path
     assert set(record["prequential"]) == {v.name for v in MODELS}
     report = (out / "tiny.md").read_text()
     assert "± " in report and "tiny.png" in report and "prequential" in report.lower()
+    assert record["budget"]["affinity_len"] == Budget().affinity_len
+    assert f"the candidates' affinity over the newest {Budget().affinity_len}" in report
     online = OnlineConfig()
     assert record["online_config"] == asdict(online)
     assert _online_settings(record["online_config"]) in report
