@@ -316,6 +316,13 @@ _ITEM_RATE_FIELDS = ("item_rate_smoothing", "item_rate_prior", "item_rate_rows",
                      "item_rate_positives", "item_rate_counts", *ONLINE_RATE_FIELDS)
 
 
+def _packed(bags: torch.Tensor) -> torch.Tensor:
+    """Bag rows [..., L] (left-packed, 0 = empty slot) cut to the widest bag's length: the
+    slots every bag leaves empty match nothing, so dropping them changes no comparison."""
+    width = int((bags != 0).sum(-1).max()) if bags.numel() else 0
+    return bags[..., :width]
+
+
 def _as_long(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
@@ -710,9 +717,9 @@ class Featurizer:
         b, c = cat.shape[:2]
         if not spec.n_affinity:
             return torch.zeros(b, c, 0)
-        n_item_cat = len(spec.item_cat)
-        seen = history.hist_cat[:, None, :, :n_item_cat, :, None]  # [B, 1, n, Fi, L, 1]
-        wanted = cat[:, :, None, :, None, :]  # [B, C, 1, Fi, 1, L]
+        item_cat = history.hist_cat[..., : len(spec.item_cat), :]
+        seen = _packed(item_cat)[:, None, ..., None]  # [B, 1, n, Fi, L', 1]
+        wanted = _packed(cat)[:, :, None, :, None, :]  # [B, C, 1, Fi, 1, L'']
         known = (wanted != 0) & (wanted != self._missing_item_rows[:, None, None])
         match = ((seen == wanted) & known).flatten(-2).any(-1)  # [B, C, n, Fi]
         match = (match & history.hist_valid[:, None, :, None]).float()

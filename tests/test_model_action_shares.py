@@ -143,6 +143,16 @@ def test_affinity_equals_a_hand_count_over_the_events_sharing_a_field_value():
     np.testing.assert_allclose(got[2], np.zeros(spec.n_affinity), atol=1e-7)
 
 
+def test_affinity_matches_a_value_in_any_slot_of_either_bag():
+    """Bags share a value wherever it sits: the last slot of the widest bags counts."""
+    spec = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
+    featurizer = Featurizer(spec)
+    history = [interaction(0, "like", genre=["a", "b", "c"]), interaction(1, "like", genre="d")]
+    _, cands = request(featurizer, history, [["x", "y", "c"], ["x", "y", "z"]], history_len=8)
+    counted = cands.affinity[0, :, -1].double().numpy()
+    np.testing.assert_allclose(counted, [math.log1p(1) / math.log1p(8), 0.0], atol=1e-7)
+
+
 def test_affinity_ignores_missing_values_and_padding():
     spec = FeatureSpec.fit(training_log({"view": 6, "like": 3}))
     featurizer = Featurizer(spec)
