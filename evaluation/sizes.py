@@ -6,9 +6,8 @@ them here.
   candidates' affinity over the newest 300 events, core k 8; the capacity split
   ``UNIREC_CAPACITY``: two layers, the second at half the S width), at its tuned learning
   rate 3e-4 and dropout 0 (``reports/movielens-100k.tuning.json``, the grid of 2026-12-02,
-  with the item rates) and its best step count on validation in that grid, 225. About 35 s
-  of training on 2 quiet AVX2 cores (each example's affinity is counted once, before the
-  first step).
+  with the item rates) and its best step count on validation in that grid, 225. 35 to 70 s
+  of training on 2 AVX2 cores, as loaded (35 s on 2026-12-02, quiet).
 - ``default``: ``ModelConfig()`` (d 64, history 50, eight layers) at lr 1e-3 for 250 steps.
   About 4.4 min on 2 AVX2 cores, and no better on the test period (docs/model.md).
 """
