@@ -107,8 +107,8 @@ def _averaging(budget: dict[str, Any]) -> str:
 
 
 def _affinity(budget: dict[str, Any]) -> str:
-    """The candidates' affinity window when it is longer than the history (a record made
-    before ``Budget.affinity_len`` has none)."""
+    """The candidates' affinity window when the budget sets one (a record made before
+    ``Budget.affinity_len`` has none)."""
     window = budget.get("affinity_len")
     return f" (the candidates' affinity over the newest {window})" if window else ""
 

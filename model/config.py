@@ -78,15 +78,11 @@ class ModelConfig:
         return tuple(max(1, math.ceil(self.history_len * w)) for w in self.layer_widths)
 
     @property
-    def affinity_window(self) -> int:
-        """The newest events the candidate's affinity is counted over."""
-        return self.history_len if self.affinity_len is None else self.affinity_len
-
-    @property
     def stored_events(self) -> int:
-        """The newest events of a user that one request reads (the history window and the
-        affinity window): what the state store keeps per user."""
-        return max(self.history_len, self.affinity_window)
+        """The newest events of a user that one request reads, what the state store keeps per
+        user: the affinity window, which holds the history window (``affinity_len`` >=
+        ``history_len``)."""
+        return self.history_len if self.affinity_len is None else self.affinity_len
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict; ``affinity_len`` only when set, so a config without it has
