@@ -314,7 +314,7 @@ def _add_suite_parser(commands: argparse._SubParsersAction) -> None:
     suite.add_argument("--history-len", type=int, default=defaults.history_len)
     suite.add_argument("--affinity-len", type=int, default=defaults.affinity_len,
                        help="the candidates' affinity window, at least --history-len "
-                            "(default: the history window)")
+                            "(default: %(default)s)")
     suite.add_argument("--batch-size", type=int, default=defaults.batch_size)
     suite.add_argument("--torch-threads", type=int, default=1)
     suite.add_argument("--item-rate-smoothing", type=float,
