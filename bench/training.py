@@ -1,6 +1,6 @@
 """Offline training throughput of every model kind at the suite size and the default size, JSON.
 
-    python bench/training.py [--quick] [--steps N] [--batch B] [--threads T]
+    python bench/training.py [--quick] [--steps N] [--batch B] [--threads T] [--device D]
 
 For each kind (``model.baselines.MODEL_KINDS``) and each size (``evaluation.sizes``:
 ``suite``, the eval suite's UniRec config, d_model 48, history 20; ``default``:
@@ -15,6 +15,10 @@ Achieved FLOP/s: the floating-point operations of one training step are counted 
 matrix multiplications, attention and convolutions, 2 FLOPs per multiply-add, and not
 element-wise work or the optimizer), divided by the batch for FLOPs per example; achieved
 FLOP/s = FLOPs per step / seconds per step.
+
+``--device cuda`` trains on the GPU the way ``unirec train --device cuda`` does (fp32, the
+model and every batch on the device; the carried states' pass there too) and reads every timer
+after ``torch.cuda.synchronize``; ``device`` in the JSON names it.
 
 Data: MovieLens-100K when it is cached (``UNIREC_DATA_DIR``, see README *Data*), else (and
 with ``--quick``) the synthetic log of ``stream.producer.synthetic_events``; ``data`` in the
@@ -79,12 +83,18 @@ def sizes() -> dict[str, ModelConfig]:
     return {name: model_size(name).config for name in SIZE_NAMES}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(kind: str, cfg: ModelConfig, featurizer: Featurizer, examples: ExampleSet,
-            steps: int, batch: int) -> dict:
+            steps: int, batch: int, device: torch.device) -> dict:
     """examples/s, seconds per step and FLOPs of ``steps`` training steps of ``kind`` on
-    ``examples`` (built with ``cfg.history_len``)."""
+    ``examples`` (built with ``cfg.history_len``), on ``device``."""
     torch.manual_seed(0)
-    model = build_model(kind, cfg, featurizer.spec, MODEL_KINDS).train()
+    model = build_model(kind, cfg, featurizer.spec, MODEL_KINDS).to(device).train()
     optimizer = make_optimizer(model, TrainConfig())
     rng = np.random.default_rng(0)
     refresh = TrainConfig().state_refresh_steps
@@ -98,16 +108,18 @@ def measure(kind: str, cfg: ModelConfig, featurizer: Featurizer, examples: Examp
         rows = rng.choice(len(examples), size=batch, replace=False)
         user, cands = gather_batch(examples, featurizer, rows, cfg.d_model, carried)
         labels = torch.from_numpy(examples.labels[rows].astype(np.float32))
-        guarded_step(model, optimizer, user, cands, labels)
+        guarded_step(model, optimizer, user.to(device), cands.to(device), labels.to(device))
 
     for _ in range(WARMUP_STEPS):
         step()
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     per_step = (time.perf_counter() - start) / steps
     return {
         "parameters": parameter_count(model),
@@ -127,7 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS),
                         choices=list(MODEL_KINDS))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        parser.error(f"--device {args.device}: {exc}")
     steps, batch = (3, 32) if args.quick else (args.steps, args.batch)
     torch.set_num_threads(args.threads)
     log = training_log(args.quick)
@@ -138,11 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     for size, cfg in sizes().items():
         examples = build_examples(log, featurizer, cfg.history_len,
                                   affinity_len=cfg.affinity_len)
-        results[size] = {kind: measure(kind, replace(cfg), featurizer, examples, steps, batch)
+        results[size] = {kind: measure(kind, replace(cfg), featurizer, examples, steps,
+                                         batch, device)
                          for kind in args.kinds}
     print(json.dumps({
         "data": {"name": log.name, "events": len(log)},
         "steps": steps, "batch": batch, "torch_threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "machine": platform.machine(),
         "sizes": {name: {"d_model": cfg.d_model, "history_len": cfg.history_len}
                   for name, cfg in sizes().items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,9 @@ def test_state_store_benchmark_reports_throughput_for_each_batch_size(tmp_path):
 
 def test_training_benchmark_reports_every_kind_at_both_sizes():
     """bench/training.py --quick prints, for the suite and default sizes, every model kind's
-    examples/s, seconds per step and counted FLOPs per example."""
-    report = _run("training.py", "--quick")
+    examples/s, seconds per step and counted FLOPs per example, on the device it names."""
+    report = _run("training.py", "--quick", "--device", "cpu")
+    assert report["device"] == "cpu"
     assert set(report["results"]) == {"suite", "default"}
     for size in report["results"].values():
         assert set(size) == {"unirec", "deepfm", "din", "sasrec-dcnv2"}
@@ -87,3 +89,20 @@ def test_scoring_benchmark_has_a_w8a16_row():
     rows = {r["quantize"]: r for r in report["cases"]}
     assert rows["w8a16"]["serving_weight_bytes"] < rows["none"]["serving_weight_bytes"] / 2
     assert 0 < rows["w8a16"]["max_abs_diff_vs_fp32"] < 0.05
+
+
+def test_training_benchmark_refuses_a_device_it_cannot_use():
+    """bench/training.py --device with no such device exits 2 naming the device, before any
+    data is loaded (bench/gpu.sh's training step on a machine without that device)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "training.py"), "--device",
+                           "nosuch"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--device nosuch" in done.stderr and not done.stdout
+
+
+def test_gpu_script_stops_at_once_without_a_cuda_device(tmp_path):
+    """bench/gpu.sh on a machine without CUDA exits non-zero saying so, and runs no step."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "gpu")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode != 0 and "no CUDA device" in done.stderr
+    assert list((tmp_path / "gpu").iterdir()) == []
