@@ -92,6 +92,7 @@ class DemoSummary:
 
     dataset: str
     checkpoint: str
+    device: str = "cpu"  # where the model trained (when it did) and the worker scored
     api: str = ""
     history_interactions: int = 0
     scored_events: int = 0
@@ -120,7 +121,7 @@ class DemoSummary:
     def text(self) -> str:
         online = self.online
         lines = [
-            f"unirec demo on {self.dataset}: {self.seconds:.1f} s"
+            f"unirec demo on {self.dataset} ({self.device}): {self.seconds:.1f} s"
             + ("  (interrupted)" if self.interrupted else ""),
             f"  interactions applied   {self.interactions_applied:,} "
             f"({self.history_interactions:,} history + {self.scored_events:,} replayed)",
@@ -185,7 +186,7 @@ class Demo:
         self.history = event_log.interactions[:split]
         self.replayed = list(zip(event_log.interactions[split:end],
                                  event_log.labels[split:end].tolist(), strict=True))
-        self.summary = DemoSummary(event_log.name, str(config.checkpoint),
+        self.summary = DemoSummary(event_log.name, str(config.checkpoint), config.device,
                                    history_interactions=len(self.history),
                                    scored_events=len(self.replayed), learning=config.learning)
         self.streamed = np.full(len(self.replayed), np.nan)  # the real item's score, by event

@@ -76,6 +76,7 @@ def test_demo_streams_the_held_out_events_and_summarises_them(movielens: EventLo
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out)
     history = time_split(movielens, 0.8)
+    assert summary["device"] == "cpu"
     assert summary["history_interactions"] == history
     assert summary["scored_events"] == EVENTS
     assert summary["interactions_applied"] == history + EVENTS
