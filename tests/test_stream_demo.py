@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -67,6 +68,16 @@ def leftovers(run_dir: Path) -> list[str]:
         if str(run_dir) in cmdline:
             found.append(cmdline)
     return found
+
+
+def wait_for_stderr(run: subprocess.Popen, marker: str, deadline: float) -> None:
+    """Read ``run``'s stderr until it has printed ``marker``; its progress bars end their
+    updates with a carriage return, so this reads what arrives, not lines."""
+    seen, fd = "", run.stderr.fileno()
+    while marker not in seen:
+        assert run.poll() is None and time.monotonic() < deadline, seen[-3000:]
+        if select.select([fd], [], [], 1.0)[0]:
+            seen += os.read(fd, 65536).decode(errors="replace")
 
 
 def test_demo_streams_the_held_out_events_and_summarises_them(movielens: EventLog,
@@ -141,12 +152,9 @@ def test_ctrl_c_while_the_model_trains_stops_the_demo_and_saves_no_model(
     """The history streams into the broker while the model trains; Ctrl-C then stops the
     training, the producer and the broker, and no half-trained checkpoint is left behind."""
     run = demo(tmp_path, train_steps=100_000)
-    deadline = time.monotonic() + 300
-    progress = ""
-    while "streaming the history" not in progress:
-        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
-        progress = run.stderr.readline()
-    time.sleep(3)  # into the training steps
+    # The progress bar counts the steps taken: Ctrl-C once they run (the history is
+    # streaming by then), not during the preparation before them.
+    wait_for_stderr(run, f"/{100_000}", deadline=time.monotonic() + 300)
     os.killpg(run.pid, signal.SIGINT)
     out, err = run.communicate(timeout=STOP_S)
     assert run.returncode == 130, err[-3000:]
