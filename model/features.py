@@ -717,11 +717,10 @@ class Featurizer:
         b, c = cat.shape[:2]
         if not spec.n_affinity:
             return torch.zeros(b, c, 0)
-        item_cat = history.hist_cat[..., : len(spec.item_cat), :]
-        seen = _packed(item_cat)[:, None, ..., None]  # [B, 1, n, Fi, L', 1]
-        wanted = _packed(cat)[:, :, None, :, None, :]  # [B, C, 1, Fi, 1, L'']
-        known = (wanted != 0) & (wanted != self._missing_item_rows[:, None, None])
-        match = ((seen == wanted) & known).flatten(-2).any(-1)  # [B, C, n, Fi]
+        seen = _packed(history.hist_cat[..., : len(spec.item_cat), :])  # [B, n, Fi, L']
+        wanted = _packed(cat)  # [B, C, Fi, L'']
+        match = torch.stack([self._shares_a_value(seen[:, :, f], wanted[:, :, f], f)
+                             for f in range(len(spec.item_cat))], dim=-1)  # [B, C, n, Fi]
         match = (match & history.hist_valid[:, None, :, None]).float()
         acted = (history.hist_action[..., None] == self._share_rows).float()
         counts = torch.einsum("bcnf,bna->bcfa", match, acted)  # [B, C, Fi, A]
@@ -730,6 +729,24 @@ class Featurizer:
         width = history.hist_valid.shape[1]
         counted = torch.log1p(n_match) / math.log1p(width) if width else n_match
         return torch.cat([shares.flatten(-2), counted], dim=-1)
+
+    def _shares_a_value(self, seen: torch.Tensor, wanted: torch.Tensor, f: int) -> torch.Tensor:
+        """[B, C, n] bool: whether history event n's bag of item field f (``seen``: [B, n, L']
+        rows) holds a known value of candidate c's bag (``wanted``: [B, C, L''] rows; empty
+        slots and the field's missing row are not known values). Each candidate's known
+        values become a multi-hot row over the field's block of the embedding table, which
+        every history slot reads: B x C x n x L' reads instead of comparing every pair."""
+        offset, size = self._blocks[f"item:{self.spec.item_cat[f]}"]
+        b, c, _ = wanted.shape
+        known = (wanted != 0) & (wanted != self._missing_item_rows[f])
+        # column `size` stands for "no value": empty slots and unknown values land there
+        hot = torch.zeros(b, c, size + 1, dtype=torch.bool)
+        hot.scatter_(2, torch.where(known, wanted - offset, size), True)
+        hot[..., size] = False
+        inside = (seen >= offset) & (seen < offset + size)
+        slots = torch.where(inside, seen - offset, size).flatten(1)  # [B, n * L']
+        read = hot.gather(2, slots[:, None, :].expand(b, c, slots.shape[1]))
+        return read.view(b, c, seen.shape[1], seen.shape[2]).any(-1)
 
     def requests(
         self,
