@@ -171,6 +171,11 @@ def _check_item_rate_smoothing(smoothing: float) -> None:
         raise CliError(f"--item-rate-smoothing must be >= 0 and finite, not {smoothing}")
 
 
+def _model_config_error(exc: ValueError) -> CliError:
+    """The error of a model config that the size flags made invalid (``ModelConfig``'s)."""
+    return CliError(f"--d-model / --history-len / --affinity-len: {exc}")
+
+
 def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs of ``_add_train_flags``: the size's, with the flags
     given on top; CliError for a count that is not positive or a rate that is not positive
@@ -193,7 +198,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
             if value is not None
         })
     except ValueError as exc:
-        raise CliError(f"--d-model / --history-len / --affinity-len: {exc}") from exc
+        raise _model_config_error(exc) from exc
     train_cfg = TrainConfig(
         lr=size.lr if args.lr is None else args.lr, batch_size=args.batch_size,
         epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
@@ -329,17 +334,18 @@ def run_eval_suite(args: argparse.Namespace) -> None:
 
     if min(args.seeds, args.steps, args.d_model, args.history_len, args.batch_size) < 1:
         raise CliError("--seeds, --steps, --d-model, --history-len, --batch-size must be >= 1")
-    if args.affinity_len is not None and args.affinity_len < args.history_len:
-        raise CliError(f"--affinity-len ({args.affinity_len}) must be at least --history-len "
-                       f"({args.history_len})")
     _check_item_rate_smoothing(args.item_rate_smoothing)
-    settings = _settings(args)
-    event_log = _open_log(args, settings)
     budget = Budget(d_model=args.d_model, history_len=args.history_len,
                     affinity_len=args.affinity_len,
                     core_k=min(Budget.core_k, args.history_len), steps=args.steps,
                     batch_size=args.batch_size, seeds=args.seeds, tune_steps=args.tune_steps,
                     item_rate_smoothing=args.item_rate_smoothing)
+    try:
+        budget.model_config(dropout=0.0)
+    except ValueError as exc:
+        raise _model_config_error(exc) from exc
+    settings = _settings(args)
+    event_log = _open_log(args, settings)
     torch.set_num_threads(args.torch_threads)
     bar = tqdm(desc="eval-suite", unit="run", file=sys.stderr, dynamic_ncols=True)
 

@@ -123,10 +123,11 @@ def test_verdicts_need_two_standard_errors():
 
 
 def test_an_affinity_window_shorter_than_the_history_is_refused(events_file, tmp_path, capsys):
+    """The model config's own check, as a CLI error (status 2) before anything is written."""
     argv = ["eval-suite", "--events", str(events_file), "--out", str(tmp_path / "reports"),
             "--history-len", "20", "--affinity-len", "19"]
     assert main(argv) == 2
-    assert "--affinity-len (19) must be at least --history-len (20)" in capsys.readouterr().err
+    assert "affinity_len=19 is shorter than history_len=20" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
 
 
@@ -219,3 +220,12 @@ def test_train_and_eval_a_baseline_from_the_cli(events_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["model"] == "deepfm"
     assert main(["eval", *common, "--json"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["auc"] <= 1.0
+
+
+def test_a_width_the_heads_do_not_divide_is_refused_before_anything_runs(events_file, tmp_path,
+                                                                        capsys):
+    argv = ["eval-suite", "--events", str(events_file), "--out", str(tmp_path / "reports"),
+            "--d-model", "30"]
+    assert main(argv) == 2
+    assert "d_model=30 is not divisible by n_heads=4" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
