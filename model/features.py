@@ -683,6 +683,14 @@ class Featurizer:
         request's affinity window ``history`` ([B, K] events)."""
         return self.affinity(history, _as_long(items.cat))
 
+    def window_affinity(self, items: ItemArrays, user: UserInputs, events: EventArrays,
+                        index: np.ndarray, wide: np.ndarray) -> torch.Tensor:
+        """[B, C, n_affinity]: ``candidate_affinity`` over the affinity window ``wide`` of
+        ``events`` (``history_windows``' arrays); when that window is the history window
+        ``index`` itself, over the history ``user`` already holds."""
+        window = user if wide is index else self.assemble_events(events, wide)
+        return self.candidate_affinity(items, window)
+
     def item_rates(self, rows: np.ndarray, more_positives: np.ndarray | float = 0.0,
                    more_counts: np.ndarray | float = 0.0) -> np.ndarray:
         """[..., n_item_rates]: the item-rate features of item rows ``rows`` (any shape) from
@@ -783,8 +791,8 @@ class Featurizer:
         grid = (len(impressions), counts.pop())
         batched = ItemArrays(*(a.reshape(*grid, *a.shape[1:]) for a in
                                (items.item, items.cat, items.num, items.num_present)))
-        window = user if wide is index else self.assemble_events(events, wide)
-        return user, self.assemble_candidates(batched, self.candidate_affinity(batched, window))
+        return user, self.assemble_candidates(
+            batched, self.window_affinity(batched, user, events, index, wide))
 
     def history_windows(self, histories: Sequence[Sequence[Interaction]], history_len: int,
                         affinity_len: int | None = None

@@ -131,9 +131,8 @@ def collate(
             rates[b] = example.item_rates
     one_each = ItemArrays(items.item[:, None], items.cat[:, None], items.num[:, None],
                           items.num_present[:, None])
-    window = user if wide is index else featurizer.assemble_events(events, wide)
     cands = featurizer.assemble_candidates(
-        one_each, featurizer.candidate_affinity(one_each, window), rates[:, None])
+        one_each, featurizer.window_affinity(one_each, user, events, index, wide), rates[:, None])
     targets = torch.tensor([e.target for e in examples], dtype=torch.float32)
     return user, cands, targets
 
