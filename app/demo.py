@@ -60,7 +60,6 @@ from stream.topics import TopicNames, ensure_topics
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SCORE_TOLERANCE = 1e-4  # a streamed score this close to the offline one is the same score
 
 
 class DemoError(RuntimeError):
@@ -504,14 +503,16 @@ class Demo:
     def _offline_auc(self) -> dict[str, Any]:
         """``unirec eval``'s metrics of the checkpoint on the replayed events; the largest
         difference between an event's offline probability and its streamed score, and how many
-        events differ by more than ``SCORE_TOLERANCE`` (none should: each would be an
-        impression scored with another state or history than its user's, e.g. one the worker's
-        event-time gate let through too early, ``stream.gate``)."""
+        events differ by more than the scorer's tolerance on the device
+        (``model.scorer.score_tolerance``: fp32 on the CPU, bf16 on CUDA). None should: each
+        would be an impression scored with another state or history than its user's, e.g. one
+        the worker's event-time gate let through too early (``stream.gate``)."""
         import torch
 
         from evaluation.quickstart import predict_on_log
         from model.baselines import MODEL_KINDS
         from model.checkpoint import load
+        from model.scorer import score_tolerance
 
         device = torch.device(self.config.device)
         model, meta = load(self.config.checkpoint, device, kind=None, kinds=MODEL_KINDS)
@@ -523,7 +524,8 @@ class Demo:
         return {"auc": round(float(metrics["auc"]), 4), "gauc": round(float(metrics["gauc"]), 4),
                 "logloss": round(float(metrics["logloss"]), 4), "n": int(metrics["n"]),
                 "max_score_difference": float(difference.max()) if scored.any() else None,
-                "events_differing": int((difference > SCORE_TOLERANCE).sum())}
+                "tolerance": score_tolerance(device),
+                "events_differing": int((difference > score_tolerance(device)).sum())}
 
     def _check_alive(self, worker: subprocess.Popen) -> None:
         if worker.poll() is not None:

@@ -27,9 +27,7 @@ from scoring import Catalog, fit_spec, make_request
 
 from model.backbone import UniRecModel
 from model.config import ModelConfig
-from model.scorer import Scorer
-
-BF16_TOL = 0.02  # on probabilities: bf16 keeps 8 mantissa bits through 8 layers
+from model.scorer import BF16_TOLERANCE, Scorer
 
 
 def compare(device: torch.device, n: int, n_cands: int, modes: list[str], batch: int,
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[16, 128, 512])
     parser.add_argument("--quantize", nargs="+", default=["none", "w8a16"])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tol", type=float, default=BF16_TOL)
+    parser.add_argument("--tol", type=float, default=BF16_TOLERANCE)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = [row for n in args.n for c in args.candidates

@@ -29,6 +29,15 @@ def default_device() -> torch.device:
 
 
 DEFAULT_MAX_BATCH = 64
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 0.02  # bf16 keeps 8 mantissa bits through the layers
+
+
+def score_tolerance(device: torch.device) -> float:
+    """How far a probability ``Scorer`` serves on ``device`` may lie from the fp32 offline
+    computation of the same inputs (``model.training.predict``) and still be the same score:
+    1e-4 where the scorer computes in fp32 (the CPU), 0.02 under CUDA's bf16 autocast."""
+    return BF16_TOLERANCE if device.type == "cuda" else FP32_TOLERANCE
 
 
 class Scorer:
