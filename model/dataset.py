@@ -120,7 +120,7 @@ def build_examples(
 
 class _AffinityCounter:
     """The affinity features of N examples in order, each counted once over its window
-    (``Featurizer.candidate_affinity``), ``AFFINITY_CHUNK`` examples at a time."""
+    (``Featurizer.affinity_over``), ``AFFINITY_CHUNK`` examples at a time."""
 
     def __init__(self, featurizer: Featurizer, events: EventArrays, n: int, width: int) -> None:
         self.featurizer, self.events = featurizer, events
@@ -151,8 +151,7 @@ class _AffinityCounter:
         spec, b = self.featurizer.spec, self.pending
         items = Featurizer.event_items(self.events, self.own[:b, None], len(spec.item_cat),
                                        len(spec.item_num))
-        history = Featurizer.assemble_events(self.events, self.windows[:b])
-        affinity = self.featurizer.candidate_affinity(items, history)[:, 0]
+        affinity = self.featurizer.affinity_over(items, self.events, self.windows[:b])[:, 0]
         self.out[self.done : self.done + b] = affinity.numpy()
         self.done, self.pending = self.done + b, 0
 

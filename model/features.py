@@ -681,15 +681,31 @@ class Featurizer:
     def candidate_affinity(self, items: ItemArrays, history: EventInputs) -> torch.Tensor:
         """[B, C, n_affinity]: ``affinity`` of the candidates ``items`` ([B, C, ...]) over each
         request's affinity window ``history`` ([B, K] events)."""
-        return self.affinity(history, _as_long(items.cat))
+        fields = len(self.spec.item_cat)
+        return self.affinity(history.hist_cat[..., :fields, :], history.hist_action,
+                             history.hist_valid, _as_long(items.cat))
+
+    def affinity_over(self, items: ItemArrays, events: EventArrays, hist_index: np.ndarray
+                      ) -> torch.Tensor:
+        """``candidate_affinity`` over the window ``hist_index`` ([B, K] rows of ``events``,
+        -1 = pad), gathering only what the affinity reads (the item fields, the actions):
+        equal to ``candidate_affinity(items, assemble_events(events, hist_index))``."""
+        history = events.with_placeholder_row()
+        valid = hist_index >= 0
+        safe = np.where(valid, hist_index, 0)
+        item_cat = history.cat[:, : len(self.spec.item_cat)][safe]
+        return self.affinity(_as_long(np.where(valid[..., None, None], item_cat, 0)),
+                             _as_long(np.where(valid, history.action[safe], 0)),
+                             torch.from_numpy(valid), _as_long(items.cat))
 
     def window_affinity(self, items: ItemArrays, user: UserInputs, events: EventArrays,
                         index: np.ndarray, wide: np.ndarray) -> torch.Tensor:
-        """[B, C, n_affinity]: ``candidate_affinity`` over the affinity window ``wide`` of
-        ``events`` (``history_windows``' arrays); when that window is the history window
-        ``index`` itself, over the history ``user`` already holds."""
-        window = user if wide is index else self.assemble_events(events, wide)
-        return self.candidate_affinity(items, window)
+        """[B, C, n_affinity]: the affinity over the affinity window ``wide`` of ``events``
+        (``history_windows``' arrays); when that window is the history window ``index``
+        itself, over the history ``user`` already holds."""
+        if wide is index:
+            return self.candidate_affinity(items, user)
+        return self.affinity_over(items, events, wide)
 
     def item_rates(self, rows: np.ndarray, more_positives: np.ndarray | float = 0.0,
                    more_counts: np.ndarray | float = 0.0) -> np.ndarray:
@@ -716,25 +732,28 @@ class Featurizer:
         return item_rates.rate_features(positives, counts, spec.item_rate_prior,
                                         spec.item_rate_smoothing, self._rates_max_count)
 
-    def affinity(self, history: EventInputs, cat: torch.Tensor) -> torch.Tensor:
+    def affinity(self, item_cat: torch.Tensor, action: torch.Tensor, valid: torch.Tensor,
+                 cat: torch.Tensor) -> torch.Tensor:
         """[B, C, n_affinity]: for each item categorical field f (in ``spec.item_cat`` order),
         the centred logit shares of ``spec.actions`` (module docstring) among the history
         events whose field f shares a value with the candidate's (``cat``: [B, C, Fi, L]), then
-        log(1 + those events) / log(1 + n). A missing value shares nothing."""
+        log(1 + those events) / log(1 + n). The history: ``item_cat`` [B, n, Fi, L'] (its
+        events' item fields), ``action`` [B, n], ``valid`` [B, n] bool. A missing value shares
+        nothing."""
         spec = self.spec
         b, c = cat.shape[:2]
         if not spec.n_affinity:
             return torch.zeros(b, c, 0)
-        seen = _packed(history.hist_cat[..., : len(spec.item_cat), :])  # [B, n, Fi, L']
+        seen = _packed(item_cat)  # [B, n, Fi, L']
         wanted = _packed(cat)  # [B, C, Fi, L'']
         match = torch.stack([self._shares_a_value(seen[:, :, f], wanted[:, :, f], f)
                              for f in range(len(spec.item_cat))], dim=-1)  # [B, C, n, Fi]
-        match = (match & history.hist_valid[:, None, :, None]).float()
-        acted = (history.hist_action[..., None] == self._share_rows).float()
+        match = (match & valid[:, None, :, None]).float()
+        acted = (action[..., None] == self._share_rows).float()
         counts = torch.einsum("bcnf,bna->bcfa", match, acted)  # [B, C, Fi, A]
         n_match = match.sum(dim=2)  # [B, C, Fi]
         shares = self._centred_shares(counts, n_match)
-        width = history.hist_valid.shape[1]
+        width = valid.shape[1]
         counted = torch.log1p(n_match) / math.log1p(width) if width else n_match
         return torch.cat([shares.flatten(-2), counted], dim=-1)
 
