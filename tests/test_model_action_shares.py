@@ -205,7 +205,8 @@ def pairwise_affinity_matches(featurizer: Featurizer, user_history, cands) -> to
 def test_affinity_reads_the_same_matches_as_comparing_every_pair_of_slots(data):
     """Property: over two item fields (a bag and a single value), with missing values, empty
     bags, repeated values and values unseen in training, the affinity equals the one computed
-    from the pairwise matches of every history event's bag with every candidate's."""
+    from the pairwise matches of every history event's bag with every candidate's, whether
+    its window is the history window or a wider one."""
     genres = st.one_of(st.none(), st.lists(st.sampled_from("abcdexyz"), max_size=4),
                        st.sampled_from("abq"))
     brands = st.one_of(st.none(), st.sampled_from(["n", "m", "unseen"]))
@@ -230,3 +231,7 @@ def test_affinity_reads_the_same_matches_as_comparing_every_pair_of_slots(data):
                           torch.log1p(n_match) / math.log1p(6)], dim=-1)
     torch.testing.assert_close(cands.affinity, expected.to(cands.affinity.dtype),
                                rtol=0, atol=0)
+    # the same window as an affinity window wider than a history window of 2
+    # (``Featurizer.affinity_over``, which gathers only what the affinity reads)
+    _, wide = featurizer.request(impression, history, None, np.zeros(4, np.float32), 2, 6)
+    torch.testing.assert_close(wide.affinity, cands.affinity, rtol=0, atol=0)
