@@ -323,6 +323,21 @@ def _packed(bags: torch.Tensor) -> torch.Tensor:
     return bags[..., :width]
 
 
+def _window_rows(history: EventArrays, hist_index: np.ndarray
+                 ) -> tuple[EventArrays, np.ndarray, np.ndarray]:
+    """For gathering windows ``hist_index`` ([B, n] rows of ``history``, -1 = pad): the arrays
+    (with a placeholder row when empty), the [B, n] mask of real rows, and the rows with every
+    pad pointing at row 0 so that gathers stay in bounds."""
+    valid = hist_index >= 0
+    return history.with_placeholder_row(), valid, np.where(valid, hist_index, 0)
+
+
+def _take(values: np.ndarray, safe: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``values``' rows ``safe`` ([B, n]), zero where ``valid`` is False: [B, n, ...]."""
+    mask = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
+    return np.where(mask, values[safe], values.dtype.type(0))
+
+
 def _as_long(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
@@ -576,14 +591,12 @@ class Featurizer:
         """Gather B event sequences. ``hist_index``: [B, n] rows of ``history``, -1 = pad
         (left-padded: position n-1 is the newest event). No user, context or request time is
         needed: this is all the user state reads (``model.user_state``)."""
-        history = history.with_placeholder_row()
-        valid = hist_index >= 0
-        safe = np.where(valid, hist_index, 0)
+        history, valid, safe = _window_rows(history, hist_index)
         return EventInputs(
-            hist_item=_as_long(np.where(valid, history.item[safe], 0)),
-            hist_action=_as_long(np.where(valid, history.action[safe], 0)),
-            hist_cat=_as_long(np.where(valid[..., None, None], history.cat[safe], 0)),
-            hist_num=torch.from_numpy(np.where(valid[..., None], history.num[safe], 0.0)).float(),
+            hist_item=_as_long(_take(history.item, safe, valid)),
+            hist_action=_as_long(_take(history.action, safe, valid)),
+            hist_cat=_as_long(_take(history.cat, safe, valid)),
+            hist_num=torch.from_numpy(_take(history.num, safe, valid)).float(),
             hist_num_present=torch.from_numpy(valid[..., None] & history.num_present[safe]),
             hist_valid=torch.from_numpy(valid),
         )
@@ -690,12 +703,9 @@ class Featurizer:
         """``candidate_affinity`` over the window ``hist_index`` ([B, K] rows of ``events``,
         -1 = pad), gathering only what the affinity reads (the item fields, the actions):
         equal to ``candidate_affinity(items, assemble_events(events, hist_index))``."""
-        history = events.with_placeholder_row()
-        valid = hist_index >= 0
-        safe = np.where(valid, hist_index, 0)
-        item_cat = history.cat[:, : len(self.spec.item_cat)][safe]
-        return self.affinity(_as_long(np.where(valid[..., None, None], item_cat, 0)),
-                             _as_long(np.where(valid, history.action[safe], 0)),
+        history, valid, safe = _window_rows(events, hist_index)
+        item_cat = _take(history.cat[:, : len(self.spec.item_cat)], safe, valid)
+        return self.affinity(_as_long(item_cat), _as_long(_take(history.action, safe, valid)),
                              torch.from_numpy(valid), _as_long(items.cat))
 
     def window_affinity(self, items: ItemArrays, user: UserInputs, events: EventArrays,
