@@ -521,11 +521,11 @@ class Demo:
         metrics = report(examples.user_ids, examples.labels, offline)
         scored = ~np.isnan(self.streamed)
         difference = np.abs(offline - self.streamed)[scored]
+        tolerance = score_tolerance(device)
         return {"auc": round(float(metrics["auc"]), 4), "gauc": round(float(metrics["gauc"]), 4),
                 "logloss": round(float(metrics["logloss"]), 4), "n": int(metrics["n"]),
                 "max_score_difference": float(difference.max()) if scored.any() else None,
-                "tolerance": score_tolerance(device),
-                "events_differing": int((difference > score_tolerance(device)).sum())}
+                "tolerance": tolerance, "events_differing": int((difference > tolerance).sum())}
 
     def _check_alive(self, worker: subprocess.Popen) -> None:
         if worker.poll() is not None:
